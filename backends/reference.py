@@ -1,0 +1,143 @@
+"""Plain-PyTorch reference kernels: the oracle every backend kernel is tested against.
+
+Everything here materialises the full score matrix in fp32; it is meant to be obviously right,
+not fast. Conventions are those of `backends.base` (BSND dense, THD packed with leading-0
+cumulative lengths, top-left causal, fp32 lse, fully masked rows -> output 0 and lse -inf).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from backends.base import default_scale
+
+
+def _split_lengths(cu_seqlens: torch.Tensor) -> List[int]:
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    if not cu or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu}")
+    return [b - a for a, b in zip(cu, cu[1:])]
+
+
+def _expand_kv(x: torch.Tensor, n_q: int) -> torch.Tensor:
+    """[b, s, n_kv, d] -> [b, s, n_q, d]; query head h uses kv head h // (n_q // n_kv)."""
+    n_kv = x.shape[2]
+    if n_q % n_kv:
+        raise ValueError(f"query heads ({n_q}) must be a multiple of key/value heads ({n_kv})")
+    return x.repeat_interleave(n_q // n_kv, dim=2)
+
+
+def _keep_mask(s_q: int, s_kv: int, causal: bool, device) -> Optional[torch.Tensor]:
+    """Boolean [s_q, s_kv], True = attend; None when everything is kept."""
+    if not causal:
+        return None
+    i = torch.arange(s_q, device=device)[:, None]
+    j = torch.arange(s_kv, device=device)[None, :]
+    return j <= i
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (so the oracle can be checked exactly)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _dense_scores(q, k, causal, scale):
+    """fp32 scaled scores [b, n, s_q, s_kv] with -inf where masked."""
+    k = _expand_kv(k, q.shape[2])
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(_acc(q)), k.to(_acc(q))) * scale
+    keep = _keep_mask(q.shape[1], k.shape[1], causal, q.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _dense_forward(q, k, v, causal, scale):
+    s = _dense_scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)  # [b, n, s_q]; -inf on fully masked rows
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    v = _expand_kv(v, q.shape[2]).to(_acc(q))
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    return out.to(q.dtype), lse
+
+
+def _dense_backward(dout, q, k, v, out, lse, causal, scale):
+    n_q, n_kv = q.shape[2], k.shape[2]
+    s = _dense_scores(q, k, causal, scale)
+    acc = _acc(q)
+    p = torch.exp(s - lse.to(acc).unsqueeze(-1)).nan_to_num(0.0)  # uses the GIVEN lse
+    do, o = dout.to(acc), out.to(acc)
+    ke, ve = _expand_kv(k, n_q).to(acc), _expand_kv(v, n_q).to(acc)
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+    dp = torch.einsum("bqhd,bkhd->bhqk", do, ve)
+    delta = (do * o).sum(-1).transpose(1, 2)  # [b, n, s_q]
+    ds = p * (dp - delta.unsqueeze(-1))
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, ke) * scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.to(acc)) * scale
+    group = n_q // n_kv
+    b, s_kv, _, d = dk.shape
+    dk = dk.view(b, s_kv, n_kv, group, d).sum(3)
+    dv = dv.view(b, s_kv, n_kv, group, dv.shape[-1]).sum(3)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+    scale: Optional[float] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_kv: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention: (out in q's dtype, fp32 lse). Dense [b,s,n,d] or packed [t,n,d]."""
+    scale = default_scale(q.shape[-1], scale)
+    if cu_seqlens_q is None:
+        return _dense_forward(q, k, v, causal, scale)
+    lq, lk = _split_lengths(cu_seqlens_q), _split_lengths(cu_seqlens_kv if cu_seqlens_kv is not None else cu_seqlens_q)
+    outs, lses = [], []
+    for qs, ks, vs in zip(q.split(lq), k.split(lk), v.split(lk)):
+        o, l = _dense_forward(qs[None], ks[None], vs[None], causal, scale)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+def attention_backward_reference(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, *, causal: bool, scale: Optional[float] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_kv: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference gradients of attention for the given out / lse (not recomputed ones)."""
+    scale = default_scale(q.shape[-1], scale)
+    if cu_seqlens_q is None:
+        return _dense_backward(dout, q, k, v, out, lse, causal, scale)
+    lq, lk = _split_lengths(cu_seqlens_q), _split_lengths(cu_seqlens_kv if cu_seqlens_kv is not None else cu_seqlens_q)
+    grads = [[], [], []]
+    for dos, qs, ks, vs, os_, ls in zip(dout.split(lq), q.split(lq), k.split(lk), v.split(lk),
+                                        out.split(lq), lse.split(lq, dim=-1)):
+        g = _dense_backward(dos[None], qs[None], ks[None], vs[None], os_[None], ls[None], causal, scale)
+        for acc, t in zip(grads, g):
+            acc.append(t[0])
+    return tuple(torch.cat(g) for g in grads)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2 RMSNorm: statistics in fp32, normalised value cast back to x.dtype, then * weight."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """cat(-x2, x1) over the last dim (GPT-NeoX / Megatron half rotation)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-rotation rotary embedding with full-width cos/sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up with [gate; up] concatenated on the last dim."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

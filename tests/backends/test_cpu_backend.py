@@ -1,0 +1,155 @@
+"""CPU backend (the CI backend) against the plain-PyTorch reference math, and backend selection."""
+import pytest
+import torch
+
+from backends import BackendUnavailableError, get_backend, resolve_backend_name
+from backends import reference as ref
+from backends.cpu import CPUBackend
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _inputs(dtype, b=2, s=24, s_kv=None, n_q=4, n_kv=2, d=16, seed=0, packed=None):
+    g = torch.Generator().manual_seed(seed)
+    s_kv = s if s_kv is None else s_kv
+    if packed:
+        t = sum(packed)
+        shape_q, shape_kv = (t, n_q, d), (t, n_kv, d)
+    else:
+        shape_q, shape_kv = (b, s, n_q, d), (b, s_kv, n_kv, d)
+    mk = lambda shape: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
+    return mk(shape_q), mk(shape_kv), mk(shape_kv), mk(shape_q)
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+
+
+CASES = [
+    dict(causal=True), dict(causal=False), dict(causal=False, s_kv=40),
+    dict(causal=True, n_kv=4), dict(causal=True, n_kv=1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_dense_attention_matches_reference(dtype, case):
+    be = CPUBackend()
+    case = dict(case)
+    causal = case.pop("causal")
+    q, k, v, do = _inputs(dtype, **case)
+    out, lse = be.attention_forward(q, k, v, causal=causal)
+    out_r, lse_r = ref.attention_reference(q, k, v, causal=causal)
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    torch.testing.assert_close(out.float(), out_r.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(lse, lse_r, atol=TOL[dtype], rtol=TOL[dtype])
+    grads = be.attention_backward(do, q, k, v, out_r, lse_r, causal=causal)
+    grads_r = ref.attention_backward_reference(do, q, k, v, out_r, lse_r, causal=causal)
+    for g, gr in zip(grads, grads_r):
+        assert g.shape == gr.shape and g.dtype == gr.dtype
+        torch.testing.assert_close(g.float(), gr.float(), atol=5 * TOL[dtype], rtol=5 * TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_varlen_matches_reference(dtype, causal):
+    be = CPUBackend()
+    lengths = [5, 1, 12, 7]
+    q, k, v, do = _inputs(dtype, packed=lengths)
+    cu = _cu(lengths)
+    out, lse = be.attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    out_r, lse_r = ref.attention_reference(q, k, v, causal=causal, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    assert lse.shape == (q.shape[1], q.shape[0])
+    torch.testing.assert_close(out.float(), out_r.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(lse, lse_r, atol=TOL[dtype], rtol=TOL[dtype])
+    grads = be.attention_backward(do, q, k, v, out_r, lse_r, causal=causal, cu_seqlens_q=cu,
+                                  cu_seqlens_kv=cu)
+    grads_r = ref.attention_backward_reference(do, q, k, v, out_r, lse_r, causal=causal,
+                                               cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    for g, gr in zip(grads, grads_r):
+        torch.testing.assert_close(g.float(), gr.float(), atol=5 * TOL[dtype], rtol=5 * TOL[dtype])
+
+
+def test_packed_equals_each_sequence_alone():
+    be = CPUBackend()
+    lengths = [6, 10]
+    q, k, v, _ = _inputs(torch.float32, packed=lengths)
+    out, _ = be.attention_forward(q, k, v, causal=True, cu_seqlens_q=_cu(lengths))
+    for sl in (slice(0, 6), slice(6, 16)):
+        alone, _ = be.attention_forward(q[None, sl], k[None, sl], v[None, sl], causal=True)
+        torch.testing.assert_close(out[sl], alone[0], atol=1e-6, rtol=1e-6)
+
+
+def test_backward_uses_given_stats():
+    """Ring attention passes a merged (out, lse) to each block's backward: the gradients must
+    follow the given statistics, not recomputed ones."""
+    be = CPUBackend()
+    q, k, v, do = _inputs(torch.float32)
+    out, lse = ref.attention_reference(q, k, v, causal=False)
+    lse_merged, out_merged = lse + 0.3, out * 0.7
+    g = be.attention_backward(do, q, k, v, out_merged, lse_merged, causal=False)
+    g_r = ref.attention_backward_reference(do, q, k, v, out_merged, lse_merged, causal=False)
+    g_plain = ref.attention_backward_reference(do, q, k, v, out, lse, causal=False)
+    for a, b, c in zip(g, g_r, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(g[0], g_plain[0], atol=1e-3)
+
+
+def test_attention_autograd_matches_reference_autograd():
+    be = CPUBackend()
+    q, k, v, do = _inputs(torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    be.attention(*leaves, causal=True).backward(do)
+    leaves_r = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref.attention_reference(*leaves_r, causal=True)[0].backward(do)
+    for a, b in zip(leaves, leaves_r):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_matches_softmax_definition():
+    """The oracle itself, against the textbook formula with an explicit mask."""
+    q, k, v, _ = _inputs(torch.float64, n_kv=4)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
+    mask = torch.ones(s.shape[-2:], dtype=torch.bool).triu(1)
+    p = s.masked_fill(mask, float("-inf")).softmax(-1)
+    expected = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    out, lse = ref.attention_reference(q, k, v, causal=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(lse, torch.logsumexp(s.masked_fill(mask, float("-inf")), -1))
+
+
+def test_fused_layers_match_reference():
+    be = CPUBackend()
+    x = torch.randn(3, 5, 32)
+    w = torch.randn(32)
+    torch.testing.assert_close(be.rms_norm(x, w, 1e-6), ref.rms_norm_reference(x, w, 1e-6))
+    cos, sin = torch.randn(5, 1, 32).cos(), torch.randn(5, 1, 32).sin()
+    torch.testing.assert_close(be.apply_rotary(x[:, :, None].expand(3, 5, 2, 32).transpose(0, 1),
+                                               cos[:, None], sin[:, None]).shape,
+                               torch.Size([5, 3, 2, 32]))
+    torch.testing.assert_close(be.swiglu(x), torch.nn.functional.silu(x[..., :16]) * x[..., 16:])
+
+
+def test_peak_memory_sees_a_large_allocation():
+    be = CPUBackend()
+    be.reset_peak_memory_stats()
+    big = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+    peak = be.max_memory_allocated()
+    del big
+    assert peak >= 48 * 1024 * 1024
+
+
+def test_selection(monkeypatch):
+    monkeypatch.setenv("MINDSPEED_VITA_BACKEND", "cpu")
+    assert get_backend().name == "cpu"
+    monkeypatch.setenv("MINDSPEED_VITA_BACKEND", "auto")
+    assert resolve_backend_name() == "cpu"  # no NPU / GPU here
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'tpu'"):
+        get_backend("tpu")
+
+
+def test_cuda_unavailable_is_one_clear_sentence():
+    with pytest.raises(BackendUnavailableError) as err:
+        get_backend("cuda")
+    msg = str(err.value)
+    assert "\n" not in msg and "cuda" in msg and "MINDSPEED_VITA_BACKEND=cpu" in msg
