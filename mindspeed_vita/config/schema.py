@@ -1,0 +1,236 @@
+"""The stage configuration: model / data / parallel / training / inference / backend sections.
+
+One YAML per stage; the same file runs on NPU, GPU and CPU. Everything is validated here,
+before any process group starts: types and unknown keys by pydantic, single-section rules in
+each section, cross-section rules (TP vs heads, CP vs sequence length) in `StageConfig`, and
+the world size in `ParallelConfig.layout(world_size)`.
+"""
+from __future__ import annotations
+
+from typing import List, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from mindspeed_vita.config.base import Section
+from mindspeed_vita.config.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the offending value."""
+
+
+class DataConfig(Section):
+    """Data mixture, rendering limits and packing."""
+
+    mixture: Optional[str] = None
+    """Mixture YAML (sources with ratio / num / root); relative paths resolve against the stage file."""
+    seq_length: int = Field(16384, gt=0)
+    """Fixed packed sequence length."""
+    packing: Literal["reset", "joint"] = "reset"
+    """reset: positions and attention restart per sample (stages 1-2); joint: one continuous
+    sequence (stages 3-4)."""
+    on_overlong: Literal["drop", "truncate"] = "drop"
+    """What happens to a sample longer than seq_length (it is counted either way)."""
+    pack_lookahead: int = Field(16, ge=1)
+    """Samples the packer may look ahead to fill a row (deterministic best fit)."""
+    max_images: int = Field(64, ge=0)
+    """Most images in one sample; more is rejected as over_limit."""
+    max_frames: int = Field(64, ge=0)
+    """Most video frames in one sample; more is rejected as over_limit."""
+    max_num_frame: int = Field(64, ge=1)
+    """Frames sampled from one video (at most 1 per second)."""
+    max_tiles: Optional[int] = Field(None, ge=1)
+    """Override of model.max_tiles for this stage."""
+    seed: int = 42
+    """Seed of the mixture order."""
+    num_workers: int = Field(2, ge=0)
+    """Loader worker processes (output identical for any value)."""
+    prefetch: int = Field(2, ge=1)
+    """Batches prepared ahead per worker."""
+    strict: bool = False
+    """Fail on the first bad sample instead of skipping and counting it."""
+
+
+class ParallelConfig(Section):
+    """Parallel layout: degrees of tensor, pipeline, context and data parallelism."""
+
+    tp: int = Field(1, ge=1)
+    """Tensor-parallel degree."""
+    pp: int = Field(1, ge=1)
+    """Pipeline-parallel degree."""
+    cp: int = Field(1, ge=1)
+    """Context-parallel degree (zigzag ring attention)."""
+    dp: int = Field(-1, ge=-1)
+    """Data-parallel degree; -1 infers it as world_size / (tp * pp * cp)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside the TP group (requires tp > 1)."""
+    cp_algo: Literal["ring"] = "ring"
+    """Context-parallel algorithm: causal zigzag ring attention with send/recv overlap."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dp == 0:
+            raise ValueError("dp=0: use -1 to infer it from the world size, or a positive degree")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel=True needs tp > 1 (got tp=1)")
+        return self
+
+    def layout(self, world_size: int) -> "ParallelLayout":
+        """The one object every component asks about degrees; checks the world size."""
+        from mindspeed_vita.parallel.layout import ParallelLayout
+
+        model_parallel = self.tp * self.pp * self.cp
+        if self.dp == -1:
+            if world_size % model_parallel:
+                raise ConfigError(
+                    f"config keys 'parallel.tp' * 'parallel.pp' * 'parallel.cp' = {self.tp} * "
+                    f"{self.pp} * {self.cp} = {model_parallel} does not divide the world size "
+                    f"{world_size}")
+            dp = world_size // model_parallel
+        else:
+            dp = self.dp
+            if model_parallel * dp != world_size:
+                raise ConfigError(
+                    f"config keys 'parallel.tp' * 'parallel.pp' * 'parallel.cp' * 'parallel.dp' "
+                    f"= {self.tp} * {self.pp} * {self.cp} * {dp} = {model_parallel * dp} is not "
+                    f"the world size {world_size}")
+        return ParallelLayout(tp=self.tp, pp=self.pp, cp=self.cp, dp=dp,
+                              sequence_parallel=self.sequence_parallel)
+
+
+class TrainingConfig(Section):
+    """Optimisation, freezing, recompute, checkpointing and logging."""
+
+    micro_batch_size: int = Field(1, ge=1)
+    """Packed rows per micro batch."""
+    global_batch_size: int = Field(8, ge=1)
+    """Rows per optimizer step across data-parallel ranks (gradient accumulation fills the rest)."""
+    train_iters: int = Field(10, ge=1)
+    """Optimizer steps."""
+    lr: float = Field(1e-5, gt=0)
+    """Peak learning rate."""
+    min_lr: float = Field(0.0, ge=0)
+    """Final learning rate of the decay."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_fraction: float = Field(0.03, ge=0, le=1)
+    """Warmup steps as a fraction of train_iters."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = Field(1.0, ge=0)
+    """Global gradient-norm clip (0 = off)."""
+    trainable: List[Literal["vision", "projector", "language"]] = ["projector", "language"]
+    """Modules that receive gradients; the others are frozen."""
+    vision_lr_mult: float = Field(1.0, gt=0)
+    """Learning-rate multiplier of the vision encoder."""
+    vision_layer_decay: float = Field(1.0, gt=0, le=1)
+    """Layer-wise decay of the ViT lr: lr * mult * decay^(num_layers + 1 - layer_id)."""
+    recompute: Literal["none", "vision", "full"] = "none"
+    """Activation recompute: none, ViT + projector, or every LLM layer (and the ViT)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks."""
+    seed: int = 42
+    """Seed of parameter init and dropout."""
+    save: Optional[str] = None
+    """Checkpoint directory (None: no checkpoints)."""
+    save_interval: int = Field(0, ge=0)
+    """Steps between checkpoints (0: only at the end)."""
+    load: Optional[str] = None
+    """Checkpoint to start from (native or HF directory)."""
+    log_interval: int = Field(1, ge=1)
+    """Steps between log lines."""
+    metrics_file: Optional[str] = None
+    """JSONL file for per-step metrics (default: <save>/metrics.jsonl)."""
+
+
+class InferenceConfig(Section):
+    """Generation settings."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    """Tokens to generate at most."""
+    greedy: bool = True
+    """Argmax decoding; otherwise sample with temperature / top_p."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    seed: int = 0
+    """Sampling seed."""
+    system_prompt: Optional[str] = None
+    """System message; None = none, as in training."""
+
+
+class BackendOptions(Section):
+    """Backend-specific switches (ignored by backends they do not concern)."""
+
+    use_mindspeed: bool = False
+    """On NPU, import MindSpeed's megatron adaptor (MindSpeed installed from source)."""
+
+
+class StageConfig(Section):
+    """A whole stage: every section plus the backend choice."""
+
+    name: str = "stage"
+    """Free-form name used in logs."""
+    backend: Literal["auto", "npu", "cuda", "cpu"] = "auto"
+    """Hardware backend (the environment variable MINDSPEED_VITA_BACKEND overrides auto)."""
+    backend_options: BackendOptions = BackendOptions()
+    """Backend-specific switches."""
+    model: ModelConfig = ModelConfig()
+    """Model architecture."""
+    data: DataConfig = DataConfig()
+    """Data and packing."""
+    parallel: ParallelConfig = ParallelConfig()
+    """Parallel layout."""
+    training: TrainingConfig = TrainingConfig()
+    """Optimisation."""
+    inference: InferenceConfig = InferenceConfig()
+    """Generation."""
+
+    @model_validator(mode="after")
+    def _cross_section(self):
+        lang, par = self.model.language, self.parallel
+        if lang.num_attention_heads % par.tp:
+            raise ValueError(
+                f"config key 'model.language.num_attention_heads' = {lang.num_attention_heads} is "
+                f"not divisible by 'parallel.tp' = {par.tp}")
+        if lang.num_query_groups % par.tp:
+            raise ValueError(
+                f"config key 'model.language.num_query_groups' = {lang.num_query_groups} is not "
+                f"divisible by 'parallel.tp' = {par.tp}")
+        multiple = 2 * par.cp if par.cp > 1 else 1
+        if par.sequence_parallel:
+            multiple *= par.tp
+        if self.data.seq_length % multiple:
+            what = "2 * 'parallel.cp'" if par.cp > 1 else "1"
+            if par.sequence_parallel:
+                what += " * 'parallel.tp'"
+            raise ValueError(
+                f"config key 'data.seq_length' = {self.data.seq_length} is not divisible by "
+                f"{what} = {multiple}")
+        if self.training.global_batch_size % self.training.micro_batch_size:
+            raise ValueError(
+                f"config key 'training.global_batch_size' = {self.training.global_batch_size} is "
+                f"not divisible by 'training.micro_batch_size' = {self.training.micro_batch_size}")
+        if self.training.min_lr > self.training.lr:
+            raise ValueError(
+                f"config key 'training.min_lr' = {self.training.min_lr} exceeds 'training.lr' = "
+                f"{self.training.lr}")
+        return self
+
+    def check_world_size(self, world_size: int):
+        """Layout for this world size, or ConfigError naming the parallel keys; also checks
+        that the global batch divides over data-parallel ranks."""
+        layout = self.parallel.layout(world_size)
+        per_step = self.training.micro_batch_size * layout.dp
+        if self.training.global_batch_size % per_step:
+            raise ConfigError(
+                f"config key 'training.global_batch_size' = {self.training.global_batch_size} is "
+                f"not divisible by 'training.micro_batch_size' * dp = {per_step}")
+        return layout
