@@ -4,10 +4,13 @@ Attention uses PyTorch's CPU flash kernel (`_scaled_dot_product_flash_attention_
 returns the log-sum-exp and whose backward accepts a given output and log-sum-exp - exactly what
 ring attention needs. Packed input runs the kernel per sequence. Fused layers are the plain
 reference ops. Peak memory is the growth of the process's resident set (VmHWM) since the last
-reset, because CPU tensors have no allocator statistics.
+reset, because CPU tensors have no allocator statistics. To make that growth track live tensors,
+the first reset tells glibc to serve every allocation of 64 KiB or more with its own mmap (and
+so return it on free) instead of recycling freed heap memory invisibly.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Optional, Tuple
 
@@ -45,7 +48,22 @@ class CPUBackend(Backend):
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
 
+    @staticmethod
+    def _mmap_large_allocations() -> None:
+        # M_MMAP_THRESHOLD (-3) set explicitly also turns off glibc's dynamic threshold, which
+        # would otherwise rise after the first large free and hide reuse from the RSS.
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: give freed heap tops back at once
+            libc.malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc: peaks may undercount reused memory
+
     def reset_peak_memory_stats(self) -> None:
+        if not getattr(self, "_mallopt_done", False):
+            self._mmap_large_allocations()
+            self._mallopt_done = True
         # Writing "5" to clear_refs resets VmHWM (peak RSS) to the current RSS (Linux >= 4.0).
         if self._peak_supported:
             try:

@@ -1,0 +1,110 @@
+"""`mindspeed-vita bench attention`: the backend's attention kernel vs naive PyTorch attention.
+
+For each sequence length both implementations run forward + backward (or forward only) on the
+same causal GQA input; the table prints time and peak-memory of each and the ratios
+naive / backend, all measured in this run. The naive baseline materialises the [s, s] score
+matrix per head (what a plain `softmax(q k^T) v` does); it is skipped, with the estimate
+printed, where that estimate exceeds `--naive-max-gb`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mindspeed_vita.bench.common import format_bytes, format_table, measure, print_json
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--seq-lens", default="2048,4096,8192,16384",
+                        help="comma-separated token counts (default 2K-16K)")
+    parser.add_argument("--heads", type=int, default=2, help="query heads (default 2)")
+    parser.add_argument("--kv-heads", type=int, default=1, help="key/value heads (GQA, default 1)")
+    parser.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: float32 on cpu, bfloat16 on accelerators")
+    parser.add_argument("--forward-only", action="store_true", help="time forward passes only")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per point")
+    parser.add_argument("--naive-max-gb", type=float, default=12.0,
+                        help="skip the naive baseline where its estimated peak exceeds this")
+    parser.add_argument("--backend", default=None, help="auto | npu | cuda | cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The baseline: causal softmax(q k^T / sqrt(d)) v with the full score matrix, [b,s,n,d]."""
+    n_q, n_kv, s = q.shape[2], k.shape[2], q.shape[1]
+    k = k.repeat_interleave(n_q // n_kv, dim=2)
+    v = v.repeat_interleave(n_q // n_kv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu_(1)
+    probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _naive_estimate_bytes(s: int, heads: int, elem: int, backward: bool) -> int:
+    # scores, masked scores, probs (+ their grads in backward) of [heads, s, s], plus the mask
+    per_matrix = heads * s * s * elem
+    return per_matrix * (6 if backward else 3) + s * s
+
+
+def _step(attn, q, k, v, backward: bool):
+    leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+
+    def run():
+        out = attn(*leaves)
+        if backward:
+            out.backward(torch.ones_like(out))
+            for t in leaves:
+                t.grad = None
+    return run
+
+
+def run(args) -> int:
+    from backends import get_backend
+
+    backend = get_backend(args.backend)
+    dev = backend.device()
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.float32 if backend.name == "cpu" else torch.bfloat16)
+    seq_lens = [int(x) for x in args.seq_lens.split(",") if x]
+    backward = not args.forward_only
+    elem = torch.tensor([], dtype=dtype).element_size()
+    results = []
+    for s in seq_lens:
+        g = torch.Generator().manual_seed(s)
+        mk = lambda n: torch.randn(1, s, n, args.head_dim, generator=g).to(dev, dtype)  # noqa: E731
+        q, k, v = mk(args.heads), mk(args.kv_heads), mk(args.kv_heads)
+        fast = measure(_step(lambda a, b, c: backend.attention(a, b, c, causal=True), q, k, v,
+                             backward), backend, repeats=args.repeats)
+        row = {"seq_len": s, "backend_time_s": fast["time_s"], "backend_peak_bytes": fast["peak_bytes"]}
+        estimate = _naive_estimate_bytes(s, args.heads, elem, backward)
+        if estimate <= args.naive_max_gb * 2**30:
+            slow = measure(_step(naive_attention, q, k, v, backward), backend, repeats=args.repeats)
+            row.update(naive_time_s=slow["time_s"], naive_peak_bytes=slow["peak_bytes"],
+                       speedup=slow["time_s"] / max(fast["time_s"], 1e-12),
+                       memory_ratio=slow["peak_bytes"] / max(fast["peak_bytes"], 1))
+        else:
+            row.update(naive_skipped_estimate_bytes=estimate)
+        results.append(row)
+        del q, k, v
+    summary = {"backend": backend.name, "dtype": str(dtype).removeprefix("torch."),
+               "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+               "pass": "forward" if args.forward_only else "forward+backward", "results": results}
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"attention on backend {backend.name} ({summary['dtype']}, {summary['pass']}, causal, "
+          f"{args.heads} q heads / {args.kv_heads} kv heads, head dim {args.head_dim})")
+    rows = []
+    for r in results:
+        if "speedup" in r:
+            naive = (f"{r['naive_time_s']:.4f}", format_bytes(r["naive_peak_bytes"]),
+                     f"{r['speedup']:.2f}x", f"{r['memory_ratio']:.1f}x")
+        else:
+            naive = ("skipped", f"~{format_bytes(r['naive_skipped_estimate_bytes'])}", "-", "-")
+        rows.append((r["seq_len"], f"{r['backend_time_s']:.4f}", format_bytes(r["backend_peak_bytes"]))
+                    + naive)
+    print(format_table(["tokens", "backend s", "backend peak", "naive s", "naive peak",
+                        "time ratio naive/backend", "memory ratio naive/backend"], rows))
+    return 0
