@@ -1,0 +1,292 @@
+"""LM heads: vocabulary projection + cross entropy on the local vocabulary shard.
+
+Every head takes the decoder's final-normed hidden states `[s, b, h]` and the weight of the
+vocab-parallel output layer (this rank's shard `[v_local, h]`) and never gathers full logits:
+the loss is megatron-core's vocab-parallel cross entropy, in fp32, and inference returns only
+the local-vocabulary logits of the rows asked for.
+
+* `FullHead`: logits for every row (the baseline; what megatron's output layer does).
+* `ChunkedHead`: rows in chunks of `chunk_size`; each chunk's logits live only while that chunk
+  is processed, in forward and in backward, so peak memory is about one chunk of logits.
+* `LogitsMaskedHead`: projects only the rows that predict a supervised label.
+
+Labels are already shifted: `labels[b, i]` is the token row `i` must predict, `IGNORE_INDEX`
+(-100) means no loss. Rows are flattened sequence-major everywhere: row `r = i * b + j` is
+sequence position `i` of batch element `j` (the layout of `hidden.reshape(s * b, h)`).
+
+Tensor parallelism: the head plays the part of megatron's ColumnParallelLinear forward. Without
+sequence parallelism the hidden rows go through `copy_to_tensor_model_parallel_region`
+(identity forward, all-reduce of the hidden gradient backward); with sequence parallelism the
+local sequence shard is all-gathered over TP (`gather_from_sequence_parallel_region`, whose
+backward reduce-scatters). Both are no-ops at TP = 1. megatron's `parallel_state` must be
+initialised (at TP = 1 too), because the cross entropy reduces over the TP group.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+
+IGNORE_INDEX = -100
+HEAD_NAMES = ("full", "chunked", "logits-masked")
+
+
+# --------------------------------------------------------------------------- shared pieces
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor,
+                  labels: Optional[torch.Tensor] = None) -> None:
+    """Shape / dtype checks with messages that name the argument."""
+    if hidden.dim() != 3:
+        raise ValueError(f"lm head: hidden must be [s, b, h], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"lm head: weight must be [v_local, h={hidden.shape[2]}], got {tuple(weight.shape)}")
+    if labels is None:
+        return
+    if labels.dim() != 2 or tuple(labels.shape) != (hidden.shape[1], hidden.shape[0]):
+        raise ValueError(
+            f"lm head: labels must be [b, s] = [{hidden.shape[1]}, {hidden.shape[0]}] (after the "
+            f"sequence-parallel gather), got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"lm head: labels must be int64/int32 token ids, got {labels.dtype}")
+
+
+def _check_label_range(targets: torch.Tensor, vocab_local: int) -> None:
+    """Reject labels outside the (padded) vocabulary: megatron's cross entropy would silently
+    treat them as 'no rank owns this id' and return log-sum-exp as the loss."""
+    vocab_total = vocab_local * parallel_state.get_tensor_model_parallel_world_size()
+    supervised = targets != IGNORE_INDEX
+    bad = supervised & ((targets < 0) | (targets >= vocab_total))
+    if bool(bad.any()):
+        value = int(targets[bad][0])
+        raise ValueError(
+            f"lm head: label id {value} is outside the vocabulary [0, {vocab_total}) and is not "
+            f"the ignore index {IGNORE_INDEX}")
+
+
+def _tp_rows(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Full-sequence hidden `[s, b, h]` as seen by this TP rank (gathered under SP)."""
+    if sequence_parallel:
+        return tensor_parallel.gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=True,
+            group=parallel_state.get_tensor_model_parallel_group())
+    return hidden
+
+
+def _into_tp_region(rows: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Mark rows as the input of a column-parallel projection: without SP the hidden gradient
+    must be summed over TP ranks (each rank only sees its vocabulary shard). Under SP the
+    all-gather's reduce-scatter already sums it."""
+    if sequence_parallel:
+        return rows
+    return tensor_parallel.copy_to_tensor_model_parallel_region(
+        rows, group=parallel_state.get_tensor_model_parallel_group())
+
+
+def _flatten(hidden: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sequence-major rows `[s*b, h]` and their targets `[s*b]`."""
+    s, b, h = hidden.shape
+    return hidden.reshape(s * b, h), labels.t().reshape(s * b)
+
+
+def rows_loss_sum(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of the fp32 vocab-parallel cross entropy of `rows [n, h]` against `targets [n]`;
+    rows whose target is IGNORE_INDEX contribute 0 (value and gradient)."""
+    logits = F.linear(rows, weight)  # [n, v_local], in the compute dtype
+    per_row = tensor_parallel.vocab_parallel_cross_entropy(logits, targets)  # fp32 [n]
+    # NOTE: megatron's cross entropy gives ignored rows their log-sum-exp, not 0: mask it out.
+    per_row = torch.where(targets != IGNORE_INDEX, per_row, per_row.new_zeros(()))
+    return per_row.sum()
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss of `rows @ weight.T` against targets, processed `chunk_size` rows at a time.
+
+    Forward computes each chunk's loss AND, when gradients are wanted, that chunk's gradients
+    right away, then drops the chunk's logits; only the gradient buffers (the size of rows and of
+    weight) are kept for backward, which merely scales them by the incoming gradient. Peak memory
+    is therefore one chunk of logits instead of all of them, with no recomputation. The weight
+    gradient is accumulated in fp32 across chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, targets, chunk_size):
+        want_grad_rows, want_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad_rows = torch.zeros_like(rows) if want_grad_rows else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if want_grad_weight else None)
+        for start in range(0, rows.shape[0], chunk_size):
+            chunk_rows = rows[start:start + chunk_size]
+            chunk_targets = targets[start:start + chunk_size]
+            if not (want_grad_rows or want_grad_weight):
+                loss_sum += rows_loss_sum(chunk_rows, weight, chunk_targets)
+                continue
+            with torch.enable_grad():
+                rows_leaf = chunk_rows.detach().requires_grad_(want_grad_rows)
+                weight_leaf = weight.detach().requires_grad_(want_grad_weight)
+                chunk_loss = rows_loss_sum(rows_leaf, weight_leaf, chunk_targets)
+                leaves = [t for t in (rows_leaf, weight_leaf) if t.requires_grad]
+                grads = list(torch.autograd.grad(chunk_loss, leaves))
+            if want_grad_rows:
+                grad_rows[start:start + chunk_size] = grads.pop(0)
+            if want_grad_weight:
+                grad_weight += grads.pop(0)
+            loss_sum += chunk_loss.detach()
+        ctx.save_for_backward(grad_rows, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_rows, grad_weight = ctx.saved_tensors
+        if grad_rows is not None:
+            grad_rows = grad_rows * grad_loss.to(grad_rows.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_rows, grad_weight, None, None
+
+
+# ------------------------------------------------------------------------------- the heads
+class LMHead(abc.ABC):
+    """Vocabulary projection + loss. All heads give the same values; they differ in memory and
+    time. Use `build_lm_head` to make one from the config name."""
+
+    name: str = ""
+
+    def loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+             sequence_parallel: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross entropy over supervised rows and their count.
+
+        hidden: `[s, b, h]` final-normed decoder output (the local sequence shard `[s/tp, b, h]`
+        when `sequence_parallel`); weight: this rank's vocabulary shard `[v_local, h]`;
+        labels: `[b, s]` already shifted, IGNORE_INDEX = no loss (full sequence under SP).
+        Returns `(loss_sum, num_label_tokens)`: an fp32 scalar (differentiable w.r.t. hidden and
+        weight) and an int64 scalar tensor. The caller divides and all-reduces over DP/CP.
+        """
+        rows_all = _tp_rows(hidden, sequence_parallel)
+        _check_inputs(rows_all, weight, labels)
+        rows, targets = _flatten(rows_all, labels.long())
+        _check_label_range(targets, weight.shape[0])
+        num_label_tokens = (targets != IGNORE_INDEX).sum()
+        return self._loss_sum(rows, weight, targets, sequence_parallel), num_label_tokens
+
+    @abc.abstractmethod
+    def _loss_sum(self, rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  sequence_parallel: bool) -> torch.Tensor:
+        """fp32 loss summed over `rows [n, h]` (full sequence, flattened) with `targets [n]`."""
+
+    def logits_for_rows(self, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, *,
+                        sequence_parallel: bool = False) -> torch.Tensor:
+        """Local-vocabulary logits `[n_rows, v_local]` (compute dtype) of the given rows.
+
+        `rows` is a 1-D int tensor of sequence-major row indices (`pos * b + batch`) into the
+        full sequence. The caller all-gathers the vocabulary shards of this small result.
+        """
+        hidden = _tp_rows(hidden, sequence_parallel)
+        _check_inputs(hidden, weight)
+        rows = torch.as_tensor(rows, device=hidden.device).long().reshape(-1)
+        n = hidden.shape[0] * hidden.shape[1]
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+            raise ValueError(f"lm head: row indices must lie in [0, {n}) for hidden of shape "
+                             f"{tuple(hidden.shape)}, got range [{int(rows.min())}, "
+                             f"{int(rows.max())}]")
+        return self._logits_for_rows(hidden.reshape(n, hidden.shape[2]), weight, rows)
+
+    def last_row_logits(self, hidden: torch.Tensor, weight: torch.Tensor, *,
+                        sequence_parallel: bool = False) -> torch.Tensor:
+        """Local-vocabulary logits `[b, v_local]` of the last sequence position of every batch
+        element: what decoding needs to pick the next token."""
+        s = hidden.shape[0] * (parallel_state.get_tensor_model_parallel_world_size()
+                               if sequence_parallel else 1)
+        b = hidden.shape[1]
+        rows = torch.arange((s - 1) * b, s * b, device=hidden.device)
+        return self.logits_for_rows(hidden, weight, rows, sequence_parallel=sequence_parallel)
+
+    @abc.abstractmethod
+    def _logits_for_rows(self, flat: torch.Tensor, weight: torch.Tensor,
+                         rows: torch.Tensor) -> torch.Tensor:
+        """Logits of `flat[rows]` computed the way this head computes logits."""
+
+
+class FullHead(LMHead):
+    """Logits for every row, then the loss: the baseline the other heads are measured against."""
+
+    name = "full"
+
+    def _loss_sum(self, rows, weight, targets, sequence_parallel):
+        return rows_loss_sum(_into_tp_region(rows, sequence_parallel), weight, targets)
+
+    def _logits_for_rows(self, flat, weight, rows):
+        # The original inference path: project the whole sequence, keep the rows asked for.
+        return F.linear(flat, weight).index_select(0, rows)
+
+
+class ChunkedHead(LMHead):
+    """Rows in chunks of `chunk_size`; each chunk's logits are released before the next."""
+
+    name = "chunked"
+
+    def __init__(self, chunk_size: int) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"lm head: lm_head_chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = int(chunk_size)
+
+    def _loss_sum(self, rows, weight, targets, sequence_parallel):
+        rows = _into_tp_region(rows, sequence_parallel)
+        return _ChunkedLinearCrossEntropy.apply(rows, weight, targets, self.chunk_size)
+
+    def _logits_for_rows(self, flat, weight, rows):
+        # Chunked inference path: project the sequence chunk by chunk (peak one chunk of
+        # logits), keeping the requested rows of each chunk in the caller's order.
+        out = flat.new_empty((rows.numel(), weight.shape[0]))
+        for start in range(0, flat.shape[0], self.chunk_size):
+            in_chunk = ((rows >= start) & (rows < start + self.chunk_size)).nonzero().squeeze(1)
+            if in_chunk.numel():
+                chunk_logits = F.linear(flat[start:start + self.chunk_size], weight)
+                out[in_chunk] = chunk_logits.index_select(0, rows[in_chunk] - start)
+        return out
+
+
+class LogitsMaskedHead(LMHead):
+    """Only the rows that predict a supervised label go through the vocabulary projection.
+
+    Because labels are shifted, row `i` predicts `labels[i]`: the rows kept are exactly those
+    with `labels[i] != IGNORE_INDEX`. (The authors' release built the mask from the unshifted
+    label positions and so dropped the first token of every answer span.)
+    """
+
+    name = "logits-masked"
+
+    @staticmethod
+    def supervised_rows(labels: torch.Tensor) -> torch.Tensor:
+        """Sequence-major indices of the rows that predict a label, for labels `[b, s]`."""
+        return (labels.t().reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+    def _loss_sum(self, rows, weight, targets, sequence_parallel):
+        selected = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        # Select first, then enter the TP region: the backward all-reduce only moves the
+        # selected rows. Every TP rank holds the same labels, so the selections agree.
+        chosen = _into_tp_region(rows.index_select(0, selected), sequence_parallel)
+        return rows_loss_sum(chosen, weight, targets.index_select(0, selected))
+
+    def _logits_for_rows(self, flat, weight, rows):
+        return F.linear(flat.index_select(0, rows), weight)
+
+
+def build_lm_head(name: str, chunk_size: int = 4096) -> LMHead:
+    """The head the config key `model.lm_head` names; `chunk_size` is
+    `model.lm_head_chunk_size` (used by the chunked head only)."""
+    if name == "full":
+        return FullHead()
+    if name == "chunked":
+        return ChunkedHead(chunk_size)
+    if name == "logits-masked":
+        return LogitsMaskedHead()
+    raise ValueError(f"model.lm_head: unknown head {name!r}; choose one of {', '.join(HEAD_NAMES)}")
+
+
+__all__ = ["IGNORE_INDEX", "HEAD_NAMES", "LMHead", "FullHead", "ChunkedHead", "LogitsMaskedHead",
+           "build_lm_head", "rows_loss_sum"]
