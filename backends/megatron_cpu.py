@@ -1,0 +1,156 @@
+"""Every adaptation megatron-core 0.16.1 needs to run on the CPU with gloo, in one place.
+
+megatron-core is written for CUDA: it allocates buffers with `device=torch.cuda.current_device()`,
+keeps its tensor-parallel RNG streams in CUDA generators and calls `torch.cuda.synchronize()`
+around checkpoint I/O. On a host without CUDA each of those raises. The paths we use
+(parallel_state, Column/RowParallelLinear, VocabParallelEmbedding with and without sequence
+parallel, vocab_parallel_cross_entropy, TransformerBlock / TransformerLayer / SelfAttention / MLP,
+activation recompute, distributed checkpointing) need exactly the shims below and nothing more.
+
+`apply_megatron_cpu_adaptations()` is called by `CPUBackend.adapt_megatron()` - explicitly, by
+the entry point, never as an import side effect. It is idempotent. `applied_adaptations()` says
+which shims are active (logged by the trainer, asserted by the tests).
+
+Shims:
+
+* ``torch.cuda.current_device`` -> ``torch.device("cpu")``. megatron only uses the value as a
+  ``device=`` argument (sequence-parallel all-gather buffers in ``GlobalMemoryBuffer`` and
+  ``tensor_parallel.mappings``, weights when ``use_cpu_initialization=False``, rotary tables,
+  checkpoint exchange tensors), so answering "cpu" puts every such allocation on the host.
+  On a CPU-only torch build the original raises, so nothing that worked before changes.
+* ``torch.cuda.synchronize`` -> no-op. CPU kernels run synchronously; megatron calls it around
+  distributed-checkpoint saves/loads and in timers.
+* The tensor-parallel RNG tracker. megatron keeps named RNG streams (data-parallel,
+  model-parallel, expert-parallel) as CUDA generator states and swaps them in around weight
+  init and dropout (``get_cuda_rng_tracker().fork()``), and saves/restores them around
+  activation recompute (``tensor_parallel.checkpoint``). On CPU the only generator is the host
+  default generator, so ``CPURNGStatesTracker`` keeps the named streams as host generator
+  states and swaps those in, and ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and
+  write the host generator. Recompute then replays dropout masks exactly as on GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Tuple
+
+import torch
+
+#: name -> short reason, for every shim that is active (filled by the apply functions)
+_APPLIED: Dict[str, str] = {}
+
+
+def applied_adaptations() -> Tuple[str, ...]:
+    """Names of the shims currently applied (empty before the first call)."""
+    return tuple(_APPLIED)
+
+
+def _cpu_current_device() -> torch.device:
+    """Stand-in for `torch.cuda.current_device()`: megatron's allocations go to the host."""
+    return torch.device("cpu")
+
+
+def _cpu_synchronize(device=None) -> None:
+    """Stand-in for `torch.cuda.synchronize()`: CPU kernels are already synchronous."""
+
+
+def _patch_torch_cuda() -> None:
+    if torch.cuda.current_device is not _cpu_current_device:
+        torch.cuda.current_device = _cpu_current_device
+    if torch.cuda.synchronize is not _cpu_synchronize:
+        torch.cuda.synchronize = _cpu_synchronize
+    _APPLIED["torch.cuda.current_device"] = "returns the cpu device for megatron's allocations"
+    _APPLIED["torch.cuda.synchronize"] = "no-op: CPU work is synchronous"
+
+
+def _host_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Stand-in for megatron's `_get_cuda_rng_state`: the host generator's state."""
+    if graph_safe:
+        raise RuntimeError("CUDA-graph-safe RNG states do not exist on the CPU backend; "
+                           "set use_cudagraphable_rng=False")
+    return torch.get_rng_state()
+
+
+def _set_host_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    """Stand-in for megatron's `_set_cuda_rng_state`: restore the host generator's state."""
+    if graph_safe:
+        raise RuntimeError("CUDA-graph-safe RNG states do not exist on the CPU backend; "
+                           "set use_cudagraphable_rng=False")
+    torch.set_rng_state(new_state)
+
+
+def _make_cpu_tracker_class(base: type) -> type:
+    """Subclass megatron's CudaRNGStatesTracker so isinstance checks elsewhere still hold."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CPURNGStatesTracker(base):
+        """megatron's named RNG streams kept as host-generator states.
+
+        `add(name, seed)` records the state the host generator has after `manual_seed(seed)`;
+        `fork(name)` swaps that state into the host generator for the duration of the block and
+        stores where the stream got to afterwards, exactly like the CUDA tracker does with the
+        device generator.
+        """
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise ValueError(f"RNG tracker seed {seed} is already in use")
+            if name in self.states_:
+                raise ValueError(f"RNG tracker stream {name!r} already exists")
+            self.seeds_.add(seed)
+            outer = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise KeyError(f"RNG tracker stream {name!r} was never added "
+                               f"(call model_parallel_cuda_manual_seed first)")
+            outer_state = torch.get_rng_state()
+            outer_name = self._current_state_name
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer_state = self.states_[outer_name]
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    return CPURNGStatesTracker
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    base = mp_random.CudaRNGStatesTracker
+    if getattr(base, "_mindspeed_vita_cpu", False):
+        tracker_class = base
+    else:
+        tracker_class = _make_cpu_tracker_class(base)
+        tracker_class._mindspeed_vita_cpu = True
+        # initialize_rng_tracker() instantiates the class found under this module name
+        mp_random.CudaRNGStatesTracker = tracker_class
+    mp_random._get_cuda_rng_state = _host_rng_state
+    mp_random._set_cuda_rng_state = _set_host_rng_state
+    # A tracker created before the shim holds the CUDA class; replace it with a CPU one.
+    if mp_random._CUDA_RNG_STATE_TRACKER is not None and not isinstance(
+            mp_random._CUDA_RNG_STATE_TRACKER, tracker_class):
+        mp_random.initialize_rng_tracker(force_reset=True)
+    _APPLIED["megatron.tensor_parallel.random"] = (
+        "named RNG streams and recompute RNG replay use the host generator")
+
+
+def apply_megatron_cpu_adaptations() -> None:
+    """Make megatron-core 0.16.1 run on the CPU with gloo (see module doc for each shim).
+
+    Idempotent: a second call changes nothing. Call it before building megatron modules.
+    """
+    _patch_torch_cuda()
+    _patch_rng_tracker()
