@@ -22,13 +22,11 @@ from mindspeed_vita.data.errors import DataError
 from mindspeed_vita.data.images import image_to_tiles_tensor, load_image
 from mindspeed_vita.data.template import (image_units, media_tag_order,
                                           render_conversation)
-from mindspeed_vita.data.tiling import choose_grid
+from mindspeed_vita.data.tiling import Grid, choose_grid
 from mindspeed_vita.data.tokenizer import VitaTokenizer
 from mindspeed_vita.data.types import RenderedSample, Sample
 from mindspeed_vita.data.video import (frame_dir_indices, list_frame_files,
                                        load_video_frames, sample_frame_indices)
-
-Grid = Tuple[int, int]
 
 
 def render_sample(

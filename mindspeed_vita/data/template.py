@@ -26,6 +26,7 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 from mindspeed_vita.data.errors import DataError
+from mindspeed_vita.data.tiling import Grid
 from mindspeed_vita.data.tokenizer import VitaTokenizer
 from mindspeed_vita.data.types import IGNORE_INDEX, Message
 
@@ -37,8 +38,6 @@ _TAG_PATTERN = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
 _ROLES = ("system", "user", "assistant")
 #: roles whose text may carry media tags (assistant text is a loss target: no context tokens)
 _MEDIA_ROLES = ("system", "user")
-
-Grid = Tuple[int, int]  # (cols, rows)
 
 
 def image_units(grid: Grid) -> int:
