@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import FrozenSet, Iterable, List
 
+from mindspeed_vita.errors import UserInputError
+
 #: Tokens Long-VITA adds to the Qwen2.5 vocabulary, in the order they receive ids when absent.
 LONG_VITA_SPECIAL_TOKENS = (
     "<img>", "</img>", "<IMG_CONTEXT>",
@@ -20,7 +22,7 @@ CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 ENDOFTEXT_TOKEN = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserInputError):
     """A tokenizer directory that cannot be loaded or lacks a token mindspeed-vita needs."""
 
 
