@@ -1,0 +1,113 @@
+"""Core attention for megatron's SelfAttention that runs rotary and attention on a `Backend`.
+
+megatron's `SelfAttention` projects q/k/v (fused, GQA-interleaved `linear_qkv`), calls its
+`core_attention` submodule, then projects out. We plug `BackendCoreAttention` in as that
+submodule. It receives q/k/v in megatron's layout - `[s, b, n, d]`, or `[t, n, d]` when the
+batch is packed (THD) - applies RoPE with `backend.apply_rotary` and attends with
+`backend.attention` (causal, GQA, per-sequence `cu_seqlens` when packed).
+
+Why rotary lives here and not in megatron: megatron's own RoPE derives angles from `arange`
+(per packed sequence at best) and has its own CP slicing; our batches carry explicit position
+ids (reset-mode packing restarts them, CP zigzag shards them). So the model computes cos/sin from
+the batch's position ids once per forward and hands them down in `RotarySeqParams`, a
+`PackedSeqParams` that megatron already threads untouched from `TransformerBlock` through every
+layer (and through activation recompute) to this module. megatron is given
+`rotary_pos_emb=None`, so RoPE is applied exactly once, here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from backends.base import Backend
+
+
+@dataclass
+class RotarySeqParams(PackedSeqParams):
+    """megatron's `PackedSeqParams` plus the rotary cos/sin of this batch's positions.
+
+    `qkv_format="sbhd"`: dense batch, `rotary_cos`/`rotary_sin` are `[s, b, 1, d]`.
+    `qkv_format="thd"`: packed batch, `cu_seqlens_q/kv` (int32, leading 0) bound the sequences
+    and `rotary_cos`/`rotary_sin` are `[t, 1, d]`.
+    """
+
+    rotary_cos: Optional[torch.Tensor] = None
+    rotary_sin: Optional[torch.Tensor] = None
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float,
+                   dtype: torch.dtype) -> "tuple[torch.Tensor, torch.Tensor]":
+    """cos/sin `[..., head_dim]` for integer `position_ids [...]` (half-rotation RoPE).
+
+    Angles are computed in fp32 (inv_freq = base^(-2i/d), duplicated over both halves) and the
+    result is cast to `dtype`, matching transformers' Qwen2 rotary embedding bit for bit.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
+    inv_freq = 1.0 / (base ** (exponent / head_dim))
+    angles = position_ids.float()[..., None] * inv_freq  # [..., d/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class BackendCoreAttention(MegatronModule):
+    """Causal (GQA) self-attention core computed by `backend`, RoPE included.
+
+    Built by megatron's `SelfAttention` from the layer spec
+    (`ModuleSpec(BackendCoreAttention, params={"backend": backend})`), with the same keyword
+    arguments as megatron's `DotProductAttention`. Has no parameters.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None, *, backend: Backend):
+        super().__init__(config=config)
+        if attention_type != "self":
+            raise ValueError(f"BackendCoreAttention implements self-attention only, "
+                             f"got attention_type={attention_type!r}")
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"BackendCoreAttention is causal-only, got {attn_mask_type}")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"attention_dropout={dropout}: backend attention kernels have no "
+                             f"dropout (Qwen2 trains with 0.0)")
+        self.backend = backend
+        self.layer_number = layer_number
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias: Optional[torch.Tensor] = None,
+                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+        """q `[s, b, n_q, d]`, k/v `[s, b, n_kv, d]` -> `[s, b, n_q * d]`; packed (THD):
+        q `[t, n_q, d]`, k/v `[t, n_kv, d]` -> `[t, n_q * d]`."""
+        if attention_mask is not None or attention_bias is not None:
+            raise ValueError("BackendCoreAttention takes no attention_mask / attention_bias: "
+                             "causality is built in and packed sequences use cu_seqlens")
+        if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"BackendCoreAttention is causal-only, got {attn_mask_type}")
+        if not isinstance(packed_seq_params, RotarySeqParams) or packed_seq_params.rotary_cos is None:
+            raise ValueError("BackendCoreAttention needs RotarySeqParams with rotary cos/sin "
+                             "(built by Qwen2LanguageModel.forward from position_ids)")
+        p = packed_seq_params
+        query = self.backend.apply_rotary(query, p.rotary_cos, p.rotary_sin)
+        key = self.backend.apply_rotary(key, p.rotary_cos, p.rotary_sin)
+        if p.qkv_format == "thd":
+            out = self.backend.attention(
+                query, key, value, causal=True, scale=self.softmax_scale,
+                cu_seqlens_q=p.cu_seqlens_q, cu_seqlens_kv=p.cu_seqlens_kv,
+                max_seqlen_q=p.max_seqlen_q, max_seqlen_kv=p.max_seqlen_kv)
+            return out.reshape(out.shape[0], -1)
+        if p.qkv_format != "sbhd":
+            raise ValueError(f"qkv_format={p.qkv_format!r}: expected 'sbhd' or 'thd'")
+        # megatron is [s, b, n, d]; backends take [b, s, n, d]
+        out = self.backend.attention(query.transpose(0, 1), key.transpose(0, 1),
+                                     value.transpose(0, 1), causal=True, scale=self.softmax_scale)
+        out = out.transpose(0, 1)
+        return out.reshape(out.shape[0], out.shape[1], -1)

@@ -1,0 +1,106 @@
+"""megatron `ModuleSpec` of a Qwen2 decoder layer whose kernels come from a `Backend`.
+
+The layer is megatron's own `TransformerLayer` / `SelfAttention` / `MLP` with its TE-free tensor
+parallel linears (`ColumnParallelLinear` for qkv and fc1, `RowParallelLinear` for proj and fc2);
+only the kernels are ours:
+
+* norms: `BackendRMSNorm` -> `backend.rms_norm` (fp32 statistics, cast, times weight),
+* core attention: `BackendCoreAttention` -> `backend.apply_rotary` + `backend.attention`,
+* MLP activation: `BackendSwiGLU` -> `backend.swiglu` on megatron's gated fc1 output, whose
+  per-rank layout is `[gate; up]`.
+
+The backend reaches every module through `ModuleSpec.params` (megatron passes spec params as
+keyword arguments to the constructor), so there is no global registry: two models with two
+backends can coexist. Qwen2 specifics (qkv bias only, RMSNorm eps, GQA) are `TransformerConfig`
+fields set by `Qwen2LanguageModel`; the MLP activation hook is megatron's
+`use_te_activation_func=True`, which despite its name only means "the activation is the spec's
+`activation_func` module" - no Transformer Engine is involved.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from backends.base import Backend
+from mindspeed_vita.models.core_attention import BackendCoreAttention
+
+
+class BackendRMSNorm(torch.nn.Module):
+    """RMSNorm over the last dim computed by `backend.rms_norm` (Qwen2 semantics)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, *,
+                 backend: Backend):
+        super().__init__()
+        self.backend = backend
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # Under sequence parallel each tp rank sees a slice of the sequence, so this weight's
+        # gradient is partial; megatron's finalize_model_grads all-reduces params marked so.
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[..., h]` -> `[..., h]`."""
+        return self.backend.rms_norm(x, self.weight, self.eps)
+
+
+class BackendSwiGLU(torch.nn.Module):
+    """`silu(gate) * up` of megatron's gated fc1 output `[..., 2 * ffn / tp]` by the backend."""
+
+    def __init__(self, config: TransformerConfig, *, backend: Backend):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[..., 2f]` (`[gate; up]`) -> `[..., f]`."""
+        return self.backend.swiglu(x)
+
+
+def qwen2_layer_spec(backend: Backend) -> ModuleSpec:
+    """One Qwen2 decoder layer: pre-norm causal GQA self-attention and pre-norm SwiGLU MLP."""
+    norm = ModuleSpec(module=BackendRMSNorm, params={"backend": backend})
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=ModuleSpec(module=BackendCoreAttention,
+                                              params={"backend": backend}),
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear,
+                    activation_func=ModuleSpec(module=BackendSwiGLU, params={"backend": backend}),
+                    linear_fc2=RowParallelLinear,
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def qwen2_block_spec(backend: Backend, num_layers: int) -> TransformerBlockSubmodules:
+    """`num_layers` Qwen2 layers followed by the final RMSNorm, for megatron's TransformerBlock."""
+    return TransformerBlockSubmodules(
+        layer_specs=[qwen2_layer_spec(backend)] * num_layers,
+        layer_norm=ModuleSpec(module=BackendRMSNorm, params={"backend": backend}),
+    )

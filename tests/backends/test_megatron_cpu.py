@@ -1,0 +1,122 @@
+"""megatron-core CPU shims: applied, idempotent, and TP layers on gloo equal plain PyTorch."""
+import torch
+import torch.nn.functional as F
+
+from backends.megatron_cpu import applied_adaptations, apply_megatron_cpu_adaptations
+from tests.dist_utils import run_distributed
+
+IN, OUT, SEQ, BATCH = 8, 6, 4, 2
+
+
+def test_shims_applied_and_idempotent():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    apply_megatron_cpu_adaptations()
+    first = (applied_adaptations(), torch.cuda.current_device, torch.cuda.synchronize,
+             mp_random.CudaRNGStatesTracker, mp_random._get_cuda_rng_state)
+    apply_megatron_cpu_adaptations()
+    second = (applied_adaptations(), torch.cuda.current_device, torch.cuda.synchronize,
+              mp_random.CudaRNGStatesTracker, mp_random._get_cuda_rng_state)
+    assert first == second  # nothing re-wrapped
+    assert set(first[0]) == {"torch.cuda.current_device", "torch.cuda.synchronize",
+                             "megatron.tensor_parallel.random"}
+    assert torch.cuda.current_device() == torch.device("cpu")
+    torch.cuda.synchronize()  # no-op instead of "Torch not compiled with CUDA enabled"
+    assert isinstance(mp_random.get_cuda_rng_tracker(), mp_random.CudaRNGStatesTracker)
+
+
+def test_rng_tracker_streams_on_host_generator():
+    """Named streams are reproducible, independent of the default stream, and fork restores it."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    apply_megatron_cpu_adaptations()
+    mp_random.model_parallel_cuda_manual_seed(11, tp_rank=0, ep_rank=0, etp_rank=0)
+    tracker = mp_random.get_cuda_rng_tracker()
+    torch.manual_seed(3)
+    with tracker.fork():
+        a1 = torch.rand(4)
+    after_fork = torch.rand(4)
+    torch.manual_seed(3)
+    expected_default = torch.rand(4)
+    assert torch.equal(after_fork, expected_default)  # default stream untouched by the fork
+    with tracker.fork():
+        a2 = torch.rand(4)
+    torch.manual_seed(11 + 2718)  # megatron's model-parallel seed for tp rank 0
+    stream = torch.rand(8)
+    assert torch.equal(torch.cat([a1, a2]), stream)  # the stream continues across forks
+    # recompute's save/restore goes through the patched host-state functions
+    state = mp_random._get_cuda_rng_state()
+    x = torch.rand(3)
+    mp_random._set_cuda_rng_state(state)
+    assert torch.equal(torch.rand(3), x)
+
+
+def _column_parallel_body(rank, world_size, weight, bias, x):
+    from backends import get_backend
+    from mindspeed_vita.parallel.process_groups import initialize_parallel
+
+    initialize_parallel(get_backend("cpu"), tp=world_size)
+    return {sp: _column_parallel_step(rank, world_size, weight, bias, x, sp)
+            for sp in (False, True)}
+
+
+def _column_parallel_step(rank, world_size, weight, bias, x, sequence_parallel):
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=IN, num_attention_heads=2,
+                            tensor_model_parallel_size=world_size,
+                            sequence_parallel=sequence_parallel, params_dtype=torch.float32)
+    layer = ColumnParallelLinear(IN, OUT, config=cfg, init_method=torch.nn.init.normal_,
+                                 bias=True, gather_output=False)
+    rows = OUT // world_size
+    with torch.no_grad():
+        layer.weight.copy_(weight[rank * rows:(rank + 1) * rows])
+        layer.bias.copy_(bias[rank * rows:(rank + 1) * rows])
+    if sequence_parallel:  # the input arrives sequence-sharded: [s / tp, b, h]
+        chunk = SEQ // world_size
+        x = x[rank * chunk:(rank + 1) * chunk]
+    x = x.clone().requires_grad_(True)
+    y, _ = layer(x)  # [s, b, OUT / tp]
+    (y * torch.arange(1.0, y.numel() + 1).view_as(y).div(10.0 * (rank + 1))).sum().backward()
+    return y.detach(), x.grad, layer.weight.grad, layer.bias.grad
+
+
+def _reference(weight, bias, x, world_size):
+    """Single-process nn.Linear with the same per-rank loss weighting."""
+    linear = torch.nn.Linear(IN, OUT)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    x = x.clone().requires_grad_(True)
+    y = linear(x)
+    rows = OUT // world_size
+    loss = 0.0
+    for r in range(world_size):
+        part = y[..., r * rows:(r + 1) * rows]
+        loss = loss + (part * torch.arange(1.0, part.numel() + 1).view_as(part)
+                       .div(10.0 * (r + 1))).sum()
+    loss.backward()
+    return y.detach(), x.grad, linear.weight.grad, linear.bias.grad
+
+
+def test_column_parallel_linear_tp2_matches_nn_linear():
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(OUT, IN, generator=gen), torch.randn(OUT, generator=gen)
+    x = torch.randn(SEQ, BATCH, IN, generator=gen)
+    y_ref, dx_ref, dw_ref, db_ref = _reference(weight, bias, x, 2)
+    rows = OUT // 2
+    per_rank = run_distributed(_column_parallel_body, world_size=2, args=(weight, bias, x))
+    for sequence_parallel in (False, True):
+        for rank, results in enumerate(per_rank):
+            y, dx, dw, db = results[sequence_parallel]
+            cols = slice(rank * rows, (rank + 1) * rows)
+            torch.testing.assert_close(y, y_ref[..., cols], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(dw, dw_ref[cols], atol=1e-5, rtol=1e-6)
+            torch.testing.assert_close(db, db_ref[cols], atol=1e-5, rtol=1e-6)
+            if sequence_parallel:  # reduce-scattered input grad: this rank's sequence slice
+                chunk = SEQ // 2
+                torch.testing.assert_close(dx, dx_ref[rank * chunk:(rank + 1) * chunk],
+                                           atol=1e-5, rtol=1e-6)
+            else:  # all-reduced input grad
+                torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-6)
