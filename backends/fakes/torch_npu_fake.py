@@ -166,7 +166,8 @@ def _check_qkv(query, key, value, head_num: int, layout: str, keep_prob: float, 
     expected_dim = 3 if layout in ("BSH", "SBH", "TND") else 4
     for label, tensor in (("query", query), ("key", key), ("value", value)):
         if tensor.dim() != expected_dim:
-            raise RuntimeError(f"input_layout {layout} needs a {expected_dim}-D {label}, got shape {tuple(tensor.shape)}")
+            raise RuntimeError(
+                f"input_layout {layout} needs a {expected_dim}-D {label}, got shape {tuple(tensor.shape)}")
     if key.shape[:-1] != value.shape[:-1]:
         raise RuntimeError(f"key {tuple(key.shape)} and value {tuple(value.shape)} may differ only in D")
 
@@ -326,7 +327,8 @@ def _dense_kept(mask, mode, batch, heads, sq, skv, pre, nxt, prefix) -> Optional
         return kept if kept.dim() == 4 else kept.view(1, 1, sq, skv)
     if mode == 5:
         if tuple(mask.shape) not in {(batch, heads, sq, skv), (batch, 1, sq, skv)}:
-            raise RuntimeError(f"sparse_mode=5 needs a full [B,N1,Sq,Skv] or [B,1,Sq,Skv] mask, got {tuple(mask.shape)}")
+            raise RuntimeError(
+                f"sparse_mode=5 needs a full [B,N1,Sq,Skv] or [B,1,Sq,Skv] mask, got {tuple(mask.shape)}")
     else:
         _check_compressed(mask, mode)
     if mode in (5, 6):
@@ -351,7 +353,8 @@ def _varlen_kept(mask, mode, geometry: _Geometry, pre, nxt, prefix) -> List[Opti
     if mode in (0, 1):
         need = (max(sq_list), max(skv_list))
         if tuple(mask.shape) != need:
-            raise RuntimeError(f"TND atten_mask for sparse_mode={mode} must be [maxSq, maxSkv] = {list(need)}, got {tuple(mask.shape)}")
+            raise RuntimeError(f"TND atten_mask for sparse_mode={mode} must be [maxSq, maxSkv] = {list(need)}, "
+                               f"got {tuple(mask.shape)}")
     else:
         _check_compressed(mask, mode)
     prefixes = _check_prefix(prefix, count) if mode == 6 else [None] * count
@@ -385,7 +388,8 @@ def _varlen_kept(mask, mode, geometry: _Geometry, pre, nxt, prefix) -> List[Opti
             region = _mode_region(4, sq, skv, pre, nxt)
         elif mode in (3, 7):
             if sq > skv:
-                raise RuntimeError(f"sparse_mode={mode} (TND) needs Sq <= Skv per sequence; sequence {b} has {sq} > {skv}")
+                raise RuntimeError(
+                    f"sparse_mode={mode} (TND) needs Sq <= Skv per sequence; sequence {b} has {sq} > {skv}")
             region = _mode_region(3, sq, skv, pre, nxt)
         elif mode in (2, 8):
             region = _mode_region(2, sq, skv, pre, nxt)
@@ -429,7 +433,8 @@ def _forward_segment(seg: _Segment, scale: float):
     safe_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     weights = torch.exp(scores - safe_max.unsqueeze(-1))
     row_sum = weights.sum(dim=-1)
-    out = (weights @ _expand_kv(seg.v, seg.q.shape[1]).float()) / row_sum.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    denominator = row_sum.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    out = (weights @ _expand_kv(seg.v, seg.q.shape[1]).float()) / denominator
     out = torch.where((row_sum > 0).unsqueeze(-1), out, torch.zeros_like(out))
     return out, row_max, row_sum
 
@@ -474,7 +479,8 @@ def _unpack_stats(stat: torch.Tensor, geometry: _Geometry, softmax_layout: str, 
     if stat is None:
         raise RuntimeError(f"npu_fusion_attention_grad needs {name} (the forward's output)")
     if stat.dtype != torch.float32 or stat.shape[-1] != _STAT_LANES:
-        raise RuntimeError(f"{name} must be float32 with a last axis of {_STAT_LANES}, got {stat.dtype} {tuple(stat.shape)}")
+        raise RuntimeError(
+            f"{name} must be float32 with a last axis of {_STAT_LANES}, got {stat.dtype} {tuple(stat.shape)}")
     lane = stat[..., 0]
     if geometry.layout != "TND":
         return [lane]
@@ -762,7 +768,8 @@ class FakeTorchNPU:
         softmax_layout = self._gate(op, "softmax_layout", softmax_layout, (7, 2, 0))
         sink = self._gate(op, "sink", sink, (7, 3, 0))
         if dy.dim() not in (3, 4):
-            raise RuntimeError(f"The shapes of the input dy should be 3 or 4 dimensional, but got {dy.dim()}-dimensional")
+            raise RuntimeError(
+                f"The shapes of the input dy should be 3 or 4 dimensional, but got {dy.dim()}-dimensional")
         call = self._prepare(op, query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
                              scale_value, keep_prob, pre_tockens, next_tockens, inner_precise, prefix,
                              actual_seq_qlen, actual_seq_kvlen, sparse_mode, softmax_layout, sink)
@@ -774,13 +781,15 @@ class FakeTorchNPU:
             out_shape = tuple(query.shape[:-1]) + (value.shape[-1],)
         for name, tensor in (("dy", dy), ("attention_in", attention_in)):
             if tuple(tensor.shape) != out_shape:
-                raise RuntimeError(f"{name} must have attention_out's shape {list(out_shape)}, got {tuple(tensor.shape)}")
+                raise RuntimeError(
+                    f"{name} must have attention_out's shape {list(out_shape)}, got {tuple(tensor.shape)}")
         if call.geometry.layout != "TND":
             q4 = _to_bnsd(query, call.geometry.layout, call.geometry.head_num)
             stat_shape = (q4.shape[0], call.geometry.head_num, q4.shape[2], _STAT_LANES)
             for name, stat in (("softmax_max", softmax_max), ("softmax_sum", softmax_sum)):
                 if stat is not None and tuple(stat.shape) != stat_shape:
-                    raise RuntimeError(f"{name} must have shape [B, N1, Sq, 8] = {list(stat_shape)}, got {tuple(stat.shape)}")
+                    raise RuntimeError(
+                        f"{name} must have shape [B, N1, Sq, 8] = {list(stat_shape)}, got {tuple(stat.shape)}")
         with torch.no_grad():
             dq, dk, dv, dpse = call.backward(query, key, value, pse, dy, attention_in, softmax_max, softmax_sum)
         if self._release >= (7, 3, 0):
@@ -798,7 +807,8 @@ class FakeTorchNPU:
             raise RuntimeError(f"npu_rms_norm: unsupported dtype pair x {x.dtype}, gamma {gamma.dtype}")
         axes = tuple(range(x.dim() - gamma.dim(), x.dim()))
         if gamma.dim() == 0 or gamma.dim() > x.dim() or tuple(x.shape[-gamma.dim():]) != tuple(gamma.shape):
-            raise RuntimeError(f"npu_rms_norm: gamma {tuple(gamma.shape)} must equal the trailing dims of x {tuple(x.shape)}")
+            raise RuntimeError(
+                f"npu_rms_norm: gamma {tuple(gamma.shape)} must equal the trailing dims of x {tuple(x.shape)}")
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(dim=axes, keepdim=True) + epsilon)
         y = (x32 * rstd * gamma.float()).to(x.dtype)
@@ -832,7 +842,8 @@ class FakeTorchNPU:
             patterns = {"half": {(t, 1), (t, n)}, "interleave": {(t, 1)}}
         if tuple(r1.shape[:-1]) not in patterns[rotary_mode]:
             raise RuntimeError(f"npu_rotary_mul ({rotary_mode}): r1/r2 shape {tuple(r1.shape)} is not a supported "
-                               f"broadcast of x {tuple(x.shape)} (allowed leading dims {sorted(patterns[rotary_mode])})")
+                               f"broadcast of x {tuple(x.shape)} "
+                               f"(allowed leading dims {sorted(patterns[rotary_mode])})")
         x32 = x.float()
         if rotate is not None:
             rotated = x32 @ rotate.detach().float()

@@ -61,7 +61,8 @@ def _masked_oracle(q, k, v, kept, scale, dy=None):
     safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     weights = torch.exp(scores - safe.unsqueeze(-1))
     l = weights.sum(-1)
-    out = torch.where((l > 0).unsqueeze(-1), weights @ v64 / l.clamp_min(1e-300).unsqueeze(-1), torch.zeros(()).double())
+    out = weights @ v64 / l.clamp_min(1e-300).unsqueeze(-1)
+    out = torch.where((l > 0).unsqueeze(-1), out, torch.zeros(()).double())
     lse = safe + torch.log(l)
     grads = None
     if dy is not None:
@@ -125,7 +126,8 @@ def test_no_mask_means_full_attention_whatever_the_sparse_mode(npu):
     q, k, v = (_bnsd(1, 2, 6, 16, seed=i) for i in range(3))
     full = npu.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.25)[0]
     for mode in (2, 3, 4):
-        out = npu.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.25, sparse_mode=mode, pre_tockens=0, next_tockens=0)[0]
+        out = npu.npu_fusion_attention(q, k, v, 2, "BNSD", scale=0.25, sparse_mode=mode,
+                                       pre_tockens=0, next_tockens=0)[0]
         assert torch.equal(out, full)
 
 
@@ -184,7 +186,8 @@ def test_compressed_modes_keep_the_documented_region(npu, mode, pre, nxt, expect
 
 def test_fully_masked_rows_give_zero_output(npu):
     q, k, v = _bnsd(1, 2, 6, 16, seed=1), _bnsd(1, 2, 4, 16, seed=2), _bnsd(1, 2, 4, 16, seed=3)
-    out, smax, ssum = npu.npu_fusion_attention(q, k, v, 2, "BNSD", atten_mask=compressed_causal_mask(), sparse_mode=3)[:3]
+    out, smax, ssum = npu.npu_fusion_attention(q, k, v, 2, "BNSD", atten_mask=compressed_causal_mask(),
+                                               sparse_mode=3)[:3]
     # mode 3 with Sq=6 > Skv=4: rows 0 and 1 see no key (j <= i - 2)
     assert torch.equal(out[:, :, :2], torch.zeros_like(out[:, :, :2]))
     assert torch.isneginf(smax[:, :, :2]).all() and (ssum[:, :, :2] == 0).all()
@@ -291,7 +294,8 @@ def test_tnd_zero_length_and_trailing_skipped_sequences(npu):
     # [2, 3, 4] used, two trailing batches skipped -> [2, 5, 9, 0, 0]
     lengths = [2, 3, 4]
     q, k, v = _tnd(lengths, n, d, 1), _tnd(lengths, n, d, 2), _tnd(lengths, n, d, 3)
-    out = npu.npu_fusion_attention(q, k, v, n, "TND", actual_seq_qlen=[2, 5, 9, 0, 0], actual_seq_kvlen=[2, 5, 9, 0, 0])[0]
+    out = npu.npu_fusion_attention(q, k, v, n, "TND", actual_seq_qlen=[2, 5, 9, 0, 0],
+                                   actual_seq_kvlen=[2, 5, 9, 0, 0])[0]
     _close(out, _per_sequence_oracle(q, k, v, lengths, lengths, lambda b, sq, skv: torch.ones(sq, skv).bool(), 1.0)[0])
 
 
@@ -315,7 +319,8 @@ def test_mode7_doc_example_last_sequence_is_the_band(npu):
     band = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
     out = npu.npu_fusion_attention(q, k, v, 2, "TND", atten_mask=compressed_causal_mask(), sparse_mode=7,
                                    pre_tockens=6, next_tockens=-2, actual_seq_qlen=[3, 5], actual_seq_kvlen=[4, 10])[0]
-    expected = _per_sequence_oracle(q, k, v, q_lens, kv_lens, lambda b, sq, skv: _causal(b, sq, skv) if b == 0 else band, 1.0)[0]
+    expected = _per_sequence_oracle(
+        q, k, v, q_lens, kv_lens, lambda b, sq, skv: _causal(b, sq, skv) if b == 0 else band, 1.0)[0]
     _close(out, expected)
     with pytest.raises(RuntimeError, match="sparse_mode=7"):
         npu.npu_fusion_attention(q, k, v, 2, "TND", atten_mask=compressed_causal_mask(), sparse_mode=7,
@@ -365,7 +370,8 @@ def test_grad_returns_dsink_from_release_7_3_0():
     for release, count in (("7.2.0", 4), ("7.3.0", 5), ("26.0.0", 5)):
         npu = FakeTorchNPU(release=release)
         out, smax, ssum = npu.npu_fusion_attention(q, k, v, 1, "BNSD")[:3]
-        grads = npu.npu_fusion_attention_grad(q, k, v, dy, 1, "BNSD", softmax_max=smax, softmax_sum=ssum, attention_in=out)
+        grads = npu.npu_fusion_attention_grad(q, k, v, dy, 1, "BNSD", softmax_max=smax, softmax_sum=ssum,
+                                              attention_in=out)
         assert len(grads) == count
         if count == 5:
             assert grads[4].shape == (0,)
@@ -458,7 +464,8 @@ def test_rotary_interleave_pairs_and_shape_rules(npu):
     x = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]]]])  # [1, 1, 1, 4]
     cos, sin = torch.zeros(1, 1, 1, 4), torch.ones(1, 1, 1, 4)
     # interleave: (x0, x1) -> (-x1, x0)
-    assert torch.equal(npu.npu_rotary_mul(x, cos, sin, rotary_mode="interleave"), torch.tensor([[[[-2.0, 1.0, -4.0, 3.0]]]]))
+    interleaved = npu.npu_rotary_mul(x, cos, sin, rotary_mode="interleave")
+    assert torch.equal(interleaved, torch.tensor([[[[-2.0, 1.0, -4.0, 3.0]]]]))
     assert torch.equal(npu.npu_rotary_mul(x, cos, sin), torch.tensor([[[[-3.0, -4.0, 1.0, 2.0]]]]))
     x = torch.randn(2, 6, 3, 16)
     with pytest.raises(RuntimeError, match="not a supported broadcast"):

@@ -1,0 +1,278 @@
+"""Ascend NPU backend: torch_npu's fused kernels, HCCL collectives, optional MindSpeed adaptation.
+
+torch_npu is imported lazily (in `probe()` and the constructor), never at module import, so this
+file can be imported on any machine. Tests pass `torch_npu_module=FakeTorchNPU()` (a CPU fake
+with the same op contracts, backends/fakes/torch_npu_fake.py).
+
+How the protocol of `backends.base` maps onto `npu_fusion_attention` (facts: docs npu-api-facts.md):
+
+* dense [b, s, n, d] is layout "BSND"; packed [t, n, d] is "TND" with `actual_seq_qlen/kvlen` =
+  cumulative ends WITHOUT the leading 0, as Python ints (`cu_seqlens[1:].tolist()`).
+* causal: dense uses sparse_mode 2 (top-left), packed sparse_mode 3 (per sequence); both need
+  the compressed 2048x2048 upper-triangle mask, built once per device. Non-causal passes no
+  mask, which the kernel treats as full attention.
+* `scale` is always passed: the op's default is 1.0, not 1/sqrt(d).
+* the op's statistics (row max m and row sum l, fp32, 8 identical lanes) become
+  lse = m + log(l); dense [b, n, s] from [b, n, s, 8]; packed [n, t] from the [t, n, 8] buffer
+  that the kernel fills per sequence in N-major order. The backward hands a given (possibly
+  merged) lse back as (softmax_max=lse, softmax_sum=1) in the same layout, so the grad kernel's
+  P = exp(S - m) / l is exactly exp(S - lse).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from backends.base import Backend, BackendUnavailableError, default_scale
+
+#: side of the compressed causal mask sparse modes 2/3 read with offsets
+_COMPRESSED_MASK_SIZE = 2048
+#: sparse_mode values (torch_npu doc): 0 = mask as given (none here), 2 = top-left causal,
+#: 3 = bottom-right causal per sequence (equal to top-left when s_q == s_kv)
+_SPARSE_NONE, _SPARSE_LEFT_UP_CAUSAL, _SPARSE_RIGHT_DOWN_CAUSAL = 0, 2, 3
+_STAT_LANES = 8
+_CANN_ENV_SCRIPT = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
+_MINDSPEED_INSTALL_DOC = ("MindSpeed's install guide (https://gitcode.com/Ascend/MindSpeed, "
+                          "docs/zh/user-guide/install_guide.md; the PyPI package 'mindspeed' is a placeholder)")
+
+
+def _torch_release() -> str:
+    """torch's public version without a local tag: '2.7.1+cpu' -> '2.7.1'."""
+    return torch.__version__.split("+")[0]
+
+
+def _first_clause(exc: BaseException) -> str:
+    """The first line / sentence of an exception message (CANN errors span several lines)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
+def _import_error_sentence(exc: BaseException) -> str:
+    version = _torch_release()
+    return (f"backend 'npu' cannot run: torch_npu failed to import ({type(exc).__name__}: {_first_clause(exc)}); "
+            f"install the CANN toolkit and run 'source {_CANN_ENV_SCRIPT}', then 'pip install torch-npu=={version}' "
+            f"(the torch_npu wheel X.Y.Z[.postN] must match torch {version}), or choose MINDSPEED_VITA_BACKEND=cpu")
+
+
+def _no_device_sentence() -> str:
+    return ("backend 'npu' cannot run: torch_npu imports but no Ascend NPU is visible (torch.npu.is_available() is "
+            f"False); check 'npu-smi info' and ASCEND_RT_VISIBLE_DEVICES, run 'source {_CANN_ENV_SCRIPT}', "
+            "or choose MINDSPEED_VITA_BACKEND=cpu")
+
+
+def _cumulative_ends(cu_seqlens: torch.Tensor, name: str) -> List[int]:
+    """Megatron cumulative lengths [0, l0, l0+l1, ...] -> the op's host list [l0, l0+l1, ...]."""
+    values = [int(x) for x in cu_seqlens.tolist()]
+    if len(values) < 2 or values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must start with 0, hold at least one sequence and be non-decreasing "
+                         f"(megatron convention), got {values[:8]}")
+    return values[1:]
+
+
+def _tnd_stat_index(cu_seqlens: torch.Tensor, heads: int) -> torch.Tensor:
+    """[n, t] positions of lane-0 statistics in the kernel's per-sequence N-major TND buffer.
+
+    Sequence b (start c_b, length s_b) owns the block [c_b * n, (c_b + s_b) * n) laid out as
+    [n, s_b]; token t of it at head h sits at c_b * n + h * s_b + (t - c_b).
+    """
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    total = int(cu[-1])
+    sequence = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=total)
+    start, length = cu[:-1][sequence], lengths[sequence]
+    token = torch.arange(total, device=cu.device)
+    head = torch.arange(heads, device=cu.device).view(heads, 1)
+    return start.view(1, -1) * heads + head * length.view(1, -1) + (token - start).view(1, -1)
+
+
+class NPUBackend(Backend):
+    """Ascend NPUs: torch_npu fused kernels, HCCL collectives, MindSpeed when asked for."""
+
+    name = "npu"
+    dist_backend = "hccl"
+
+    def __init__(self, torch_npu_module=None, *, use_mindspeed: bool = False) -> None:
+        """`torch_npu_module`: the torch_npu module to call (tests pass the CPU fake); imported
+        when None. `use_mindspeed`: `adapt_megatron()` imports `mindspeed.megatron_adaptor`."""
+        if torch_npu_module is None:
+            try:
+                import torch_npu as torch_npu_module  # noqa: F401 - registers the "npu" device
+            except (ImportError, OSError, RuntimeError) as exc:
+                raise BackendUnavailableError(_import_error_sentence(exc)) from exc
+        self._ops = torch_npu_module
+        self._npu = torch_npu_module.npu  # the module behind torch.npu
+        self._use_mindspeed = use_mindspeed
+        self._megatron_adapted = False
+        self._causal_masks: Dict[torch.device, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ runtime
+    @classmethod
+    def probe(cls) -> Optional[str]:
+        """None when torch_npu imports and an NPU is visible, else one sentence on how to fix it."""
+        try:
+            import torch_npu
+        except (ImportError, OSError, RuntimeError) as exc:
+            return _import_error_sentence(exc)
+        try:
+            available = bool(torch_npu.npu.is_available())
+        except (AttributeError, RuntimeError):
+            available = False
+        return None if available else _no_device_sentence()
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device("npu", local_rank)
+
+    def set_device(self, local_rank: int = 0) -> None:
+        self._npu.set_device(local_rank)
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        self._npu.manual_seed_all(seed)
+
+    def synchronize(self) -> None:
+        self._npu.synchronize()
+
+    def reset_peak_memory_stats(self) -> None:
+        self._npu.reset_peak_memory_stats()
+
+    def max_memory_allocated(self) -> int:
+        return int(self._npu.max_memory_allocated())
+
+    # ---------------------------------------------------------------- attention
+    def _causal_mask(self, device: torch.device) -> torch.Tensor:
+        """The compressed causal mask (True above the diagonal = masked), one per device."""
+        if device not in self._causal_masks:
+            size = _COMPRESSED_MASK_SIZE
+            self._causal_masks[device] = torch.triu(
+                torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)
+        return self._causal_masks[device]
+
+    def _call_args(self, q, causal, scale, cu_seqlens_q, cu_seqlens_kv) -> dict:
+        """Layout, mask and lengths shared by forward and backward."""
+        packed = cu_seqlens_q is not None
+        expected_dim = 3 if packed else 4
+        if q.dim() != expected_dim:
+            raise ValueError(f"npu attention expects {'packed [t, n, d]' if packed else 'dense [b, s, n, d]'} "
+                             f"input, got q of shape {tuple(q.shape)}")
+        args = dict(head_num=q.shape[-2], input_layout="TND" if packed else "BSND",
+                    scale=default_scale(q.shape[-1], scale), keep_prob=1.0)
+        if packed:
+            q_ends = _cumulative_ends(cu_seqlens_q, "cu_seqlens_q")
+            kv_ends = q_ends if cu_seqlens_kv is None else _cumulative_ends(cu_seqlens_kv, "cu_seqlens_kv")
+            if causal and q_ends != kv_ends:
+                # sparse_mode 3 aligns each sequence bottom-right; the protocol's causal is top-left,
+                # and the two agree only when every sequence has s_q == s_kv.
+                raise ValueError("causal packed attention on NPU needs cu_seqlens_q == cu_seqlens_kv "
+                                 f"(got ends {q_ends[:8]} vs {kv_ends[:8]})")
+            args.update(actual_seq_qlen=q_ends, actual_seq_kvlen=kv_ends)
+        if causal:
+            args.update(atten_mask=self._causal_mask(q.device),
+                        sparse_mode=_SPARSE_RIGHT_DOWN_CAUSAL if packed else _SPARSE_LEFT_UP_CAUSAL)
+        else:
+            args.update(atten_mask=None, sparse_mode=_SPARSE_NONE)
+        return args
+
+    def attention_forward(self, q, k, v, *, causal, scale=None, cu_seqlens_q=None, cu_seqlens_kv=None,
+                          max_seqlen_q=None, max_seqlen_kv=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        args = self._call_args(q, causal, scale, cu_seqlens_q, cu_seqlens_kv)
+        out, softmax_max, softmax_sum = self._ops.npu_fusion_attention(q, k, v, **args)[:3]
+        lse = softmax_max[..., 0] + torch.log(softmax_sum[..., 0])  # [b, n, s] dense; [t, n] buffer packed
+        if cu_seqlens_q is not None:
+            lse = lse.reshape(-1)[_tnd_stat_index(cu_seqlens_q, q.shape[1])]
+        return out, lse
+
+    def attention_backward(self, dout, q, k, v, out, lse, *, causal, scale=None, cu_seqlens_q=None,
+                           cu_seqlens_kv=None, max_seqlen_q=None, max_seqlen_kv=None):
+        args = self._call_args(q, causal, scale, cu_seqlens_q, cu_seqlens_kv)
+        args["scale_value"] = args.pop("scale")
+        lse = lse.float()
+        if cu_seqlens_q is None:
+            softmax_max = lse.unsqueeze(-1).expand(*lse.shape, _STAT_LANES).contiguous()
+        else:
+            flat = lse.new_empty(lse.numel())
+            flat[_tnd_stat_index(cu_seqlens_q, q.shape[1])] = lse
+            softmax_max = flat.view(q.shape[0], q.shape[1], 1).expand(-1, -1, _STAT_LANES).contiguous()
+        grads = self._ops.npu_fusion_attention_grad(
+            q, k, v, dout.to(q.dtype), softmax_max=softmax_max, softmax_sum=torch.ones_like(softmax_max),
+            attention_in=out.to(q.dtype), **args)
+        # 4 items before torch_npu 7.3.0, 5 (with dsink) after: only the first three matter here
+        dq, dk, dv = grads[0], grads[1], grads[2]
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+    # ------------------------------------------------------------ fused layers
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if weight.dtype == x.dtype:
+            return self._ops.npu_rms_norm(x, weight, epsilon=eps)[0]
+        # Mixed dtypes (e.g. bf16 activations, fp32 weight): the protocol casts the normalised
+        # value to x.dtype *before* scaling and returns the promoted dtype; the fused op would
+        # scale first and return x.dtype. Normalise with a unit gamma, then scale.
+        unit = torch.ones(weight.shape, dtype=x.dtype, device=x.device)
+        return weight * self._ops.npu_rms_norm(x, unit, epsilon=eps)[0]
+
+    def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`npu_rotary_mul` (half mode) for 2-D to 4-D x ([s,b,n,d], [b,s,n,d], [t,n,d], ...).
+
+        The kernel wants cos/sin with x's rank and dtype and only some broadcast patterns
+        (11SD/B1SD/BNSD-style, read for any 4-D layout; T1D/TND for 3-D); others are expanded.
+        """
+        if not 2 <= x.dim() <= 4:
+            raise ValueError(f"apply_rotary expects x with 2 to 4 dims, got shape {tuple(x.shape)}")
+        if cos.dim() > x.dim() or sin.dim() > x.dim():
+            raise ValueError(f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)} have more dims than x {tuple(x.shape)}")
+        result_dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+        cos, sin = (t.to(x.dtype).reshape((1,) * (x.dim() - t.dim()) + tuple(t.shape)) for t in (cos, sin))
+        squeeze = x.dim() == 2
+        if squeeze:  # [t, d] -> [t, 1, d]
+            x, cos, sin = x.unsqueeze(-2), cos.unsqueeze(-2), sin.unsqueeze(-2)
+        cos, sin = self._rotary_operand(cos, x), self._rotary_operand(sin, x)
+        out = self._ops.npu_rotary_mul(x, cos, sin)
+        return (out.squeeze(-2) if squeeze else out).to(result_dtype)
+
+    @staticmethod
+    def _rotary_operand(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """r itself when its leading dims form a pattern the kernel accepts, else r expanded to x."""
+        lead = tuple(x.shape[:-1])
+        try:
+            torch.broadcast_shapes(r.shape, x.shape)
+        except RuntimeError as exc:
+            raise ValueError(f"cos/sin {tuple(r.shape)} do not broadcast against x {tuple(x.shape)}") from exc
+        if r.shape[-1] != x.shape[-1]:
+            return r.expand(x.shape).contiguous()
+        if x.dim() == 4:
+            a, b, c = lead
+            allowed = {(1, 1, c), (a, 1, c), (a, b, c), (1, b, 1), (a, b, 1), (a, 1, 1)}
+        else:
+            t, n = lead
+            allowed = {(t, 1), (t, n)}
+        if tuple(r.shape[:-1]) in allowed:
+            return r
+        return r.expand(x.shape).contiguous()
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        return self._ops.npu_swiglu(x.contiguous(), dim=-1)
+
+    # --------------------------------------------------------------- engines
+    def adapt_megatron(self) -> None:
+        """With `use_mindspeed=True`, import `mindspeed.megatron_adaptor` once (it patches
+        megatron-core for NPU and applies torch_npu's transfer_to_npu); otherwise nothing.
+
+        MindSpeed patches functions by dotted path, so objects bound by an earlier
+        `from megatron... import X` stay unpatched: call this before importing megatron.
+        """
+        if not self._use_mindspeed or self._megatron_adapted:
+            return
+        if any(name == "megatron" or name.startswith("megatron.") for name in sys.modules):
+            warnings.warn("mindspeed.megatron_adaptor is applied after megatron was imported; names bound "
+                          "earlier with 'from megatron... import' keep their unpatched versions")
+        try:
+            importlib.import_module("mindspeed.megatron_adaptor")
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"use_mindspeed is set but mindspeed.megatron_adaptor does not import ({_first_clause(exc)}); "
+                f"install MindSpeed and its matching Megatron-LM as {_MINDSPEED_INSTALL_DOC} describes, "
+                "or run without use_mindspeed") from exc
+        self._megatron_adapted = True

@@ -1,0 +1,324 @@
+"""NPUBackend (driving the CPU fake of torch_npu) against CPUBackend and the reference kernels.
+
+The fake (backends/fakes/torch_npu_fake.py) has the real ops' contracts, so these tests check
+the backend's use of them: layouts, masks, sparse modes, cumulative lengths, statistics layouts,
+and the lse <-> (softmax_max, softmax_sum) conversion that ring attention relies on.
+Tolerances: fp32 atol 1e-5; bf16 atol/rtol 2e-2 (both sides round to bf16 at different points).
+"""
+import importlib
+import math
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from backends import get_backend, reference
+from backends.base import BackendUnavailableError
+from backends.cpu import CPUBackend
+from backends.fakes import FakeTorchNPU
+from backends.npu import NPUBackend
+
+FP32_TOL = dict(atol=1e-5, rtol=0)
+BF16_TOL = dict(atol=2e-2, rtol=2e-2)
+
+
+class RecordingTorchNPU(FakeTorchNPU):
+    """The fake, recording the keyword arguments of every attention call."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.forward_calls, self.grad_calls = [], []
+
+    def npu_fusion_attention(self, *args, **kwargs):
+        self.forward_calls.append(kwargs)
+        return super().npu_fusion_attention(*args, **kwargs)
+
+    def npu_fusion_attention_grad(self, *args, **kwargs):
+        self.grad_calls.append(kwargs)
+        return super().npu_fusion_attention_grad(*args, **kwargs)
+
+
+@pytest.fixture()
+def npu_backend():
+    return NPUBackend(torch_npu_module=RecordingTorchNPU())
+
+
+def _randn(*shape, seed, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+
+
+# case id -> (q shape, kv shape, causal, packed lengths or None)
+CASES = {
+    "dense_causal": ((2, 24, 2, 16), (2, 24, 2, 16), True, None),
+    "dense_full": ((2, 24, 2, 32), (2, 24, 2, 32), False, None),
+    "dense_full_q_shorter": ((1, 12, 2, 16), (1, 40, 2, 16), False, None),
+    "gqa_causal": ((2, 20, 4, 16), (2, 20, 2, 16), True, None),
+    "packed_causal_gqa": ((39, 4, 16), (39, 2, 16), True, [5, 17, 1, 16]),
+    "packed_full": ((30, 2, 32), (30, 2, 32), False, [7, 3, 20]),
+}
+
+
+def _case_tensors(case, dtype):
+    q_shape, kv_shape, causal, lengths = CASES[case]
+    q = _randn(*q_shape, seed=1, dtype=dtype)
+    k, v = _randn(*kv_shape, seed=2, dtype=dtype), _randn(*kv_shape, seed=3, dtype=dtype)
+    dout = _randn(*q_shape, seed=4, dtype=dtype)
+    cu = None if lengths is None else _cu(lengths)
+    return q, k, v, dout, dict(causal=causal, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_forward_and_backward_match_cpu_backend(npu_backend, case, dtype, tol):
+    q, k, v, dout, kwargs = _case_tensors(case, dtype)
+    cpu = CPUBackend()
+    out, lse = npu_backend.attention_forward(q, k, v, **kwargs)
+    ref_out, ref_lse = cpu.attention_forward(q, k, v, **kwargs)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    torch.testing.assert_close(out.float(), ref_out.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+
+    # the backward must use the GIVEN out/lse, so also feed a perturbed pair, as a ring merge does
+    shift = 0.3 * _randn(*lse.shape, seed=5)
+    merged_out = (0.8 * ref_out.float() + 0.1 * _randn(*ref_out.shape, seed=6)).to(dtype)
+    for given_out, given_lse in ((ref_out, ref_lse), (merged_out, ref_lse + shift)):
+        grads = npu_backend.attention_backward(dout, q, k, v, given_out, given_lse, **kwargs)
+        ref_grads = cpu.attention_backward(dout, q, k, v, given_out, given_lse, **kwargs)
+        for got, expected, like in zip(grads, ref_grads, (q, k, v)):
+            assert got.shape == like.shape and got.dtype == like.dtype
+            torch.testing.assert_close(got.float(), expected.float(), **tol)
+
+
+@pytest.mark.parametrize("case", ["gqa_causal", "packed_causal_gqa", "packed_full"])
+def test_attention_autograd_matches_reference_autograd(npu_backend, case):
+    q, k, v, dout, kwargs = _case_tensors(case, torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = npu_backend.attention(*leaves, **kwargs)
+    ref_out, _ = reference.attention_reference(*ref_leaves, **kwargs)
+    torch.testing.assert_close(out, ref_out, **FP32_TOL)
+    out.backward(dout)
+    ref_out.backward(dout)
+    for got, expected in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, expected.grad, **FP32_TOL)
+
+
+def test_attention_calls_the_op_as_the_fact_sheet_requires(npu_backend):
+    fake = npu_backend._ops
+    q, k, v, dout, kwargs = _case_tensors("dense_causal", torch.float32)
+    out, lse = npu_backend.attention_forward(q, k, v, **kwargs)
+    npu_backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    npu_backend.attention_forward(q, k, v, **kwargs)
+    dense_fwd, dense_grad, dense_again = fake.forward_calls[0], fake.grad_calls[0], fake.forward_calls[1]
+    assert dense_fwd["input_layout"] == "BSND" and dense_fwd["head_num"] == 2
+    assert dense_fwd["sparse_mode"] == 2 and dense_fwd["scale"] == pytest.approx(1 / math.sqrt(16))
+    assert dense_grad["scale_value"] == pytest.approx(1 / math.sqrt(16)) and dense_grad["sparse_mode"] == 2
+    assert dense_fwd["atten_mask"].shape == (2048, 2048)
+    assert dense_again["atten_mask"] is dense_fwd["atten_mask"] is dense_grad["atten_mask"]  # built once
+
+    q, k, v, dout, kwargs = _case_tensors("packed_causal_gqa", torch.float32)
+    npu_backend.attention_forward(q, k, v, scale=0.5, **kwargs)
+    packed = fake.forward_calls[-1]
+    assert packed["input_layout"] == "TND" and packed["sparse_mode"] == 3 and packed["scale"] == 0.5
+    assert packed["actual_seq_qlen"] == [5, 22, 23, 39] and all(type(x) is int for x in packed["actual_seq_qlen"])
+    assert packed["atten_mask"] is dense_fwd["atten_mask"]
+
+    q, k, v, dout, kwargs = _case_tensors("dense_full", torch.float32)
+    npu_backend.attention_forward(q, k, v, **kwargs)
+    assert fake.forward_calls[-1]["atten_mask"] is None and fake.forward_calls[-1]["sparse_mode"] == 0
+
+
+def test_packed_causal_needs_equal_query_and_key_lengths(npu_backend):
+    q = _randn(10, 2, 16, seed=0)
+    with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_kv"):
+        npu_backend.attention_forward(q, q, q, causal=True, cu_seqlens_q=_cu([4, 6]), cu_seqlens_kv=_cu([6, 4]))
+    with pytest.raises(ValueError, match="start with 0"):
+        npu_backend.attention_forward(q, q, q, causal=False, cu_seqlens_q=torch.tensor([4, 10]))
+
+
+def test_backward_works_with_a_torch_npu_that_returns_dsink(npu_backend):
+    backend = NPUBackend(torch_npu_module=FakeTorchNPU(release="7.3.0"))
+    q, k, v, dout, kwargs = _case_tensors("gqa_causal", torch.float32)
+    out, lse = backend.attention_forward(q, k, v, **kwargs)
+    grads = backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    ref = CPUBackend().attention_backward(dout, q, k, v, out, lse, **kwargs)
+    for got, expected in zip(grads, ref):
+        torch.testing.assert_close(got, expected, **FP32_TOL)
+
+
+# ----------------------------------------------------------------------------- fused layers
+@pytest.mark.parametrize("x_dtype,w_dtype,tol", [
+    (torch.float32, torch.float32, FP32_TOL),
+    (torch.bfloat16, torch.bfloat16, BF16_TOL),
+    (torch.bfloat16, torch.float32, BF16_TOL),
+])
+def test_rms_norm_matches_cpu_forward_and_backward(npu_backend, x_dtype, w_dtype, tol):
+    x = _randn(3, 5, 64, seed=0, dtype=x_dtype)
+    w = (1 + 0.1 * _randn(64, seed=1)).to(w_dtype)
+    x1, w1, x2, w2 = (t.clone().requires_grad_(True) for t in (x, w, x, w))
+    out, ref = npu_backend.rms_norm(x1, w1, 1e-6), CPUBackend().rms_norm(x2, w2, 1e-6)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    dy = _randn(*ref.shape, seed=2, dtype=ref.dtype)
+    out.backward(dy)
+    ref.backward(dy)
+    torch.testing.assert_close(x1.grad.float(), x2.grad.float(), **tol)
+    torch.testing.assert_close(w1.grad.float(), w2.grad.float(), atol=tol["atol"] * 10, rtol=tol["rtol"])
+
+
+@pytest.mark.parametrize("x_shape,cos_shape", [
+    ((6, 2, 3, 16), (6, 1, 1, 16)),   # [s, b, n, d] with megatron's [s, 1, 1, d]
+    ((2, 6, 3, 16), (1, 6, 1, 16)),   # [b, s, n, d] with [1, s, 1, d]
+    ((2, 6, 3, 16), (2, 6, 1, 16)),   # per-sample positions [b, s, 1, d]
+    ((2, 6, 3, 16), (6, 3, 16)),      # [s, n, d]: not a kernel pattern, expanded
+    ((2, 6, 3, 16), (16,)),           # one position for everything
+    ((9, 3, 16), (9, 1, 16)),         # packed [t, n, d]
+    ((9, 16), (9, 16)),               # [t, d]
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)], ids=["fp32", "bf16"])
+def test_apply_rotary_matches_cpu_forward_and_backward(npu_backend, x_shape, cos_shape, dtype, tol):
+    x = _randn(*x_shape, seed=0, dtype=dtype)
+    angles = _randn(*cos_shape, seed=1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, ref = npu_backend.apply_rotary(x1, cos, sin), CPUBackend().apply_rotary(x2, cos, sin)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    dy = _randn(*ref.shape, seed=2, dtype=dtype)
+    out.backward(dy)
+    ref.backward(dy)
+    torch.testing.assert_close(x1.grad.float(), x2.grad.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)], ids=["fp32", "bf16"])
+def test_swiglu_matches_cpu_forward_and_backward(npu_backend, dtype, tol):
+    x = _randn(4, 6, 32, seed=0, dtype=dtype).transpose(0, 1)  # non-contiguous input
+    x1, x2 = x.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
+    assert not x1.is_contiguous()
+    out, ref = npu_backend.swiglu(x1), CPUBackend().swiglu(x2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    dy = _randn(*ref.shape, seed=1, dtype=dtype)
+    out.backward(dy)
+    ref.backward(dy)
+    torch.testing.assert_close(x1.grad.float(), x2.grad.float(), **tol)
+
+
+# ---------------------------------------------------------------------------------- runtime
+def test_runtime_goes_through_torch_npu_npu():
+    fake = FakeTorchNPU(device_count=2)
+    backend = NPUBackend(torch_npu_module=fake)
+    assert (backend.name, backend.dist_backend) == ("npu", "hccl")
+    backend.set_device(1)
+    assert fake.npu.current_device() == 1
+    backend.seed(11)
+    assert torch.initial_seed() == 11 and fake.npu.seed_calls == [("manual_seed_all", 11)]
+    backend.synchronize()
+    assert fake.npu.synchronize_calls == 1
+    backend.reset_peak_memory_stats()
+    assert fake.npu.reset_calls == 1 and backend.max_memory_allocated() > 0
+
+
+def test_device_is_npu_with_the_local_rank():
+    # torch.device("npu") exists only once torch_npu renames the PrivateUse1 backend; do the same
+    # in a child process so this test process keeps a plain torch.
+    code = ("import torch; torch.utils.rename_privateuse1_backend('npu');"
+            "from backends.npu import NPUBackend; from backends.fakes import FakeTorchNPU;"
+            "b = NPUBackend(torch_npu_module=FakeTorchNPU()); print(b.device(1), b.describe())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "npu:1 {'backend': 'npu', 'dist_backend': 'hccl', 'device': 'npu:0'}"
+
+
+def test_importing_backends_npu_does_not_import_torch_npu():
+    result = subprocess.run([sys.executable, "-c", "import sys, backends.npu; print('torch_npu' in sys.modules)"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def _assert_one_sentence(message):
+    assert "\n" not in message and ". " not in message and message.count("backend 'npu' cannot run") == 1
+
+
+def test_probe_without_torch_npu_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # import fails like a missing package
+    message = NPUBackend.probe()
+    _assert_one_sentence(message)
+    version = torch.__version__.split("+")[0]
+    assert "torch_npu failed to import" in message
+    assert "source /usr/local/Ascend/ascend-toolkit/set_env.sh" in message
+    assert f"pip install torch-npu=={version}" in message
+    with pytest.raises(BackendUnavailableError) as raised:
+        NPUBackend()
+    assert str(raised.value) == message
+    with pytest.raises(BackendUnavailableError, match="torch_npu failed to import"):
+        get_backend("npu")
+
+
+class _CannMissingFinder:
+    """Makes `import torch_npu` fail the way it does without CANN libraries."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch_npu":
+            raise OSError("libhccl.so: cannot open shared object file: No such file or directory. Please check "
+                          "that the cann package is installed.\n[ERROR] ERR00008 PTA resource not found")
+        return None
+
+
+def test_probe_with_torch_npu_but_without_cann(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_CannMissingFinder()] + sys.meta_path)
+    message = NPUBackend.probe()
+    _assert_one_sentence(message)
+    assert "libhccl.so: cannot open shared object file: No such file or directory" in message
+    assert "set_env.sh" in message
+
+
+def test_probe_without_a_device(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", FakeTorchNPU(device_count=0))
+    message = NPUBackend.probe()
+    _assert_one_sentence(message)
+    assert "no Ascend NPU is visible" in message and "npu-smi" in message
+    monkeypatch.setitem(sys.modules, "torch_npu", FakeTorchNPU(device_count=1))
+    assert NPUBackend.probe() is None
+
+
+# ---------------------------------------------------------------------------------- engines
+def test_adapt_megatron_without_mindspeed_does_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mindspeed", None)  # importing it would fail
+    NPUBackend(torch_npu_module=FakeTorchNPU()).adapt_megatron()
+
+
+def test_adapt_megatron_with_mindspeed_missing_names_the_install_guide(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mindspeed", None)
+    backend = NPUBackend(torch_npu_module=FakeTorchNPU(), use_mindspeed=True)
+    with pytest.raises(BackendUnavailableError, match="install_guide.md"):
+        backend.adapt_megatron()
+
+
+def test_adapt_megatron_imports_the_adaptor_once(monkeypatch, tmp_path):
+    package = tmp_path / "mindspeed"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "megatron_adaptor.py").write_text("import builtins\nbuiltins.MINDSPEED_ADAPTED = "
+                                                 "getattr(builtins, 'MINDSPEED_ADAPTED', 0) + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("mindspeed", "mindspeed.megatron_adaptor"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "megatron", types.ModuleType("megatron"))  # imported too early
+    importlib.invalidate_caches()
+    import builtins
+    backend = NPUBackend(torch_npu_module=FakeTorchNPU(), use_mindspeed=True)
+    try:
+        with pytest.warns(UserWarning, match="after megatron was imported"):
+            backend.adapt_megatron()
+        backend.adapt_megatron()
+        assert builtins.MINDSPEED_ADAPTED == 1
+    finally:
+        for name in ("mindspeed", "mindspeed.megatron_adaptor"):
+            sys.modules.pop(name, None)
+        del builtins.MINDSPEED_ADAPTED
