@@ -243,7 +243,7 @@ def _band(sq: int, skv: int, low: int, high: int) -> torch.Tensor:
 
 
 def _check_band_tokens(pre: int, nxt: int, sq: int, skv: int) -> None:
-    """Mode 0/4 limits on pre_tockens/next_tockens (facts 1.5)."""
+    """Mode 0 limits on negative pre_tockens/next_tockens (facts 1.5)."""
     if pre < 0 and nxt < 0:
         raise RuntimeError(f"pre_tockens={pre} and next_tockens={nxt} cannot both be negative")
     if nxt < 0 and (pre < -nxt or -nxt >= skv):
@@ -259,8 +259,7 @@ def _mode_region(mode: int, sq: int, skv: int, pre: int, nxt: int, prefix: Optio
         return _band(sq, skv, -MAX_TOCKENS - sq, 0)
     if mode == 3:
         return _band(sq, skv, -MAX_TOCKENS - sq, off)
-    if mode == 4:
-        _check_band_tokens(pre, nxt, sq, skv)
+    if mode == 4:  # NOTE: the sign limits of _check_band_tokens are documented for mode 0 only
         return _band(sq, skv, -pre + off, nxt + off)
     if mode in (5, 6):
         region = _band(sq, skv, -MAX_TOCKENS - sq, off)

@@ -184,6 +184,25 @@ def test_compressed_modes_keep_the_documented_region(npu, mode, pre, nxt, expect
     _close(out, _masked_oracle(q, k, v, kept, 1.0)[0])
 
 
+@pytest.mark.parametrize("mode", [5, 6])
+def test_prefix_modes_keep_causal_or_prefix_columns(npu, mode):
+    b, sq, skv = 2, 4, 6
+    q, k, v = _bnsd(b, 1, sq, 16, seed=1), _bnsd(b, 1, skv, 16, seed=2), _bnsd(b, 1, skv, 16, seed=3)
+    prefix = [0, 5]
+    i, j = torch.arange(sq).view(-1, 1), torch.arange(skv).view(1, -1)
+    kept = torch.stack([(j <= i + skv - sq) | (j < p) for p in prefix]).unsqueeze(1)  # [B, 1, Sq, Skv]
+    if mode == 5:
+        mask = ~kept  # the full B1SS mask
+    else:  # compressed [3072, 2048]: causal triangle on top, bottom 1024 rows masked on the right half
+        bottom = torch.zeros(1024, 2048, dtype=torch.bool)
+        bottom[:, 1024:] = True
+        mask = torch.cat([compressed_causal_mask(), bottom])
+    out = npu.npu_fusion_attention(q, k, v, 1, "BNSD", atten_mask=mask, sparse_mode=mode, prefix=prefix)[0]
+    _close(out, _masked_oracle(q, k, v, kept, 1.0)[0])
+    with pytest.raises(RuntimeError, match="prefix"):
+        npu.npu_fusion_attention(q, k, v, 1, "BNSD", atten_mask=mask, sparse_mode=mode, prefix=[1])
+
+
 def test_fully_masked_rows_give_zero_output(npu):
     q, k, v = _bnsd(1, 2, 6, 16, seed=1), _bnsd(1, 2, 4, 16, seed=2), _bnsd(1, 2, 4, 16, seed=3)
     out, smax, ssum = npu.npu_fusion_attention(q, k, v, 2, "BNSD", atten_mask=compressed_causal_mask(),
