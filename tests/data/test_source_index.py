@@ -35,6 +35,8 @@ def test_records_and_line_numbers_match_reference(tmp_path, chunk_bytes):
     assert [source.read(i) for i in range(len(source))] == expected
     assert source.read(1) == (5, '{"b": "é"}')
     assert source.read(2) == (7, "  ")
+    starts, blank_before = build_line_index(str(path), chunk_bytes=chunk_bytes)
+    assert starts.tolist() == [1, 13, 27, 30, 40] and blank_before.tolist() == [0, 1, 1, 2, 4]
 
 
 @pytest.mark.parametrize("data", [b"", b"\n\n", b"x", b"x\n", b"\r\n\r\nx\r\n", b"\xef\xbb\xbf{}\n{}"])
