@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mindspeed_vita.data.errors import DataError
-from mindspeed_vita.data.mixture import MixtureShard, RawRecord
-from mindspeed_vita.data.packing import Packer, stack_rows
+from mindspeed_vita.data.mixture import MixtureConfig, MixtureShard, MixtureStream, RawRecord
+from mindspeed_vita.data.packing import Packer, row_multiple, segment_multiple_for, stack_rows
 from mindspeed_vita.data.types import PackedBatch, RenderedSample, Sample
 
 _STATE_VERSION = 1
@@ -214,3 +214,33 @@ class DataPipeline:
             raise ValueError(f"shard position {position} was packed before the checkpoint but is rejected "
                              f"now ({fetched.rejection}): did the data change?")
         return fetched.sample
+
+
+def pipeline_from_config(stage, *, render_fn: Callable[[Sample], RenderedSample], pad_id: int,
+                         context_token_ids: Iterable[int] = (), dp_rank: int = 0, dp_size: int = 1,
+                         parse_fn: Callable[[RawRecord], Sample] = parse_record,
+                         logger: Optional[logging.Logger] = None, cache_dir: Optional[str] = None) -> DataPipeline:
+    """The pipeline a `StageConfig` describes (data.*, parallel.*, training.micro_batch_size).
+
+    `render_fn` binds the tokenizer and limits (e.g. a `functools.partial` of the renderer);
+    `pad_id` and `context_token_ids` come from the same tokenizer. Rows are a multiple of
+    `row_multiple(parallel)`, and reset-mode samples of 2*cp, as zigzag CP needs.
+    """
+    data, parallel = stage.data, stage.parallel
+    if not data.mixture:
+        raise ValueError("config key 'data.mixture' is not set: the stage has no data mixture")
+    stream = MixtureStream(MixtureConfig.from_yaml(data.mixture), seed=data.seed, cache_dir=cache_dir)
+    packer = Packer(
+        data.seq_length,
+        mode=data.packing,
+        pad_multiple=row_multiple(tp=parallel.tp, cp=parallel.cp, sequence_parallel=parallel.sequence_parallel),
+        segment_multiple=segment_multiple_for(cp=parallel.cp) if data.packing == "reset" else None,
+        pad_id=pad_id,
+        on_overlong=data.on_overlong,
+        lookahead=data.pack_lookahead,
+        context_token_ids=context_token_ids,
+        tokens_per_unit=stage.model.tokens_per_tile,
+    )
+    return DataPipeline(stream, stream.read, parse_fn, render_fn, packer, dp_rank=dp_rank, dp_size=dp_size,
+                        num_workers=data.num_workers, prefetch=data.prefetch, strict=data.strict, logger=logger,
+                        micro_batch_size=stage.training.micro_batch_size)

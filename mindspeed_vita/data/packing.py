@@ -36,6 +36,18 @@ OVERLONG_POLICIES = ("drop", "truncate")
 _STATE_VERSION = 1
 
 
+def row_multiple(*, tp: int, cp: int, sequence_parallel: bool) -> int:
+    """What a row length must be a multiple of: 2*cp when context parallel (zigzag cuts 2*cp
+    chunks), times tp under sequence parallelism (each TP rank takes an equal slice)."""
+    multiple = 2 * cp if cp > 1 else 1
+    return multiple * tp if sequence_parallel else multiple
+
+
+def segment_multiple_for(*, cp: int) -> int:
+    """What each reset-mode sample must be padded to: 2*cp, so zigzag can split every sample."""
+    return 2 * cp if cp > 1 else 1
+
+
 @dataclass
 class PackingStats:
     """Counters of one packer; utilisation = real tokens / slots of the finished rows."""
@@ -120,8 +132,9 @@ class Packer:
 
     # ------------------------------------------------------------------------- feeding
     def add(self, position: int, sample: RenderedSample) -> None:
-        """Take the sample at stream `position` (positions must increase); rows that this
-        completes become available from `pop()`."""
+        """Take the sample at stream `position` (samples arrive in stream order; the position
+        only names the sample in `state_dict()`); rows this completes become available from
+        `pop()`. An overlong sample is dropped or truncated here and counted."""
         entry = self._admit(position, sample, count=True)
         if entry is None:
             return

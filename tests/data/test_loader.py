@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mindspeed_vita.data.errors import DataError
-from mindspeed_vita.data.loader import DataPipeline, parse_record
+from mindspeed_vita.config.schema import StageConfig
+from mindspeed_vita.data.loader import DataPipeline, parse_record, pipeline_from_config
 from mindspeed_vita.data.mixture import MixtureConfig, MixtureStream
 from mindspeed_vita.data.packing import Packer
 from mindspeed_vita.data.types import IGNORE_INDEX, Message, RenderedSample, Sample
@@ -235,3 +236,21 @@ def test_micro_batches_stack_rows(mixture):
     for index, batch in enumerate(stacked):
         assert torch.equal(batch.tokens, torch.cat([rows[2 * index].tokens, rows[2 * index + 1].tokens]))
         assert batch.samples == rows[2 * index].samples + rows[2 * index + 1].samples
+
+
+def test_pipeline_from_a_stage_config(mixture, tmp_path):
+    stage = StageConfig.model_validate({
+        "data": {"mixture": str(tmp_path / "mix.yaml"), "seq_length": 256, "packing": "reset", "seed": 11,
+                 "num_workers": 0, "pack_lookahead": 4},
+        "parallel": {"tp": 2, "cp": 2, "sequence_parallel": True},
+        "training": {"micro_batch_size": 2, "global_batch_size": 4},
+    })
+    pipeline = pipeline_from_config(stage, render_fn=fake_render, pad_id=0, parse_fn=fake_parse)
+    assert (pipeline.packer.pad_multiple, pipeline.packer.segment_multiple) == (8, 4)
+    assert pipeline.packer.lookahead == 4 and pipeline.shard.stream.seed == 11
+    batch = next(iter(pipeline))
+    assert batch.tokens.shape == (2, 256)
+    bounds = batch.cu_seqlens.tolist()
+    assert bounds[-1] == 512 and all((b - a) % 4 == 0 for a, b in zip(bounds, bounds[1:]))
+    with pytest.raises(ValueError, match="'data.mixture' is not set"):
+        pipeline_from_config(StageConfig(), render_fn=fake_render, pad_id=0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mindspeed_vita.data.packing import Packer, PackingStats, stack_rows
+from mindspeed_vita.data.packing import Packer, PackingStats, row_multiple, segment_multiple_for, stack_rows
 from mindspeed_vita.data.types import IGNORE_INDEX, RenderedSample
 
 PAD = 0
@@ -264,3 +264,11 @@ def test_stack_rows_rebases_cu_seqlens():
     assert stacked.cu_seqlens.tolist() == [0, 20, 50, 64, 104, 114, 128]
     assert stacked.samples == rows[0].samples + rows[1].samples
     assert stacked.num_real_tokens == 100
+
+
+@pytest.mark.parametrize("tp, cp, sp, row, segment", [
+    (8, 1, False, 1, 1), (8, 1, True, 8, 1), (8, 2, True, 32, 4), (8, 8, False, 16, 16), (1, 4, False, 8, 8),
+])
+def test_row_and_segment_multiples_of_a_layout(tp, cp, sp, row, segment):
+    assert row_multiple(tp=tp, cp=cp, sequence_parallel=sp) == row
+    assert segment_multiple_for(cp=cp) == segment
