@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
                              "model.lm_head_chunk_size)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="compute dtype (default: float32 on cpu, bfloat16 on accelerators)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per point (default 2)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed repeats per point (default 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per point (default 1)")
     parser.add_argument("--memory-budget-gb", type=float, default=64.0,
                         help="memory budget for the longest-sequence estimate (default 64 GB, "
