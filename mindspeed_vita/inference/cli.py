@@ -1,0 +1,60 @@
+"""`mindspeed-vita infer`: generate from a native checkpoint or an HF InternVL directory."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="native checkpoint directory or HF InternVL directory")
+    parser.add_argument("--prompt", required=True, help="user text; may contain <image>/<video> tags")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="image file (repeat for several, in tag order)")
+    parser.add_argument("--video", action="append", default=[], metavar="PATH",
+                        help="video file or frame directory (repeat for several)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    mode.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--max-num-frame", type=int, default=64, help="frames sampled per video")
+    parser.add_argument("--system-prompt", default=None,
+                        help="system message (default none, as in training)")
+    parser.add_argument("--backend", default=None, help="auto | npu | cuda | cpu")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object with text, token_ids and logprobs")
+
+
+def run(args) -> int:
+    from backends import get_backend
+    from mindspeed_vita.inference.engine import Generator
+    from mindspeed_vita.inference.sampling import SamplingParams
+    from mindspeed_vita.models.build import load_pretrained
+    from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
+
+    from mindspeed_vita.errors import UserInputError
+
+    if args.max_new_tokens < 1:
+        raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling = SamplingParams(greedy=args.temperature is None,
+                              temperature=args.temperature or 1.0, top_p=args.top_p)
+    backend = get_backend(args.backend)
+    initialize_parallel(backend, tp=1)
+    try:
+        model, tokenizer, _ = load_pretrained(args.checkpoint, backend)
+        model.eval()
+        gen = Generator(model, tokenizer, max_num_frame=args.max_num_frame,
+                        system_prompt=args.system_prompt)
+        result = gen.generate(args.prompt, args.image, args.video,
+                              max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    finally:
+        destroy_parallel()
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                          "logprobs": result.logprobs, "prompt_tokens": result.prompt_tokens,
+                          "stop_reason": result.stop_reason}))
+    else:
+        sys.stdout.write(result.text + "\n")
+    return 0

@@ -1,0 +1,101 @@
+"""Single-process generation with a KV cache: render the request, prefill once, decode.
+
+request (text, images, videos) --render--> token ids + pixels --prefill--> KV cache + logits of
+the last row only --> choose a token --> decode: one new row per step against the cache -->
+stop at `<|im_end|>` / end-of-text or the token budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from mindspeed_vita.data.render import render_sample
+from mindspeed_vita.data.types import Message, Sample
+from mindspeed_vita.inference.kv_cache import KVCache
+from mindspeed_vita.inference.sampling import SamplingParams, choose_next_token
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` returns (and `infer --json` prints)."""
+
+    text: str
+    token_ids: List[int] = field(default_factory=list)
+    logprobs: List[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    stop_reason: str = "length"  # "stop_token" | "length"
+
+
+def build_request(prompt: str, images: Sequence[str] = (), videos: Sequence[str] = ()) -> Sample:
+    """A one-turn user request. Images/videos without a tag in the prompt get one `<image>` /
+    `<video>` line each in front of the text (InternVL's convention)."""
+    text = prompt
+    missing_videos = len(videos) - text.count("<video>")
+    missing_images = len(images) - text.count("<image>")
+    prefix = "<video>\n" * max(0, missing_videos) + "<image>\n" * max(0, missing_images)
+    return Sample(source="request", line=1, messages=[Message("user", prefix + text)],
+                  images=list(images), videos=list(videos), path="<prompt>")
+
+
+class Generator:
+    """Generates from a `LongVitaModel` (tp=1 or tp>1 with every rank calling in step)."""
+
+    def __init__(self, model, tokenizer, *, max_num_frame: int = 64,
+                 system_prompt: Optional[str] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_num_frame = max_num_frame
+        self.system_prompt = system_prompt
+        self.stop_ids = {i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None}
+
+    def render(self, request: Sample):
+        """Token ids `[1, s]` and pixel tensor of a request, with the generation prompt."""
+        rendered = render_sample(request, self.tokenizer, model_cfg=self.model.cfg,
+                                 max_num_frame=self.max_num_frame, add_generation_prompt=True,
+                                 system_prompt=self.system_prompt)
+        return rendered.input_ids[None], rendered.pixel_values
+
+    @torch.no_grad()
+    def generate_ids(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                     max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                     seed: int = 0) -> GenerationResult:
+        """Generate from ready token ids `[1, s]` (+ pixels); see `generate`."""
+        model = self.model
+        device = model.backend.device()
+        input_ids = input_ids.to(device)
+        if pixel_values is not None and pixel_values.numel() == 0:
+            pixel_values = None
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device)
+        prompt_len = input_ids.shape[1]
+        cache = KVCache(model.cfg.language.num_layers, prompt_len + max_new_tokens)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        positions = torch.arange(prompt_len, device=device)[None]
+        hidden = model.language(model.embed(input_ids, pixel_values), positions, kv_cache=cache)
+        result = GenerationResult(text="", prompt_tokens=prompt_len)
+        for step in range(max_new_tokens):
+            logits = model.last_logits(hidden)
+            token, logprob = choose_next_token(logits, sampling, generator)
+            token_id = int(token[0])
+            result.token_ids.append(token_id)
+            result.logprobs.append(float(logprob[0]))
+            if token_id in self.stop_ids:
+                result.stop_reason = "stop_token"
+                break
+            if step + 1 == max_new_tokens:
+                break
+            new = token.view(1, 1)
+            pos = torch.full((1, 1), prompt_len + step, device=device, dtype=torch.long)
+            hidden = model.language(model.embed(new), pos, kv_cache=cache)
+        shown = [t for t in result.token_ids if t not in self.stop_ids]
+        result.text = self.tokenizer.decode(shown, skip_special_tokens=True)
+        return result
+
+    def generate(self, prompt: str, images: Sequence[str] = (), videos: Sequence[str] = (), *,
+                 max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
+                 seed: int = 0) -> GenerationResult:
+        """Render the request, prefill it into a fresh KV cache and decode token by token."""
+        input_ids, pixels = self.render(build_request(prompt, images, videos))
+        return self.generate_ids(input_ids, pixels, max_new_tokens, sampling, seed)
