@@ -32,7 +32,7 @@ class TiledImage:
 def candidate_grids(min_tiles: int, max_tiles: int) -> List[Grid]:
     """Every (cols, rows) with ``min_tiles <= cols*rows <= max_tiles``, in InternVL's order.
 
-    The order is by tile count; within one count it is the iteration order of the Python set
+    The order is by tile count; within one count it is the iteration order of the (CPython) set
     InternVL builds (insertion over n = min..max, cols = 1..n, rows = 1..n). That order only
     decides exact ties between two grids of the same count, which the rule resolves in favour
     of the later one when the image is large enough, so it is reproduced rather than replaced

@@ -9,10 +9,11 @@ from __future__ import annotations
 import bisect
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import av
 import torch
+from PIL import Image
 
 from mindspeed_vita.data.errors import DataError
 from mindspeed_vita.data.images import load_image, normalize, pad_to_square
@@ -64,13 +65,19 @@ def load_video_frames(
     Raises DataError "missing_file" (no such path, or a directory without frames) and
     "corrupt_video" (cannot open, index or decode, or fewer frames than the header promises).
     """
+
+    def to_unit(image: Image.Image) -> torch.Tensor:
+        # NOTE: each frame shrinks to its tensor as soon as it is decoded, so thousands of
+        # full-resolution frames never sit in memory together
+        return normalize(pad_to_square(image), frame_size)
+
     if os.path.isdir(path):
-        images = _load_frame_dir(path, max_num_frame=max_num_frame, max_fps=max_fps)
+        frames = _load_frame_dir(path, to_unit, max_num_frame=max_num_frame, max_fps=max_fps)
     elif os.path.isfile(path):
-        images = _load_video_file(path, max_num_frame=max_num_frame, max_fps=max_fps)
+        frames = _load_video_file(path, to_unit, max_num_frame=max_num_frame, max_fps=max_fps)
     else:
         raise DataError("missing_file", "no such video file or frame directory", path=path)
-    return torch.stack([normalize(pad_to_square(image), frame_size) for image in images])
+    return torch.stack(frames)
 
 
 def natural_sort_key(name: str) -> Tuple:
@@ -90,20 +97,21 @@ def _check_limits(max_num_frame: int, max_fps: float) -> None:
         raise ValueError(f"need max_num_frame >= 1 and max_fps > 0, got {max_num_frame}, {max_fps}")
 
 
-def _load_frame_dir(path: str, *, max_num_frame: int, max_fps: float):
+def _load_frame_dir(path: str, to_unit: Callable, *, max_num_frame: int, max_fps: float) -> List[torch.Tensor]:
     files = list_frame_files(path)
     if not files:
         raise DataError("missing_file", f"frame directory has no {'/'.join(FRAME_EXTENSIONS)} files", path=path)
-    images = []
-    for index in frame_dir_indices(len(files), max_num_frame=max_num_frame, max_fps=max_fps):
+    units = {}
+    indices = frame_dir_indices(len(files), max_num_frame=max_num_frame, max_fps=max_fps)
+    for index in sorted(set(indices)):
         try:
-            images.append(load_image(files[index]))
+            units[index] = to_unit(load_image(files[index]))
         except DataError as error:
             raise DataError("corrupt_video", f"frame {index}: {error}", path=path) from None
-    return images
+    return [units[index] for index in indices]
 
 
-def _load_video_file(path: str, *, max_num_frame: int, max_fps: float):
+def _load_video_file(path: str, to_unit: Callable, *, max_num_frame: int, max_fps: float) -> List[torch.Tensor]:
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -112,12 +120,15 @@ def _load_video_file(path: str, *, max_num_frame: int, max_fps: float):
             frame_pts, keyframe_pts = _index_packets(container, stream, path)
             fps = _frame_rate(stream, len(frame_pts), path)
             indices = sample_frame_indices(len(frame_pts), fps, max_num_frame=max_num_frame, max_fps=max_fps)
-            if None in frame_pts:
-                by_index, _ = _decode_in_order(container, stream, indices, path)
-                return [by_index[index] for index in indices]
-            targets = [frame_pts[index] for index in indices]
-            by_pts, _ = _decode_at(container, stream, sorted(set(targets)), keyframe_pts, path)
-            return [by_pts[pts] for pts in targets]
+            if None not in frame_pts:
+                targets = [frame_pts[index] for index in indices]
+                by_pts, _ = _decode_at(container, stream, sorted(set(targets)), keyframe_pts, to_unit, path)
+                return [by_pts[pts] for pts in targets]
+        # no timestamps (raw elementary streams): such inputs cannot seek back either, so decode
+        # from a fresh open, in order
+        with av.open(path) as container:
+            by_index, _ = _decode_in_order(container, container.streams.video[0], indices, to_unit, path)
+            return [by_index[index] for index in indices]
     except (av.FFmpegError, OSError, EOFError) as error:
         raise DataError("corrupt_video", f"cannot read video ({type(error).__name__}: {error})", path=path) from None
 
@@ -161,8 +172,10 @@ def _frame_rate(stream, n_frames: int, path: str) -> float:
     raise DataError("corrupt_video", "unknown frame rate", path=path)
 
 
-def _decode_at(container, stream, targets: List[int], keyframe_pts: List[int], path: str) -> Tuple[Dict, int]:
-    """Decode the frames whose pts are `targets` (sorted, unique): {pts: PIL image}, frames decoded.
+def _decode_at(
+    container, stream, targets: List[int], keyframe_pts: List[int], to_unit: Callable, path: str
+) -> Tuple[Dict, int]:
+    """Decode the frames whose pts are `targets` (sorted, unique): ({pts: to_unit(image)}, frames decoded).
 
     For each target, seek to the last keyframe at or before it unless the decoder already
     stands past that keyframe (then decoding forward is cheaper than seeking back).
@@ -173,7 +186,7 @@ def _decode_at(container, stream, targets: List[int], keyframe_pts: List[int], p
     last = None  # the last frame decoded
     for target in targets:
         if last is not None and last.pts >= target:  # a gap in pts: the frame after covers it
-            images[target] = last.to_image()
+            images[target] = to_unit(last.to_image())
             continue
         position = bisect.bisect_right(keyframe_pts, target) - 1
         keyframe = keyframe_pts[max(position, 0)]
@@ -186,23 +199,23 @@ def _decode_at(container, stream, targets: List[int], keyframe_pts: List[int], p
                 raise DataError("corrupt_video", "decoded a frame without a timestamp", path=path)
             last = frame
             if frame.pts >= target:
-                images[target] = frame.to_image()
+                images[target] = to_unit(frame.to_image())
                 break
         else:
             raise DataError("corrupt_video", f"video ended before the frame at pts {target}", path=path)
     return images, decoded
 
 
-def _decode_in_order(container, stream, indices: List[int], path: str) -> Tuple[Dict, int]:
-    """Fallback for packets without timestamps: decode from the start, stop after the last index."""
+def _decode_in_order(container, stream, indices: List[int], to_unit: Callable, path: str) -> Tuple[Dict, int]:
+    """Fallback for packets without timestamps: decode a freshly opened container from the start,
+    stopping after the last wanted index."""
     wanted = set(indices)
     images: Dict[int, object] = {}
     decoded = 0
-    container.seek(0)
     for index, frame in enumerate(container.decode(stream)):
         decoded += 1
         if index in wanted:
-            images[index] = frame.to_image()
+            images[index] = to_unit(frame.to_image())
             if len(images) == len(wanted):
                 return images, decoded
     raise DataError("corrupt_video", f"decoded only {decoded} frames, needed frame {max(wanted)}", path=path)

@@ -27,8 +27,9 @@ def bar_frame(index):
     return pixels
 
 
-def write_mp4(path, codec, *, gop=8, faststart=False):
-    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as container:
+def write_mp4(path, codec, *, gop=8, faststart=False, container_format=None):
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", format=container_format, options=options) as container:
         stream = container.add_stream(codec, rate=FPS)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         stream.codec_context.gop_size = gop
@@ -110,13 +111,40 @@ def test_decoded_frames_equal_full_decode_at_the_sampled_indices(tmp_path, codec
         assert torch.equal(out, expected_tensor([frames[i] for i in indices], 64)), (max_num_frame, max_fps)
 
 
+@pytest.mark.parametrize("container_format, codec, suffix", [
+    ("h264", "libx264", "h264"),  # raw stream: packets carry no timestamps -> decode in order, stop early
+    ("matroska", "mpeg4", "mkv"),  # no frame count in the header
+    ("avi", "mpeg4", "avi"),
+])
+def test_other_containers_decode_the_same_frames(tmp_path, container_format, codec, suffix):
+    path = write_mp4(tmp_path / f"clip.{suffix}", codec, container_format=container_format)
+    frames = decode_everything(path)
+    with av.open(path) as container:
+        fps = float(container.streams.video[0].average_rate)  # raw h264 has no timing: FFmpeg guesses
+    indices = sample_frame_indices(N_FRAMES, fps, max_num_frame=6, max_fps=4.0)
+    out = load_video_frames(path, max_num_frame=6, max_fps=4.0, frame_size=32)
+    assert len(frames) == N_FRAMES and len(indices) == 6
+    assert torch.equal(out, expected_tensor([frames[i] for i in indices], 32))
+
+
+def test_in_order_fallback_stops_after_the_last_sampled_frame(tmp_path):
+    path = write_mp4(tmp_path / "raw.h264", "libx264", container_format="h264")
+    with av.open(path) as container:
+        frame_pts, _ = video_module._index_packets(container, container.streams.video[0], path)
+    assert frame_pts == [None] * N_FRAMES
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        images, decoded = video_module._decode_in_order(container, stream, [0, 5, 5, 20], lambda im: im, path)
+    assert sorted(images) == [0, 5, 20] and decoded == 21
+
+
 def test_only_sampled_frames_are_decoded(tmp_path):
     path = write_mp4(tmp_path / "sparse.mp4", "mpeg4", gop=6)
     with av.open(path) as container:
         stream = container.streams.video[0]
         frame_pts, keyframe_pts = video_module._index_packets(container, stream, path)
         targets = [frame_pts[i] for i in (0, 30, 60)]
-        images, decoded = video_module._decode_at(container, stream, targets, keyframe_pts, path)
+        images, decoded = video_module._decode_at(container, stream, targets, keyframe_pts, lambda im: im, path)
     assert sorted(images) == targets
     assert decoded <= 3 * 6  # at most one GOP per target, not the 61 frames up to the last
     full = decode_everything(path)
