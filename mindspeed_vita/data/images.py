@@ -40,6 +40,18 @@ def load_image(path: str) -> Image.Image:
         raise DataError("corrupt_image", f"cannot decode image ({type(error).__name__}: {error})", path=path) from None
 
 
+def read_image_size(path: str) -> Tuple[int, int]:
+    """(width, height) of an image file from its header only, with `load_image`'s errors."""
+    if not os.path.isfile(path):
+        raise DataError("missing_file", "no such image file", path=path)
+    try:
+        with Image.open(path) as image:  # PIL reads the header here and decodes only on load()
+            return image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        detail = f"cannot read image header ({type(error).__name__}: {error})"
+        raise DataError("corrupt_image", detail, path=path) from None
+
+
 def pad_to_square(image: Image.Image, fill: Tuple[int, int, int] = IMAGENET_MEAN_RGB) -> Image.Image:
     """Letterbox `image` to a square of its longer side, centred, padding with `fill`."""
     width, height = image.size

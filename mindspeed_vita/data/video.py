@@ -80,6 +80,31 @@ def load_video_frames(
     return torch.stack(frames)
 
 
+def sampled_frame_count(path: str, *, max_num_frame: int, max_fps: float = 1.0) -> int:
+    """How many frames `load_video_frames` returns for `path`, without decoding any.
+
+    Lists a frame directory, or demuxes a file's packets (the same index the loader builds), so
+    token budgets can be checked before paying for decoding. Raises the loader's DataErrors.
+    """
+    if os.path.isdir(path):
+        files = list_frame_files(path)
+        if not files:
+            raise DataError("missing_file", f"frame directory has no {'/'.join(FRAME_EXTENSIONS)} files", path=path)
+        return len(frame_dir_indices(len(files), max_num_frame=max_num_frame, max_fps=max_fps))
+    if not os.path.isfile(path):
+        raise DataError("missing_file", "no such video file or frame directory", path=path)
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise DataError("corrupt_video", "no video stream", path=path)
+            stream = container.streams.video[0]
+            frame_pts, _ = _index_packets(container, stream, path)
+            fps = _frame_rate(stream, len(frame_pts), path)
+    except (av.FFmpegError, OSError, EOFError) as error:
+        raise DataError("corrupt_video", f"cannot read video ({type(error).__name__}: {error})", path=path) from None
+    return len(sample_frame_indices(len(frame_pts), fps, max_num_frame=max_num_frame, max_fps=max_fps))
+
+
 def natural_sort_key(name: str) -> Tuple:
     """Sort key that orders "frame2" before "frame10" (digit runs compare as numbers)."""
     parts = re.split(r"(\d+)", name.lower())

@@ -25,6 +25,7 @@ from mindspeed_vita.data.images import (
     load_image,
     normalize,
     pad_to_square,
+    read_image_size,
 )
 from mindspeed_vita.data.tiling import candidate_grids, choose_grid, tile_image
 
@@ -215,6 +216,7 @@ def test_load_image_returns_rgb_and_classifies_failures(tmp_path):
     Image.new("L", (8, 8), 77).save(grey)
     assert load_image(str(rgba)).mode == "RGB" and load_image(str(rgba)).size == (20, 10)
     assert load_image(str(grey)).mode == "RGB"
+    assert read_image_size(str(rgba)) == (20, 10) and read_image_size(str(grey)) == (8, 8)
 
     good = tmp_path / "big.png"
     Image.fromarray(skimage.data.astronaut()).save(good)
@@ -226,6 +228,11 @@ def test_load_image_returns_rgb_and_classifies_failures(tmp_path):
         with pytest.raises(DataError) as caught:
             load_image(str(path))
         assert caught.value.reason == "corrupt_image" and str(caught.value).startswith(str(path))
+    assert read_image_size(str(truncated)) == (512, 512)  # the header alone is intact
     with pytest.raises(DataError) as caught:
-        load_image(str(tmp_path / "nope.png"))
-    assert caught.value.reason == "missing_file"
+        read_image_size(str(garbage))
+    assert caught.value.reason == "corrupt_image"
+    for reader in (load_image, read_image_size):
+        with pytest.raises(DataError) as caught:
+            reader(str(tmp_path / "nope.png"))
+        assert caught.value.reason == "missing_file"

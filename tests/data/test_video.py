@@ -15,6 +15,7 @@ from mindspeed_vita.data.video import (
     list_frame_files,
     load_video_frames,
     sample_frame_indices,
+    sampled_frame_count,
 )
 
 WIDTH, HEIGHT, FPS, N_FRAMES = 96, 48, 24, 72  # 3 seconds
@@ -213,3 +214,25 @@ def test_missing_and_empty_and_corrupt_frame_directories(tmp_path):
     with pytest.raises(DataError) as caught:
         load_video_frames(str(broken), max_num_frame=4)
     assert caught.value.reason == "corrupt_video" and "2.png" in str(caught.value)
+
+
+def test_sampled_frame_count_predicts_the_loader_without_decoding(tmp_path):
+    paths = [write_mp4(tmp_path / "a.mp4", "mpeg4"), write_mp4(tmp_path / "b.h264", "libx264", container_format="h264")]
+    directory = tmp_path / "frames"
+    directory.mkdir()
+    for number in range(1, 8):
+        Image.fromarray(bar_frame(number)).save(directory / f"{number}.png")
+    paths.append(str(directory))
+    for path in paths:
+        for max_num_frame, max_fps in [(4, 1.0), (8, 4.0), (100, 24.0)]:
+            count = sampled_frame_count(path, max_num_frame=max_num_frame, max_fps=max_fps)
+            loaded = load_video_frames(path, max_num_frame=max_num_frame, max_fps=max_fps, frame_size=16)
+            assert count == loaded.shape[0], (path, max_num_frame, max_fps)
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00" * 1000)
+    with pytest.raises(DataError) as caught:
+        sampled_frame_count(str(garbage), max_num_frame=4)
+    assert caught.value.reason == "corrupt_video"
+    with pytest.raises(DataError) as caught:
+        sampled_frame_count(str(tmp_path / "nope"), max_num_frame=4)
+    assert caught.value.reason == "missing_file"
