@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from mindspeed_vita.errors import UserInputError
+
 #: every reason a sample can be rejected for; counters and reports key on these strings
 REASONS = frozenset(
     {
@@ -23,7 +25,7 @@ REASONS = frozenset(
 )
 
 
-class DataError(ValueError):
+class DataError(UserInputError):  # a ValueError: the CLI prints it as one line
     """A rejected sample: `reason` (one of `REASONS`), the file `path` and 1-based `line`.
 
     `str(error)` is ``"{path}:{line}: {detail}"`` (``"{path}: {detail}"`` when `line` is None),
