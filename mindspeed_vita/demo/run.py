@@ -109,7 +109,7 @@ def run(args) -> int:
                 loss.backward()
                 optimizer.step()
                 elapsed = time.perf_counter() - start
-                losses.append(float(loss))
+                losses.append(loss.item())
                 record = {"step": step, "loss": float(loss), "label_tokens": int(count),
                           "real_tokens": batch.num_real_tokens, "samples": len(batch.samples),
                           "step_time_s": round(elapsed, 4),

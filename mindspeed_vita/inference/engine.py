@@ -39,6 +39,16 @@ def build_request(prompt: str, images: Sequence[str] = (), videos: Sequence[str]
                   images=list(images), videos=list(videos), path="<prompt>")
 
 
+def _cached_forward(model, decoder_input: torch.Tensor, position_ids: torch.Tensor,
+                    cache: KVCache) -> torch.Tensor:
+    """Decoder + final norm for this step's rows, reading and extending the KV cache."""
+    params = model.language.rotary_params(position_ids)
+    params.kv_cache = cache
+    hidden = model.language.decoder(decoder_input, attention_mask=None, packed_seq_params=params)
+    cache.advance()
+    return hidden
+
+
 class Generator:
     """Generates from a `LongVitaModel` (tp=1 or tp>1 with every rank calling in step)."""
 
@@ -73,7 +83,7 @@ class Generator:
         cache = KVCache(model.cfg.language.num_layers, prompt_len + max_new_tokens)
         generator = torch.Generator(device=device).manual_seed(seed)
         positions = torch.arange(prompt_len, device=device)[None]
-        hidden = model.language(model.embed(input_ids, pixel_values), positions, kv_cache=cache)
+        hidden = _cached_forward(model, model.embed(input_ids, pixel_values), positions, cache)
         result = GenerationResult(text="", prompt_tokens=prompt_len)
         for step in range(max_new_tokens):
             logits = model.last_logits(hidden)
@@ -88,7 +98,7 @@ class Generator:
                 break
             new = token.view(1, 1)
             pos = torch.full((1, 1), prompt_len + step, device=device, dtype=torch.long)
-            hidden = model.language(model.embed(new), pos, kv_cache=cache)
+            hidden = _cached_forward(model, model.embed(new), pos, cache)
         shown = [t for t in result.token_ids if t not in self.stop_ids]
         result.text = self.tokenizer.decode(shown, skip_special_tokens=True)
         return result

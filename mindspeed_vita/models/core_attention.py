@@ -17,7 +17,7 @@ layer (and through activation recompute) to this module. megatron is given
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -39,6 +39,9 @@ class RotarySeqParams(PackedSeqParams):
 
     rotary_cos: Optional[torch.Tensor] = None
     rotary_sin: Optional[torch.Tensor] = None
+    #: inference only: a `KVCache` (inference.kv_cache) that keeps every layer's rotated keys and
+    #: values; the step's rows attend to all cached positions.
+    kv_cache: Optional[Any] = None
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float,
@@ -106,8 +109,16 @@ class BackendCoreAttention(MegatronModule):
             return out.reshape(out.shape[0], -1)
         if p.qkv_format != "sbhd":
             raise ValueError(f"qkv_format={p.qkv_format!r}: expected 'sbhd' or 'thd'")
+        causal = True
+        if p.kv_cache is not None:
+            key, value = p.kv_cache.update(self.layer_number, key, value)
+            if query.shape[0] != key.shape[0]:
+                if query.shape[0] != 1:
+                    raise ValueError("KV-cache attention takes a prefill into an empty cache or "
+                                     "one new token per step")
+                causal = False  # one new row sees every cached position
         # megatron is [s, b, n, d]; backends take [b, s, n, d]
         out = self.backend.attention(query.transpose(0, 1), key.transpose(0, 1),
-                                     value.transpose(0, 1), causal=True, scale=self.softmax_scale)
+                                     value.transpose(0, 1), causal=causal, scale=self.softmax_scale)
         out = out.transpose(0, 1)
         return out.reshape(out.shape[0], out.shape[1], -1)
