@@ -10,23 +10,19 @@ counts from the video index, no pixel is decoded, and `pixel_values` is empty.
 """
 from __future__ import annotations
 
-import os
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
-import av
 import torch
-from PIL import Image
 
 from mindspeed_vita.config.model import ModelConfig
 from mindspeed_vita.data.errors import DataError
-from mindspeed_vita.data.images import image_to_tiles_tensor, load_image
+from mindspeed_vita.data.images import image_to_tiles_tensor, load_image, read_image_size
 from mindspeed_vita.data.template import (image_units, media_tag_order,
                                           render_conversation)
 from mindspeed_vita.data.tiling import Grid, choose_grid
 from mindspeed_vita.data.tokenizer import VitaTokenizer
 from mindspeed_vita.data.types import RenderedSample, Sample
-from mindspeed_vita.data.video import (frame_dir_indices, list_frame_files,
-                                       load_video_frames, sample_frame_indices)
+from mindspeed_vita.data.video import load_video_frames, sampled_frame_count
 
 
 def render_sample(
@@ -86,7 +82,7 @@ def _render(sample: Sample, tokenizer: VitaTokenizer, *, model_cfg: ModelConfig,
     image_pixels: List[torch.Tensor] = []
     for path in sample.images:
         if grids_only:
-            width, height = _image_size(path)
+            width, height = read_image_size(path)
             grids.append(choose_grid(width, height, min_tiles=tile_min, max_tiles=tile_max,
                                      tile_size=size))
         else:
@@ -100,7 +96,7 @@ def _render(sample: Sample, tokenizer: VitaTokenizer, *, model_cfg: ModelConfig,
     video_pixels: List[torch.Tensor] = []
     for path in sample.videos:
         if grids_only:
-            frames.append(_sampled_frame_count(path, max_num_frame))
+            frames.append(sampled_frame_count(path, max_num_frame=max_num_frame))
         else:
             pixels = load_video_frames(path, max_num_frame=max_num_frame, frame_size=size)
             frames.append(int(pixels.shape[0]))
@@ -145,46 +141,3 @@ def _interleave(order: List[str], image_pixels: List[torch.Tensor],
     if not parts:
         return torch.zeros(0, 3, size, size, dtype=torch.float32)
     return torch.cat(parts, dim=0)
-
-
-def _image_size(path: str) -> Tuple[int, int]:
-    """(width, height) from the image header only (PIL opens lazily)."""
-    if not os.path.isfile(path):
-        raise DataError("missing_file", "no such image file", path=path)
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError("corrupt_image",
-                        f"cannot read image header ({type(error).__name__}: {error})",
-                        path=path) from None
-
-
-def _sampled_frame_count(path: str, max_num_frame: int) -> int:
-    """Frames `load_video_frames` would return for `path`, without decoding any.
-
-    A frame directory is counted by listing it; a file by demuxing its packets (the same count
-    the loader indexes) and reading its frame rate.
-    """
-    if os.path.isdir(path):
-        files = list_frame_files(path)
-        if not files:
-            raise DataError("missing_file", "frame directory has no png/jpg files", path=path)
-        return len(frame_dir_indices(len(files), max_num_frame=max_num_frame))
-    if not os.path.isfile(path):
-        raise DataError("missing_file", "no such video file or frame directory", path=path)
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise DataError("corrupt_video", "no video stream", path=path)
-            stream = container.streams.video[0]
-            n_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            if not rate and stream.duration and stream.time_base:
-                rate = n_frames / float(stream.duration * stream.time_base)
-    except (av.FFmpegError, OSError, EOFError) as error:
-        raise DataError("corrupt_video", f"cannot read video ({type(error).__name__}: {error})",
-                        path=path) from None
-    if n_frames == 0 or not rate:
-        raise DataError("corrupt_video", "no video frames or unknown frame rate", path=path)
-    return len(sample_frame_indices(n_frames, float(rate), max_num_frame=max_num_frame))
