@@ -7,12 +7,15 @@ the world size in `ParallelConfig.layout(world_size)`.
 """
 from __future__ import annotations
 
-from typing import List, Literal, Optional
+from typing import TYPE_CHECKING, List, Literal, Optional
 
 from pydantic import Field, model_validator
 
 from mindspeed_vita.config.base import Section
 from mindspeed_vita.config.model import ModelConfig
+
+if TYPE_CHECKING:  # imported lazily at run time (parallel/ imports config/)
+    from mindspeed_vita.parallel.layout import ParallelLayout
 
 
 class ConfigError(ValueError):
