@@ -1,0 +1,46 @@
+"""`mindspeed-vita convert export-hf SRC DST`: a native checkpoint -> an HF InternVL directory.
+
+Gathers the language shards (any tp) into full tensors, renames everything to transformers'
+InternVL names and writes config.json, the weights (sharded above 5 GB) and the tokenizer. A
+"long-vita" projector has no HF equivalent: it is written under `long_vita_projector.*` and
+config.json says so (see `convert.hf_internvl`), which this command prints.
+"""
+from __future__ import annotations
+
+import os
+
+
+def add_arguments(parser) -> None:
+    """Arguments of `convert export-hf`."""
+    parser.add_argument("src", metavar="SRC", help="native checkpoint directory")
+    parser.add_argument("dst", metavar="DST", help="HF InternVL directory to create")
+
+
+def _progress(step: int, total: int, message: str) -> None:
+    print(f"[{step}/{total}] {message}", flush=True)
+
+
+def run(args) -> int:
+    """Convert; prints one progress line per stage. Returns 0."""
+    from mindspeed_vita.convert.checkpoint import NativeModel, TOKENIZER_DIR, read_full_state
+    from mindspeed_vita.convert.hf_internvl import export_internvl
+    from mindspeed_vita.data.tokenizer import load_tokenizer
+    from mindspeed_vita.errors import UserInputError
+
+    if os.path.exists(args.dst) and (not os.path.isdir(args.dst) or os.listdir(args.dst)):
+        raise UserInputError(f"destination {args.dst!r} already exists and is not an empty "
+                             f"directory; choose a new path")
+    total = 3
+    _progress(1, total, f"reading native checkpoint {args.src}")
+    meta, state = read_full_state(args.src)
+    tokenizer = load_tokenizer(os.path.join(args.src, TOKENIZER_DIR))
+    native = NativeModel(cfg=meta.model_config, state=state, tokenizer=tokenizer,
+                         hf_source_config=meta.hf_source_config)
+    _progress(2, total, f"gathered {len(state)} tensors from tp={meta.tp_size} shards")
+    if native.cfg.projector.variant == "long-vita":
+        print("note: the long-vita projector has no transformers equivalent; it is written as "
+              "long_vita_projector.* (config.json: mindspeed_vita.projector_variant) and only "
+              "mindspeed-vita can run it", flush=True)
+    files = export_internvl(native, args.dst)
+    _progress(3, total, f"done: {args.dst} (config.json, {', '.join(files)}, tokenizer files)")
+    return 0

@@ -1,0 +1,130 @@
+"""Build a `LongVitaModel` from a config and a tokenizer, or from a checkpoint directory.
+
+`load_pretrained` accepts a native checkpoint (docs/checkpoint-format.md) or an HF InternVL
+directory (converted in memory); it must run after `parallel.process_groups.initialize_parallel`,
+and each tensor-parallel rank takes its own shard whatever tp size the checkpoint was written at.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional, Tuple
+
+from pydantic import ValidationError
+
+from backends.base import Backend
+from mindspeed_vita.config.model import ModelConfig
+from mindspeed_vita.errors import CheckpointError, UserInputError
+
+RECOMPUTE_CHOICES = ("none", "vision", "full")
+
+#: what `checkpoint_kind` returns
+NATIVE, HF_INTERNVL, HF_QWEN2, INTERNVIT = "native", "hf-internvl", "hf-qwen2", "internvit"
+
+
+def build_model(cfg: ModelConfig, backend: Backend, *, tokenizer,
+                sequence_parallel: bool = False, recompute: str = "none"):
+    """A randomly initialised `LongVitaModel` for `cfg` whose context tokens are the
+    tokenizer's `<IMG_CONTEXT>`, `<PATCH_CONTEXT>` and `<VID_CONTEXT>`.
+
+    Needs megatron's parallel state. Raises UserInputError when the tokenizer has ids the
+    vocabulary (`language.vocab_size`) cannot embed, or `recompute` is not one of
+    none | vision | full.
+    """
+    from mindspeed_vita.models.vlm import LongVitaModel
+
+    if recompute not in RECOMPUTE_CHOICES:
+        raise UserInputError(f"recompute={recompute!r} is not one of {', '.join(RECOMPUTE_CHOICES)}")
+    if len(tokenizer) > cfg.language.vocab_size:
+        raise UserInputError(
+            f"the tokenizer at {tokenizer.path!r} has {len(tokenizer)} ids but "
+            f"language.vocab_size={cfg.language.vocab_size}: raise language.vocab_size or import "
+            f"the checkpoint with `mindspeed-vita convert import-hf`, which grows it")
+    return LongVitaModel(cfg, backend, context_token_ids=sorted(tokenizer.context_token_ids),
+                         sequence_parallel=sequence_parallel, recompute=recompute)
+
+
+def checkpoint_kind(path: str) -> str:
+    """What the directory `path` holds: "native" (mindspeed_vita.json), "hf-internvl",
+    "hf-qwen2" or "internvit" (by config.json). CheckpointError naming the path otherwise."""
+    from mindspeed_vita.convert.checkpoint import METADATA_FILE
+    from mindspeed_vita.convert.hf_internvl import CONFIG_FILE, read_json
+    from mindspeed_vita.convert.hf_split import is_internvit_config
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+    if os.path.isfile(os.path.join(path, METADATA_FILE)):
+        return NATIVE
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(
+            f"{path!r} is neither a mindspeed-vita checkpoint ({METADATA_FILE}) nor an HF model "
+            f"directory ({CONFIG_FILE})")
+    config = read_json(config_path)
+    model_type = config.get("model_type")
+    if model_type == "internvl":
+        return HF_INTERNVL
+    if model_type == "qwen2":
+        return HF_QWEN2
+    if is_internvit_config(config):
+        return INTERNVIT
+    raise CheckpointError(
+        f"{config_path}: model_type {model_type!r} is not supported (expected a mindspeed-vita "
+        f"checkpoint, an HF InternVL directory, a Qwen2 causal LM or an InternViT)")
+
+
+def _merge(base: dict, update: Mapping[str, Any]) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def updated_config(cfg: ModelConfig, update: Optional[Mapping[str, Any]]) -> ModelConfig:
+    """`cfg` with the nested `update` applied (e.g. `{"params_dtype": "float32"}`), validated."""
+    if not update:
+        return cfg
+    try:
+        return ModelConfig.model_validate(_merge(cfg.model_dump(), update))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserInputError(f"model config override {where}: {first['msg']}") from exc
+
+
+def load_pretrained(path: str, backend: Backend, *, sequence_parallel: bool = False,
+                    recompute: str = "none",
+                    config_update: Optional[Mapping[str, Any]] = None) -> Tuple[Any, Any, ModelConfig]:
+    """`(model, tokenizer, cfg)` from a native checkpoint or an HF InternVL directory.
+
+    The tensor-parallel size and rank come from megatron's parallel state
+    (`initialize_parallel` must have run); the checkpoint may have been written at any tp.
+    `config_update` overrides config fields that do not change tensor shapes (dtype, LM head,
+    chunk sizes); one that does is reported by the loader naming the tensor.
+    """
+    from mindspeed_vita.convert.checkpoint import (
+        TOKENIZER_DIR, load_checkpoint, load_full_state_into_model, read_metadata)
+    from mindspeed_vita.convert.hf_internvl import import_internvl
+    from mindspeed_vita.data.tokenizer import load_tokenizer
+
+    kind = checkpoint_kind(path)
+    if kind == NATIVE:
+        meta = read_metadata(path)
+        tokenizer = load_tokenizer(os.path.join(path, TOKENIZER_DIR))
+        cfg = updated_config(meta.model_config, config_update)
+        model = build_model(cfg, backend, tokenizer=tokenizer,
+                            sequence_parallel=sequence_parallel, recompute=recompute)
+        load_checkpoint(path, model)
+        return model, tokenizer, cfg
+    if kind == HF_INTERNVL:
+        native = import_internvl(path)
+        cfg = updated_config(native.cfg, config_update)
+        model = build_model(cfg, backend, tokenizer=native.tokenizer,
+                            sequence_parallel=sequence_parallel, recompute=recompute)
+        load_full_state_into_model(model, native.state, native.cfg, f"HF InternVL {path!r}")
+        return model, native.tokenizer, cfg
+    raise CheckpointError(
+        f"{path!r} is a {kind} directory, not a full model: convert it first with "
+        f"`mindspeed-vita convert import-hf` (a Qwen2 directory needs --vision INTERNVIT_DIR)")
