@@ -1,0 +1,488 @@
+"""`mindspeed-vita data inspect`: what a data mixture holds, before anything trains on it.
+
+The input is a stage YAML (its data.mixture, model, seq_length, packing, limits and parallel
+layout are used), a mixture YAML, or one JSONL file (a single source whose media root is the
+file's directory). Every record one epoch selects is read once, in stream order (the order
+training sees, for the mixture's seed), validated and rendered in dry mode: image sizes come
+from the file headers and frame counts from the video index, no pixel is decoded (`--decode`
+decodes everything, which also catches damage past the headers). The rendered samples then go
+through the stage's packer.
+
+Reported per source and in total: records read, accepted samples, tokens, label tokens,
+images, tiles, videos, frames, and rejections by `DataError.reason` with the first file:line
+examples; plus the packer's utilisation. Bad data never stops the run, every bad record is
+counted, unless `--strict`, which fails on the first one with its file:line. A sample longer
+than seq_length is rejected as "too_long" when the stage drops overlong samples (the packer
+drops it in training); with `on_overlong: truncate` it is accepted and counted as truncated.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, TextIO
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset
+
+from mindspeed_vita.config.loader import build_config, load_config
+from mindspeed_vita.config.schema import StageConfig
+from mindspeed_vita.data.errors import DataError
+from mindspeed_vita.data.loader import parse_record
+from mindspeed_vita.data.mixture import MixtureConfig, MixtureStream
+from mindspeed_vita.data.packing import Packer, row_multiple, segment_multiple_for
+from mindspeed_vita.data.render import render_sample
+from mindspeed_vita.data.template import image_units
+from mindspeed_vita.data.tokenizer import VitaTokenizer, load_tokenizer
+from mindspeed_vita.data.types import IGNORE_INDEX, RenderedSample
+from mindspeed_vita.errors import UserInputError
+
+#: file:line examples kept per rejection reason
+EXAMPLES_PER_REASON = 3
+_YAML_SUFFIXES = (".yaml", ".yml")
+#: data-section keys the command line may override (flag --max-images sets data.max_images)
+_DATA_OVERRIDES = ("seq_length", "packing", "seed", "max_images", "max_frames", "max_num_frame", "max_tiles")
+
+
+def add_arguments(parser) -> None:
+    """Flags of `mindspeed-vita data inspect`."""
+    parser.add_argument("input", metavar="CONFIG_OR_JSONL",
+                        help="a stage YAML, a mixture YAML (key 'sources') or one JSONL file")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object, with a per-sample list")
+    parser.add_argument("--tokenizer", default=None,
+                        help="HF tokenizer directory, e.g. your Qwen2.5 copy (default: the stage's "
+                             "model.tokenizer, else the tiny demo tokenizer built in a temporary "
+                             "directory, whose token counts differ from Qwen2.5's)")
+    parser.add_argument("--model-config", default=None,
+                        help="model section YAML, e.g. configs/model/tiny.yaml (default: the stage's "
+                             "model, else Long-VITA-14B: 448-pixel tiles, 256 tokens each, 1..12 tiles)")
+    parser.add_argument("--seq-length", type=int, default=None, help="override data.seq_length")
+    parser.add_argument("--packing", choices=("reset", "joint"), default=None, help="override data.packing")
+    parser.add_argument("--seed", type=int, default=None, help="override data.seed (the stream order)")
+    parser.add_argument("--max-images", type=int, default=None, help="override data.max_images")
+    parser.add_argument("--max-frames", type=int, default=None, help="override data.max_frames")
+    parser.add_argument("--max-num-frame", type=int, default=None, help="override data.max_num_frame")
+    parser.add_argument("--max-tiles", type=int, default=None, help="override data.max_tiles")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="inspect only the first N records of the epoch's stream")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on the first rejected record, naming its file:line")
+    parser.add_argument("--decode", action="store_true",
+                        help="decode every image and video (slow; also finds damage past the headers)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes that read and render records (default 0: this one)")
+    parser.add_argument("--progress-every", type=int, default=1000,
+                        help="progress line on stderr every N records (0: none; default 1000)")
+    parser.add_argument("--no-samples", action="store_true",
+                        help="leave the per-sample list out of --json (for very large mixtures)")
+
+
+# ------------------------------------------------------------------------------ input
+
+
+@dataclass
+class InspectTarget:
+    """What to inspect: the validated stage settings and the mixture they point at."""
+
+    kind: str  # "stage" | "mixture" | "jsonl"
+    stage: StageConfig
+    mixture: MixtureConfig
+
+
+def resolve_target(path: str, *, model_config: Optional[str] = None,
+                   data_overrides: Optional[Dict[str, Any]] = None) -> InspectTarget:
+    """Read `path` (stage YAML, mixture YAML or JSONL) into a validated `InspectTarget`.
+
+    `model_config` (a model-section YAML) replaces the stage's model (default for a mixture or
+    JSONL: the Long-VITA-14B geometry); `data_overrides` replace data.* keys before validation,
+    so a bad value is reported under its config key. Raises `UserInputError` / `ConfigError`.
+    """
+    overrides = {k: v for k, v in (data_overrides or {}).items() if v is not None}
+    if not os.path.exists(path):
+        raise UserInputError(f"{path}: no such file")
+    if path.endswith(_YAML_SUFFIXES):
+        raw = _read_yaml(path)
+        if isinstance(raw, dict) and "sources" in raw:
+            kind, mixture = "mixture", _load_mixture(path)
+            stage_raw = {"name": "inspect", "data": {"mixture": os.path.abspath(path)}}
+        else:
+            kind, stage_raw = "stage", load_config(path).model_dump(mode="json")
+            mixture = None
+    else:
+        kind, stage_raw = "jsonl", {"name": "inspect"}
+        mixture = _single_source(path)
+    stage_raw.setdefault("data", {}).update(overrides)
+    if model_config is not None:
+        model_raw = _read_yaml(model_config)
+        if not isinstance(model_raw, dict):
+            raise UserInputError(f"{model_config}: a model config must be a mapping of model keys")
+        stage_raw["model"] = model_raw
+    stage = build_config(stage_raw, source=path)
+    if kind == "stage":
+        if not stage.data.mixture:
+            raise UserInputError(f"{path}: config key 'data.mixture' is not set: the stage has no data")
+        mixture = _load_mixture(stage.data.mixture)
+    return InspectTarget(kind=kind, stage=stage, mixture=mixture)
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except OSError as error:
+        raise UserInputError(f"{path}: cannot read ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise UserInputError(f"{path}: not valid YAML ({error})") from None
+
+
+def _load_mixture(path: str) -> MixtureConfig:
+    try:
+        return MixtureConfig.from_yaml(path)
+    except ValueError as error:  # names the file and the key; make it a one-line CLI error
+        raise UserInputError(str(error)) from None
+
+
+def _single_source(path: str) -> MixtureConfig:
+    """A one-source mixture over a JSONL file; media paths are relative to its directory."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path}: not a file (expected a JSONL file or a YAML config)")
+    path = os.path.abspath(path)
+    name = os.path.splitext(os.path.basename(path))[0] or "jsonl"
+    raw = {"sources": [{"name": name, "path": path, "ratio": 1.0}]}
+    return MixtureConfig.from_dict(raw, base_dir=os.path.dirname(path), origin=path)
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+@dataclass
+class SourceCounts:
+    """Counters of one source (or the total). Sample counters cover accepted samples only."""
+
+    records: int = 0  # records read (accepted + rejected)
+    samples: int = 0  # accepted samples
+    tokens: int = 0  # rendered tokens of the accepted samples
+    label_tokens: int = 0  # tokens with a loss (assistant text)
+    max_tokens: int = 0  # longest accepted sample
+    images: int = 0
+    tiles: int = 0  # image tiles (cols * rows per image; thumbnails not counted)
+    videos: int = 0
+    frames: int = 0  # sampled video frames
+    visual_units: int = 0  # what the ViT encodes: tiles + thumbnails + frames
+    rejected: Dict[str, int] = field(default_factory=dict)
+
+    def accept(self, sample: RenderedSample, units: int) -> None:
+        """Count one accepted sample with `units` visual units."""
+        self.samples += 1
+        self.tokens += sample.num_tokens
+        self.label_tokens += int((sample.labels != IGNORE_INDEX).sum())
+        self.max_tokens = max(self.max_tokens, sample.num_tokens)
+        self.images += len(sample.image_grids)
+        self.tiles += sum(cols * rows for cols, rows in sample.image_grids)
+        self.videos += len(sample.num_frames)
+        self.frames += sum(sample.num_frames)
+        self.visual_units += units
+
+    def reject(self, reason: str) -> None:
+        """Count one rejected record under `reason`."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def merge(self, other: "SourceCounts") -> None:
+        """Add `other`'s counters into this one (for the total)."""
+        for name, value in asdict(other).items():
+            if name == "rejected":
+                for reason, count in value.items():
+                    self.rejected[reason] = self.rejected.get(reason, 0) + count
+            elif name == "max_tokens":
+                self.max_tokens = max(self.max_tokens, value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class _Outcome:
+    source_idx: int
+    sample: Optional[RenderedSample]
+    units: int
+    error: Optional[DataError]
+
+
+class _RecordInspector(Dataset):
+    """Stream position -> rendered (dry) sample or its rejection; runs in loader workers."""
+
+    def __init__(self, stream: MixtureStream, render: Callable, size: int):
+        self.stream = stream
+        self.render = render
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, position: int) -> _Outcome:
+        item = self.stream.item(position)
+        raw = None
+        try:
+            raw = self.stream.read(item.source_idx, item.line_idx)
+            sample = self.render(parse_record(raw))
+        except DataError as error:
+            if raw is not None and (error.path != raw.path or error.line != raw.line):
+                error = error.at(raw.path, raw.line)
+            return _Outcome(item.source_idx, None, 0, error)
+        except Exception as error:  # a bug, not bad data: say which record triggered it
+            where = f"{raw.path}:{raw.line}" if raw is not None else f"stream position {position}"
+            error.add_note(f"while inspecting {where}")
+            raise
+        units = sum(image_units(grid) for grid in sample.image_grids) + sum(sample.num_frames)
+        # NOTE: the packer only needs one pixel entry per visual unit (to cut an overlong sample
+        # at a unit boundary exactly as in training); 1x1 placeholders keep rows small.
+        slim = RenderedSample(source=sample.source, line=sample.line, input_ids=sample.input_ids,
+                              labels=sample.labels, pixel_values=torch.zeros(units, 3, 1, 1),
+                              image_grids=sample.image_grids, num_frames=sample.num_frames)
+        return _Outcome(item.source_idx, slim, units, None)
+
+
+def _first(outcome: _Outcome) -> _Outcome:
+    return outcome
+
+
+class Progress:
+    """A progress line on `stream` every `every` items: count, rate and time left."""
+
+    def __init__(self, total: int, every: int, stream: Optional[TextIO] = None, label: str = "inspect"):
+        self.total = total
+        self.every = every
+        self.stream = stream  # None: sys.stderr at the time of printing
+        self.label = label
+        self.start = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        """Report after `done` items when a multiple of `every` is reached."""
+        if self.every > 0 and done % self.every == 0 and done < self.total:
+            elapsed = time.perf_counter() - self.start
+            rate = done / elapsed if elapsed > 0 else float("inf")
+            eta = (self.total - done) / rate if rate > 0 else 0.0
+            print(f"[{self.label}] {done}/{self.total} records, {rate:.1f}/s, ETA {_duration(eta)}",
+                  file=self.stream or sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def inspect_mixture(target: InspectTarget, tokenizer: VitaTokenizer, *, limit: Optional[int] = None,
+                    strict: bool = False, decode: bool = False, workers: int = 0,
+                    progress_every: int = 0, keep_samples: bool = True,
+                    progress_stream: Optional[TextIO] = None) -> Dict[str, Any]:
+    """Read, validate, render (dry unless `decode`) and pack one epoch of `target`'s mixture.
+
+    Returns the report as a JSON-ready dict: "sources" and "total" (`SourceCounts` fields),
+    "rejected" (count per reason), "rejected_examples" (first file:line messages per reason),
+    "packing" (the packer's counters and utilisation), "samples" (per accepted sample: source,
+    line, tokens, the (cols, rows) tile grid of each image and the frames of each video; only
+    with `keep_samples`), plus the settings used. With `strict`, the first rejection is raised
+    as a `DataError` ("file:line: detail").
+    """
+    if workers < 0:
+        raise UserInputError(f"--workers {workers}: must be >= 0")
+    if limit is not None and limit < 1:
+        raise UserInputError(f"--limit {limit}: must be >= 1")
+    stage, data, model = target.stage, target.stage.data, target.stage.model
+    try:
+        stream = MixtureStream(target.mixture, seed=data.seed)
+    except ValueError as error:  # e.g. every source has ratio 0, or a selected file is empty
+        raise UserInputError(f"mixture: {error}") from None
+    total_records = stream.items_per_epoch if limit is None else min(limit, stream.items_per_epoch)
+
+    render = functools.partial(render_sample, tokenizer=tokenizer, model_cfg=model,
+                               max_num_frame=data.max_num_frame, max_images=data.max_images,
+                               max_frames=data.max_frames, max_tiles=data.max_tiles,
+                               grids_only=not decode)
+    parallel = stage.parallel
+    packer = Packer(data.seq_length, mode=data.packing,
+                    pad_multiple=row_multiple(tp=parallel.tp, cp=parallel.cp,
+                                              sequence_parallel=parallel.sequence_parallel),
+                    segment_multiple=segment_multiple_for(cp=parallel.cp) if data.packing == "reset" else None,
+                    pad_id=tokenizer.pad_id, on_overlong=data.on_overlong, lookahead=data.pack_lookahead,
+                    context_token_ids=tokenizer.context_token_ids, tokens_per_unit=model.tokens_per_tile)
+
+    names = [spec.name for spec in target.mixture.sources]
+    counts = [SourceCounts() for _ in names]
+    examples: Dict[str, List[str]] = {}
+    samples: List[Dict[str, Any]] = []
+
+    def reject(source_idx: int, error: DataError) -> None:
+        if strict:
+            raise error
+        counts[source_idx].reject(error.reason)
+        kept = examples.setdefault(error.reason, [])
+        if len(kept) < EXAMPLES_PER_REASON:
+            kept.append(str(error))
+
+    start = time.perf_counter()
+    progress = Progress(total_records, progress_every, progress_stream)
+    for done, (position, outcome) in enumerate(zip(range(total_records),
+                                                   _outcomes(stream, render, total_records, workers)), 1):
+        source_idx = outcome.source_idx
+        counts[source_idx].records += 1
+        sample = outcome.sample
+        if outcome.error is not None:
+            reject(source_idx, outcome.error)
+        elif sample.num_tokens > data.seq_length and data.on_overlong == "drop":
+            # the packer drops it (counted there too): training never sees this sample
+            packer.add(position, sample)
+            reject(source_idx, DataError(
+                "too_long", f"{sample.num_tokens} tokens, more than data.seq_length = {data.seq_length}",
+                path=target.mixture.sources[source_idx].path, line=sample.line))
+        else:
+            counts[source_idx].accept(sample, outcome.units)
+            packer.add(position, sample)
+            if keep_samples:
+                samples.append({"source": sample.source, "line": sample.line, "tokens": sample.num_tokens,
+                                "tiles": [list(grid) for grid in sample.image_grids],
+                                "frames": list(sample.num_frames)})
+        while packer.pop() is not None:  # only the counters matter here
+            pass
+        progress.update(done)
+    elapsed = time.perf_counter() - start
+
+    streamed = packer.stats.as_dict()
+    packer.flush()
+    while packer.pop() is not None:
+        pass
+    total = SourceCounts()
+    for source_counts in counts:
+        total.merge(source_counts)
+    sources = {}
+    for spec, described, source_counts in zip(target.mixture.sources, stream.describe(), counts):
+        sources[spec.name] = {**asdict(source_counts), "path": spec.path, "ratio": spec.ratio,
+                              "num": spec.num, "records_in_file": described["records"],
+                              "records_per_epoch": described["items"]}
+    report = {
+        "kind": target.kind,
+        "mode": "decode" if decode else "grids_only",
+        "model": {"image_size": model.vision.image_size, "tokens_per_tile": model.tokens_per_tile,
+                  "min_tiles": model.min_tiles, "max_tiles": data.max_tiles or model.max_tiles,
+                  "image_layout": model.image_layout},
+        "data": {key: getattr(data, key) for key in ("mixture", "seed", "seq_length", "packing", "on_overlong",
+                                                    "pack_lookahead", "max_images", "max_frames",
+                                                    "max_num_frame", "max_tiles")},
+        "records_per_epoch": stream.items_per_epoch,
+        "records": total.records,
+        "elapsed_s": round(elapsed, 3),
+        "records_per_s": round(total.records / elapsed, 1) if elapsed > 0 else None,
+        "sources": sources,
+        "total": asdict(total),
+        "rejected": dict(sorted(total.rejected.items())),
+        "rejected_examples": dict(sorted(examples.items())),
+        "packing": {**packer.stats.as_dict(), "mode": packer.mode, "seq_length": packer.seq_length,
+                    "lookahead": packer.lookahead, "pad_multiple": packer.pad_multiple,
+                    "segment_multiple": packer.segment_multiple,
+                    # rows closed while streaming, without the end-of-epoch flush: an endless
+                    # training stream carries the leftovers into the next epoch's rows instead
+                    "streaming_rows": streamed["rows"],
+                    "streaming_utilisation": streamed["utilisation"] if streamed["rows"] else None},
+    }
+    if keep_samples:
+        report["samples"] = samples
+    return report
+
+
+def _outcomes(stream: MixtureStream, render: Callable, size: int, workers: int) -> Iterable[_Outcome]:
+    """Outcomes of stream positions 0..size-1, in order, from this process or `workers`."""
+    dataset = _RecordInspector(stream, render, size)
+    if workers == 0:
+        return (dataset[position] for position in range(size))
+    return DataLoader(dataset, batch_size=None, sampler=range(size), num_workers=workers,
+                      collate_fn=_first, prefetch_factor=4)
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    """The human-readable report: settings, a per-source table, rejections, packing."""
+    from mindspeed_vita.bench.common import format_table
+
+    data, model, packing = report["data"], report["model"], report["packing"]
+    lines = [
+        f"input: {report['input']} ({report['kind']}); {report['records']} of "
+        f"{report['records_per_epoch']} records of one epoch (seed {data['seed']}), "
+        f"{report['elapsed_s']:.1f} s",
+        f"tokenizer: {report['tokenizer']['description']}",
+        f"model: {model['image_size']}-pixel tiles, {model['tokens_per_tile']} tokens per tile/frame, "
+        f"{model['min_tiles']}..{model['max_tiles']} tiles per image ({model['image_layout']} layout); "
+        f"{'full decode' if report['mode'] == 'decode' else 'headers only (no pixel decoding)'}",
+        f"limits: max_images {data['max_images']}, max_frames {data['max_frames']}, "
+        f"max_num_frame {data['max_num_frame']}, seq_length {data['seq_length']} ({data['on_overlong']} "
+        f"overlong)",
+        "",
+    ]
+    headers = ["source", "records", "samples", "rejected", "tokens", "tok/sample", "max tok", "label tok",
+               "images", "tiles", "videos", "frames"]
+    rows = []
+    for name, counts in list(report["sources"].items()) + [("total", report["total"])]:
+        rows.append([name, counts["records"], counts["samples"], sum(counts["rejected"].values()),
+                     counts["tokens"], round(counts["tokens"] / counts["samples"]) if counts["samples"] else 0,
+                     counts["max_tokens"], counts["label_tokens"], counts["images"], counts["tiles"],
+                     counts["videos"], counts["frames"]])
+    lines.append(format_table(headers, rows))
+    lines.append("")
+    if report["rejected"]:
+        lines.append("rejected:")
+        for reason, count in report["rejected"].items():
+            lines.append(f"  {reason}: {count}")
+            lines.extend(f"    e.g. {example}" for example in report["rejected_examples"].get(reason, []))
+    else:
+        lines.append("rejected: none")
+    lines.append("")
+    streaming = packing["streaming_utilisation"]
+    lines.append(
+        f"packing ({packing['mode']}, rows of {packing['seq_length']}, lookahead {packing['lookahead']}): "
+        f"{packing['rows']} rows, {packing['samples']} samples, utilisation {packing['utilisation']:.1%} "
+        f"({packing['real_tokens']} real tokens / {packing['slots']} slots); without the end-of-epoch "
+        f"flush {'n/a' if streaming is None else f'{streaming:.1%}'} over {packing['streaming_rows']} rows; "
+        f"dropped overlong {packing['dropped_overlong']}, truncated {packing['truncated_overlong']}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    """Entry point of `mindspeed-vita data inspect`."""
+    from mindspeed_vita.bench.common import print_json
+
+    overrides = {key: getattr(args, key) for key in _DATA_OVERRIDES}
+    target = resolve_target(args.input, model_config=args.model_config, data_overrides=overrides)
+    with tempfile.TemporaryDirectory(prefix="mindspeed-vita-inspect-") as scratch:
+        tokenizer, description = _tokenizer_for(args.tokenizer or target.stage.model.tokenizer, scratch)
+        if not args.json:
+            print(f"[inspect] tokenizer: {description}", file=sys.stderr, flush=True)
+        report = inspect_mixture(target, tokenizer, limit=args.limit, strict=args.strict, decode=args.decode,
+                                 workers=args.workers, progress_every=args.progress_every,
+                                 keep_samples=args.json and not args.no_samples)
+    report["input"] = os.path.abspath(args.input)
+    report["tokenizer"] = {"path": args.tokenizer or target.stage.model.tokenizer, "description": description}
+    if args.json:
+        print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _tokenizer_for(path: Optional[str], scratch: str):
+    """(tokenizer, description): the given directory, or the tiny demo tokenizer built in `scratch`."""
+    if path:
+        return load_tokenizer(path), path
+    from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = load_tokenizer(build_tiny_tokenizer(os.path.join(scratch, "tokenizer")))
+    return tokenizer, ("tiny demo tokenizer (built in a temporary directory; token counts differ from "
+                       "Qwen2.5's: pass --tokenizer DIR)")
