@@ -99,13 +99,14 @@ def save_tiny_internvl(out_dir: str, *, seed: int = 0, tie_word_embeddings: bool
     return model
 
 
-def save_tiny_qwen2(out_dir: str, *, seed: int = 0) -> Qwen2ForCausalLM:
+def save_tiny_qwen2(out_dir: str, *, seed: int = 0, **text_overrides) -> Qwen2ForCausalLM:
     """Save a tiny random Qwen2 causal LM and the plain tiny tokenizer (no Long-VITA tokens)
-    to `out_dir`; return the model (fp32, eval mode, eager attention)."""
+    to `out_dir`; return the model (fp32, eval mode, eager attention). `text_overrides`
+    change `TEXT` fields (e.g. `vocab_size`)."""
     save_tiny_tokenizer(out_dir, with_long_vita_tokens=False)
     torch.manual_seed(seed)
-    config = Qwen2Config(**TEXT, tie_word_embeddings=False, attn_implementation="eager",
-                         dtype="float32")
+    config = Qwen2Config(**dict(TEXT, **text_overrides), tie_word_embeddings=False,
+                         attn_implementation="eager", dtype="float32")
     model = Qwen2ForCausalLM(config).float().eval()
     randomize_(model, seed)
     model.save_pretrained(out_dir)
