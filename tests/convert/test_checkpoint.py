@@ -14,7 +14,7 @@ from mindspeed_vita.convert.checkpoint import (
     METADATA_FILE, NativeModel, load_checkpoint, read_full_state, read_metadata,
     reshard_language_tensor, save_checkpoint, weight_file_name, write_checkpoint)
 from mindspeed_vita.convert.qwen2_weights import hf_to_native_qwen2
-from mindspeed_vita.errors import CheckpointError
+from mindspeed_vita.errors import CheckpointError, UserInputError
 from mindspeed_vita.models.build import build_model, load_pretrained
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 from tests.tiny_hf import randomize_, save_tiny_qwen2, save_tiny_tokenizer, tiny_model_config
@@ -249,3 +249,21 @@ def test_context_token_mismatch_is_named(backend, tokenizer, tmp_path):
     with pytest.raises(CheckpointError, match=r"context token ids .* build it with the "
                                               r"checkpoint's tokenizer"):
         load_checkpoint(path, model)
+
+
+def test_bf16_checkpoint_loads_into_an_fp32_model(backend, tokenizer, tmp_path):
+    model = random_model(backend, tokenizer, 14)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in tensors(model).items()}
+    cfg = model.cfg.model_copy(update={"params_dtype": "bfloat16"})
+    path = str(tmp_path / "bf16")
+    assert write_checkpoint(NativeModel(cfg, bf16, tokenizer), path).dtype == "bfloat16"
+    assert load_file(os.path.join(path, weight_file_name(0, 1)))[
+        "vision.class_embedding"].dtype == torch.bfloat16
+    loaded, _, loaded_cfg = load_pretrained(path, backend,
+                                            config_update={"params_dtype": "float32"})
+    assert loaded_cfg.params_dtype == "float32"
+    got = tensors(loaded)
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.float())
+               for k, v in bf16.items())
+    with pytest.raises(UserInputError, match=r"model config override params_dtype"):
+        load_pretrained(path, backend, config_update={"params_dtype": "float64"})
