@@ -9,7 +9,9 @@ activation recompute, distributed checkpointing) need exactly the shims below an
 
 `apply_megatron_cpu_adaptations()` is called by `CPUBackend.adapt_megatron()` - explicitly, by
 the entry point, never as an import side effect. It is idempotent. `applied_adaptations()` says
-which shims are active (logged by the trainer, asserted by the tests).
+which shims are active (logged by the trainer, asserted by the tests). The shims are process-wide
+(megatron reads `torch.cuda.*` at call time): a process runs one backend. A test process that
+must use megatron on CUDA after CPU tests calls `revert_megatron_cpu_adaptations()` first.
 
 Shims:
 
@@ -31,17 +33,27 @@ Shims:
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-#: name -> short reason, for every shim that is active (filled by the apply functions)
+#: name -> short reason, for every shim that is active
 _APPLIED: Dict[str, str] = {}
+#: (owner object, attribute name) -> the original value, recorded before the first patch
+_ORIGINALS: Dict[Tuple[Any, str], Any] = {}
+#: the CPU tracker class, created once so re-applying yields the very same class
+_CPU_TRACKER_CLASS: Optional[type] = None
 
 
 def applied_adaptations() -> Tuple[str, ...]:
     """Names of the shims currently applied (empty before the first call)."""
     return tuple(_APPLIED)
+
+
+def _patch(owner: Any, attr: str, value: Any) -> None:
+    if (owner, attr) not in _ORIGINALS:
+        _ORIGINALS[(owner, attr)] = getattr(owner, attr)
+    setattr(owner, attr, value)
 
 
 def _cpu_current_device() -> torch.device:
@@ -54,10 +66,8 @@ def _cpu_synchronize(device=None) -> None:
 
 
 def _patch_torch_cuda() -> None:
-    if torch.cuda.current_device is not _cpu_current_device:
-        torch.cuda.current_device = _cpu_current_device
-    if torch.cuda.synchronize is not _cpu_synchronize:
-        torch.cuda.synchronize = _cpu_synchronize
+    _patch(torch.cuda, "current_device", _cpu_current_device)
+    _patch(torch.cuda, "synchronize", _cpu_synchronize)
     _APPLIED["torch.cuda.current_device"] = "returns the cpu device for megatron's allocations"
     _APPLIED["torch.cuda.synchronize"] = "no-op: CPU work is synchronous"
 
@@ -127,21 +137,18 @@ def _make_cpu_tracker_class(base: type) -> type:
 
 
 def _patch_rng_tracker() -> None:
+    global _CPU_TRACKER_CLASS
     from megatron.core.tensor_parallel import random as mp_random
 
-    base = mp_random.CudaRNGStatesTracker
-    if getattr(base, "_mindspeed_vita_cpu", False):
-        tracker_class = base
-    else:
-        tracker_class = _make_cpu_tracker_class(base)
-        tracker_class._mindspeed_vita_cpu = True
-        # initialize_rng_tracker() instantiates the class found under this module name
-        mp_random.CudaRNGStatesTracker = tracker_class
-    mp_random._get_cuda_rng_state = _host_rng_state
-    mp_random._set_cuda_rng_state = _set_host_rng_state
+    if _CPU_TRACKER_CLASS is None:
+        _CPU_TRACKER_CLASS = _make_cpu_tracker_class(mp_random.CudaRNGStatesTracker)
+    # initialize_rng_tracker() instantiates the class found under this module name
+    _patch(mp_random, "CudaRNGStatesTracker", _CPU_TRACKER_CLASS)
+    _patch(mp_random, "_get_cuda_rng_state", _host_rng_state)
+    _patch(mp_random, "_set_cuda_rng_state", _set_host_rng_state)
     # A tracker created before the shim holds the CUDA class; replace it with a CPU one.
     if mp_random._CUDA_RNG_STATE_TRACKER is not None and not isinstance(
-            mp_random._CUDA_RNG_STATE_TRACKER, tracker_class):
+            mp_random._CUDA_RNG_STATE_TRACKER, _CPU_TRACKER_CLASS):
         mp_random.initialize_rng_tracker(force_reset=True)
     _APPLIED["megatron.tensor_parallel.random"] = (
         "named RNG streams and recompute RNG replay use the host generator")
@@ -154,3 +161,19 @@ def apply_megatron_cpu_adaptations() -> None:
     """
     _patch_torch_cuda()
     _patch_rng_tracker()
+
+
+def revert_megatron_cpu_adaptations() -> None:
+    """Restore everything `apply_megatron_cpu_adaptations` replaced (no-op when none is applied).
+
+    megatron's RNG tracker is reset, so the next `model_parallel_cuda_manual_seed` builds a CUDA
+    one again."""
+    for (owner, attr), original in _ORIGINALS.items():
+        setattr(owner, attr, original)
+    if _ORIGINALS:
+        from megatron.core.tensor_parallel import random as mp_random
+
+        mp_random._CUDA_RNG_STATE_TRACKER = None
+        mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    _ORIGINALS.clear()
+    _APPLIED.clear()

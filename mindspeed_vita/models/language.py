@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -77,17 +78,17 @@ def qwen2_transformer_config(cfg: LanguageConfig, dtype: torch.dtype, *, tp: int
     )
 
 
-class Qwen2LanguageModel(torch.nn.Module):
+class Qwen2LanguageModel(MegatronModule):
     """Qwen2 decoder (embedding -> layers -> final RMSNorm) with a vocab-parallel output layer.
 
     Needs megatron's parallel state (`parallel.process_groups.initialize_parallel`) and a single
     pipeline stage. `recompute=True` checkpoints every layer (megatron full/uniform, 1 layer per
-    chunk), as Long-VITA stages 3-4 do.
+    chunk), as Long-VITA stages 3-4 do. Being a `MegatronModule`, it has megatron's
+    `sharded_state_dict()` for distributed checkpointing and a `.config` for megatron's DDP.
     """
 
     def __init__(self, cfg: LanguageConfig, backend: Backend, dtype: torch.dtype = torch.bfloat16,
                  *, sequence_parallel: bool = False, recompute: bool = False):
-        super().__init__()
         if parallel_state.get_pipeline_model_parallel_world_size() != 1:
             raise ValueError("Qwen2LanguageModel runs as one pipeline stage; "
                              "pipeline parallel size must be 1")
@@ -98,13 +99,14 @@ class Qwen2LanguageModel(torch.nn.Module):
         if cfg.num_query_groups % tp and tp % cfg.num_query_groups:
             raise ValueError(f"num_query_groups={cfg.num_query_groups} and tensor parallel size "
                              f"{tp}: one must divide the other")
+        super().__init__(config=qwen2_transformer_config(
+            cfg, dtype, tp=tp, sequence_parallel=sequence_parallel, recompute=recompute))
         self.cfg = cfg
         self.backend = backend
         self.sequence_parallel = sequence_parallel
         self.vocab_size = cfg.vocab_size
-        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
-        self.config = qwen2_transformer_config(cfg, dtype, tp=tp, sequence_parallel=sequence_parallel,
-                                               recompute=recompute)
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
+                                                   tp)
         self.embedding = LanguageModelEmbedding(
             config=self.config, vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings, position_embedding_type="none")

@@ -25,6 +25,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -34,12 +35,14 @@ from backends.base import Backend
 from mindspeed_vita.models.core_attention import BackendCoreAttention
 
 
-class BackendRMSNorm(torch.nn.Module):
-    """RMSNorm over the last dim computed by `backend.rms_norm` (Qwen2 semantics)."""
+class BackendRMSNorm(MegatronModule):
+    """RMSNorm over the last dim computed by `backend.rms_norm` (Qwen2 semantics).
+
+    A `MegatronModule`, so distributed checkpointing saves its weight as a replicated tensor."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, *,
                  backend: Backend):
-        super().__init__()
+        super().__init__(config=config)
         self.backend = backend
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
@@ -52,11 +55,13 @@ class BackendRMSNorm(torch.nn.Module):
         return self.backend.rms_norm(x, self.weight, self.eps)
 
 
-class BackendSwiGLU(torch.nn.Module):
-    """`silu(gate) * up` of megatron's gated fc1 output `[..., 2 * ffn / tp]` by the backend."""
+class BackendSwiGLU(MegatronModule):
+    """`silu(gate) * up` of megatron's gated fc1 output `[..., 2 * ffn / tp]` by the backend.
+
+    A `MegatronModule` because megatron's `MLP.sharded_state_dict` asks every child for one."""
 
     def __init__(self, config: TransformerConfig, *, backend: Backend):
-        super().__init__()
+        super().__init__(config=config)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,36 @@
 """megatron-core CPU shims: applied, idempotent, and TP layers on gloo equal plain PyTorch."""
+import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.megatron_cpu import applied_adaptations, apply_megatron_cpu_adaptations
+from backends.megatron_cpu import (
+    applied_adaptations, apply_megatron_cpu_adaptations, revert_megatron_cpu_adaptations)
 from tests.dist_utils import run_distributed
 
 IN, OUT, SEQ, BATCH = 8, 6, 4, 2
+
+
+def _by_value(obj):
+    """Tensors -> numpy arrays, recursively: a tensor sent from a worker travels as shared memory
+    that its sender must keep alive until the parent reads it; arrays are pickled by value."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().numpy()
+    if isinstance(obj, dict):
+        return {k: _by_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_by_value(v) for v in obj)
+    return obj
+
+
+def _as_tensors(obj):
+    """Inverse of `_by_value`."""
+    if hasattr(obj, "__array__") and not isinstance(obj, torch.Tensor):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _as_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_tensors(v) for v in obj)
+    return obj
 
 
 def test_shims_applied_and_idempotent():
@@ -23,6 +48,25 @@ def test_shims_applied_and_idempotent():
     assert torch.cuda.current_device() == torch.device("cpu")
     torch.cuda.synchronize()  # no-op instead of "Torch not compiled with CUDA enabled"
     assert isinstance(mp_random.get_cuda_rng_tracker(), mp_random.CudaRNGStatesTracker)
+
+
+def test_revert_restores_originals_and_reapply_works():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    revert_megatron_cpu_adaptations()
+    originals = (torch.cuda.current_device, torch.cuda.synchronize,
+                 mp_random.CudaRNGStatesTracker, mp_random._get_cuda_rng_state,
+                 mp_random._set_cuda_rng_state)
+    apply_megatron_cpu_adaptations()
+    assert torch.cuda.current_device is not originals[0]
+    assert issubclass(mp_random.CudaRNGStatesTracker, originals[2])
+    revert_megatron_cpu_adaptations()
+    assert applied_adaptations() == ()
+    assert (torch.cuda.current_device, torch.cuda.synchronize, mp_random.CudaRNGStatesTracker,
+            mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state) == originals
+    assert mp_random._CUDA_RNG_STATE_TRACKER is None
+    apply_megatron_cpu_adaptations()
+    assert torch.cuda.current_device() == torch.device("cpu")
 
 
 def test_rng_tracker_streams_on_host_generator():
@@ -56,8 +100,8 @@ def _column_parallel_body(rank, world_size, weight, bias, x):
     from mindspeed_vita.parallel.process_groups import initialize_parallel
 
     initialize_parallel(get_backend("cpu"), tp=world_size)
-    return {sp: _column_parallel_step(rank, world_size, weight, bias, x, sp)
-            for sp in (False, True)}
+    return _by_value({sp: _column_parallel_step(rank, world_size, weight, bias, x, sp)
+                      for sp in (False, True)})
 
 
 def _column_parallel_step(rank, world_size, weight, bias, x, sequence_parallel):
@@ -106,7 +150,8 @@ def test_column_parallel_linear_tp2_matches_nn_linear():
     x = torch.randn(SEQ, BATCH, IN, generator=gen)
     y_ref, dx_ref, dw_ref, db_ref = _reference(weight, bias, x, 2)
     rows = OUT // 2
-    per_rank = run_distributed(_column_parallel_body, world_size=2, args=(weight, bias, x))
+    per_rank = _as_tensors(run_distributed(_column_parallel_body, world_size=2,
+                                           args=(weight, bias, x)))
     for sequence_parallel in (False, True):
         for rank, results in enumerate(per_rank):
             y, dx, dw, db = results[sequence_parallel]
@@ -120,3 +165,53 @@ def test_column_parallel_linear_tp2_matches_nn_linear():
                                            atol=1e-5, rtol=1e-6)
             else:  # all-reduced input grad
                 torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-6)
+
+
+def _init_from_env_body(rank, world_size):
+    import pytest
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    from backends import get_backend
+    from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
+
+    backend = get_backend("cpu")
+    assert not dist.is_initialized()  # the runner left it to us, as torchrun does
+    with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
+        initialize_parallel(backend, tp=3)
+    initialize_parallel(backend, tp=2, seed=7)
+    with pytest.raises(RuntimeError, match="already initialised"):
+        initialize_parallel(backend, tp=2)
+    layout = (dist.get_backend(), parallel_state.get_tensor_model_parallel_rank(),
+              parallel_state.get_tensor_model_parallel_world_size(),
+              parallel_state.get_data_parallel_world_size())
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        model_parallel_draw = torch.rand(3)
+    default_draw = torch.rand(3)
+    destroy_parallel()
+    destroy_parallel()  # safe twice
+    # plain lists: tensors would travel as shared memory whose sender exits right away
+    return layout, model_parallel_draw.tolist(), default_draw.tolist(), dist.is_initialized()
+
+
+def test_initialize_parallel_from_torchrun_env():
+    results = run_distributed(_init_from_env_body, world_size=2, init_process_group=False)
+    assert [r[0] for r in results] == [("gloo", 0, 2, 1), ("gloo", 1, 2, 1)]
+    assert results[0][1] != results[1][1]  # tp ranks get distinct streams
+    assert results[0][2] == results[1][2]  # the default stream is shared
+    assert not any(r[3] for r in results)
+
+
+def test_initialize_parallel_names_missing_env(monkeypatch):
+    import torch.distributed as dist
+
+    from backends import get_backend
+    from mindspeed_vita.parallel.process_groups import initialize_parallel
+
+    assert not dist.is_initialized()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(RuntimeError, match="incomplete: WORLD_SIZE, MASTER_PORT not set"):
+        initialize_parallel(get_backend("cpu"), tp=1)

@@ -163,6 +163,14 @@ def test_recompute_is_bit_identical(parallel):
         assert torch.equal(g, recomputed_grads[name]), name
 
 
+def test_sharded_state_dict_covers_every_parameter(parallel):
+    """megatron distributed checkpointing sees every parameter (all modules are MegatronModules)."""
+    cfg = language_config(num_layers=1)
+    model = Qwen2LanguageModel(cfg, parallel, torch.float32)
+    sharded = model.sharded_state_dict()
+    assert {name for name, _ in model.named_parameters()} <= set(sharded)
+
+
 def test_model_rejects_bad_shapes(parallel):
     cfg = language_config(num_layers=1)
     model = Qwen2LanguageModel(cfg, parallel, torch.float32)

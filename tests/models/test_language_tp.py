@@ -15,6 +15,29 @@ TOL = 1e-4  # fp32 parity bound (measured ~1e-6)
 LENGTHS = (6, 4)  # the packed row: two samples, positions restart
 
 
+def _by_value(obj):
+    """Tensors -> numpy arrays, recursively: a tensor sent from a worker travels as shared memory
+    that its sender must keep alive until the parent reads it; arrays are pickled by value."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().numpy()
+    if isinstance(obj, dict):
+        return {k: _by_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_by_value(v) for v in obj)
+    return obj
+
+
+def _as_tensors(obj):
+    """Inverse of `_by_value`."""
+    if hasattr(obj, "__array__") and not isinstance(obj, torch.Tensor):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _as_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_tensors(v) for v in obj)
+    return obj
+
+
 def language_config() -> LanguageConfig:
     return LanguageConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
                           ffn_hidden_size=128, vocab_size=VOCAB, rms_norm_eps=1e-6,
@@ -74,7 +97,7 @@ def _tp2_body(rank, world_size, cfg, hf_state, ids, positions, targets):
         seq_parallel_params = sorted(n for n, p in model.named_parameters()
                                      if getattr(p, "sequence_parallel", False))
         out[sp] = (logits.detach(), packed_logits, grads, seq_parallel_params)
-    return out
+    return _by_value(out)
 
 
 def test_tp2_logits_packed_and_gradients_match_hf():
@@ -90,8 +113,8 @@ def test_tp2_logits_packed_and_gradients_match_hf():
         ref_packed = [hf(input_ids=ids[:1, a:b]).logits[0]
                       for a, b in ((0, LENGTHS[0]), (LENGTHS[0], SEQ))]
 
-    per_rank = run_distributed(_tp2_body, world_size=2,
-                               args=(cfg, hf.state_dict(), ids, positions, targets))
+    per_rank = _as_tensors(run_distributed(_tp2_body, world_size=2,
+                                           args=(cfg, hf.state_dict(), ids, positions, targets)))
     for sp in (False, True):
         logits = torch.cat([r[sp][0] for r in per_rank], dim=-1)[..., :VOCAB].transpose(0, 1)
         assert (logits - ref_logits.detach()).abs().max() <= TOL, f"sequence_parallel={sp}"
