@@ -82,6 +82,40 @@ def test_logits_match_hf(parallel):
     assert (arange_out - ref).abs().max() > 1e-3  # the positions given do matter
 
 
+def test_tied_embeddings_match_hf(parallel):
+    cfg = language_config(tie_word_embeddings=True)
+    hf = tiny_hf_qwen2(cfg)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    model = native_model(cfg, parallel, hf)
+    assert "output_layer.weight" not in model.state_dict()
+    assert model.output_weight is model.embedding.word_embeddings.weight
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
+    positions = torch.arange(8)[None]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, position_ids=positions).logits
+        assert (native_logits(model, ids, positions) - ref).abs().max() <= TOL
+    round_trip = native_to_hf_qwen2([hf_to_native_qwen2(hf.state_dict(), cfg, 0, 1)], cfg)
+    assert "lm_head.weight" not in round_trip  # tied: HF re-ties it on load
+
+
+def test_bfloat16_model_tracks_bfloat16_hf(parallel):
+    """bf16 end to end (params, rotary cos/sin, norms): close to HF run in bf16."""
+    cfg = language_config()
+    hf = tiny_hf_qwen2(cfg)
+    model = Qwen2LanguageModel(cfg, parallel, torch.bfloat16)
+    native = hf_to_native_qwen2(hf.state_dict(), cfg, 0, 1)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in native.items()}, strict=True)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    hf = hf.to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
+    positions = torch.arange(12).repeat(2, 1)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, position_ids=positions).logits.float()
+        out = native_logits(model, ids, positions)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
 def _packed(lengths_per_row, seq):
     """cu_seqlens over the row-major flattened tokens and positions restarting per sample."""
     from megatron.core.packed_seq_params import PackedSeqParams
