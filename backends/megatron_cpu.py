@@ -80,7 +80,8 @@ def _host_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False
     return torch.get_rng_state()
 
 
-def _set_host_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+def _set_host_rng_state(new_state: torch.Tensor, device: int = -1,
+                        graph_safe: bool = False) -> None:
     """Stand-in for megatron's `_set_cuda_rng_state`: restore the host generator's state."""
     if graph_safe:
         raise RuntimeError("CUDA-graph-safe RNG states do not exist on the CPU backend; "

@@ -140,7 +140,8 @@ def hf_to_native_qwen2(hf_state_dict: Mapping[str, torch.Tensor], cfg: LanguageC
         fc2_key = dst + "mlp.linear_fc2.weight"
         out[fc2_key] = _split(_take(hf, src + "mlp.down_proj.weight", (h, f)), tp_size, 1,
                               fc2_key)[tp_rank].clone()
-        out[dst + "input_layernorm.weight"] = _take(hf, src + "input_layernorm.weight", (h,)).clone()
+        out[dst + "input_layernorm.weight"] = _take(
+            hf, src + "input_layernorm.weight", (h,)).clone()
         out[dst + "pre_mlp_layernorm.weight"] = _take(
             hf, src + "post_attention_layernorm.weight", (h,)).clone()
     return out
@@ -186,17 +187,19 @@ def native_to_hf_qwen2(shards: List[Mapping[str, torch.Tensor]],
         hf["lm_head.weight"] = vocab("output_layer.weight")
     for i in range(cfg.num_layers):
         src, dst = _LAYER.format(i=i), _HF_LAYER.format(i=i)
-        q, k, v = _deinterleave_qkv(_gather(shards, src + "self_attention.linear_qkv.weight", 0), cfg)
+        qkv = _gather(shards, src + "self_attention.linear_qkv.weight", 0)
+        q, k, v = _deinterleave_qkv(qkv, cfg)
         hf[dst + "self_attn.q_proj.weight"] = q.clone()
         hf[dst + "self_attn.k_proj.weight"] = k.clone()
         hf[dst + "self_attn.v_proj.weight"] = v.clone()
         if cfg.qkv_bias:
-            qb, kb, vb = _deinterleave_qkv(_gather(shards, src + "self_attention.linear_qkv.bias", 0),
-                                           cfg)
+            qkv_bias = _gather(shards, src + "self_attention.linear_qkv.bias", 0)
+            qb, kb, vb = _deinterleave_qkv(qkv_bias, cfg)
             hf[dst + "self_attn.q_proj.bias"] = qb.clone()
             hf[dst + "self_attn.k_proj.bias"] = kb.clone()
             hf[dst + "self_attn.v_proj.bias"] = vb.clone()
-        hf[dst + "self_attn.o_proj.weight"] = _gather(shards, src + "self_attention.linear_proj.weight", 1)
+        hf[dst + "self_attn.o_proj.weight"] = _gather(
+            shards, src + "self_attention.linear_proj.weight", 1)
         _require(shards, src + "mlp.linear_fc1.weight")
         gate_up = [torch.chunk(s[src + "mlp.linear_fc1.weight"], 2, dim=0) for s in shards]
         hf[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in gate_up])

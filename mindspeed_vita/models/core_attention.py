@@ -85,7 +85,8 @@ class BackendCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
+                attention_mask: Optional[torch.Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None,
                 attention_bias: Optional[torch.Tensor] = None,
                 packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
         """q `[s, b, n_q, d]`, k/v `[s, b, n_kv, d]` -> `[s, b, n_q * d]`; packed (THD):
@@ -95,10 +96,10 @@ class BackendCoreAttention(MegatronModule):
                              "causality is built in and packed sequences use cu_seqlens")
         if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"BackendCoreAttention is causal-only, got {attn_mask_type}")
-        if not isinstance(packed_seq_params, RotarySeqParams) or packed_seq_params.rotary_cos is None:
+        p = packed_seq_params
+        if not isinstance(p, RotarySeqParams) or p.rotary_cos is None:
             raise ValueError("BackendCoreAttention needs RotarySeqParams with rotary cos/sin "
                              "(built by Qwen2LanguageModel.forward from position_ids)")
-        p = packed_seq_params
         query = self.backend.apply_rotary(query, p.rotary_cos, p.rotary_sin)
         key = self.backend.apply_rotary(key, p.rotary_cos, p.rotary_sin)
         if p.qkv_format == "thd":

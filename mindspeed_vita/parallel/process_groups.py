@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 
-import torch
 import torch.distributed as dist
 
 from backends.base import Backend

@@ -1,7 +1,6 @@
 """megatron-core CPU shims: applied, idempotent, and TP layers on gloo equal plain PyTorch."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from backends.megatron_cpu import (
     applied_adaptations, apply_megatron_cpu_adaptations, revert_megatron_cpu_adaptations)
