@@ -44,6 +44,9 @@ class Backend(abc.ABC):
     #: torch.distributed backend name: "gloo" | "nccl" | "hccl"
     dist_backend: str = ""
 
+    #: dtype benchmarks and demos compute in by default (bf16 on accelerators, fp32 on CPU)
+    default_compute_dtype: torch.dtype = torch.bfloat16
+
     # ------------------------------------------------------------------ runtime
     @classmethod
     @abc.abstractmethod

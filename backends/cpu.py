@@ -36,6 +36,7 @@ class CPUBackend(Backend):
 
     name = "cpu"
     dist_backend = "gloo"
+    default_compute_dtype = torch.float32  # CPU bf16 matmuls are slow and emulated
 
     def __init__(self) -> None:
         self._rss_at_reset_kb = 0

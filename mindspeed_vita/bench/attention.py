@@ -65,8 +65,7 @@ def run(args) -> int:
 
     backend = get_backend(args.backend)
     dev = backend.device()
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.float32 if backend.name == "cpu" else torch.bfloat16)
+    dtype = getattr(torch, args.dtype) if args.dtype else backend.default_compute_dtype
     seq_lens = [int(x) for x in args.seq_lens.split(",") if x]
     backward = not args.forward_only
     elem = torch.tensor([], dtype=dtype).element_size()

@@ -155,8 +155,7 @@ def run(args) -> int:
     _check_args(args)
     seq_lens = _parse_seq_lens(args.seq_lens)
     backend = get_backend(args.backend)
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.float32 if backend.name == "cpu" else torch.bfloat16)
+    dtype = getattr(torch, args.dtype) if args.dtype else backend.default_compute_dtype
     owns_parallel_state = not parallel_state.model_parallel_is_initialized()
     if owns_parallel_state:
         initialize_parallel(backend, tp=1, seed=1234)

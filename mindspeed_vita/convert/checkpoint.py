@@ -16,6 +16,8 @@ model at tp=b: each language tensor is gathered from the a shards and cut for th
 """
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import json
 import os
@@ -204,22 +206,22 @@ def reshard_language_tensor(name: str, shards: Sequence[torch.Tensor], cfg: Lang
 
 
 # ---------------------------------------------------------------- shard sources
-class ShardSource:
+class ShardSource(abc.ABC):
     """The tensors of every tp rank of a checkpoint, read one tensor at a time."""
 
     tp_size: int
 
+    @abc.abstractmethod
     def keys(self, tp_rank: int) -> List[str]:
         """Tensor names stored for `tp_rank`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def get(self, tp_rank: int, name: str) -> torch.Tensor:
         """One tensor of `tp_rank` (CheckpointError naming the file when absent)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def where(self, tp_rank: int) -> str:
         """Where rank `tp_rank`'s tensors come from, for messages."""
-        raise NotImplementedError
 
 
 class MemoryShards(ShardSource):
