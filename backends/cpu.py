@@ -5,7 +5,7 @@ returns the log-sum-exp and whose backward accepts a given output and log-sum-ex
 ring attention needs. Packed input runs the kernel per sequence. Fused layers are the plain
 reference ops. Peak memory is the growth of the process's resident set (VmHWM) since the last
 reset, because CPU tensors have no allocator statistics. To make that growth track live tensors,
-the first reset tells glibc to serve every allocation of 64 KiB or more with its own mmap (and
+the backend tells glibc, when it is created, to serve every allocation of 64 KiB or more with its own mmap (and
 so return it on free) instead of recycling freed heap memory invisibly.
 """
 from __future__ import annotations
@@ -41,6 +41,8 @@ class CPUBackend(Backend):
     def __init__(self) -> None:
         self._rss_at_reset_kb = 0
         self._peak_supported = os.path.exists("/proc/self/clear_refs")
+        # before any measured allocation, so no freed heap memory is recycled invisibly later
+        self._mmap_large_allocations()
 
     @classmethod
     def probe(cls) -> Optional[str]:
@@ -62,9 +64,6 @@ class CPUBackend(Backend):
             pass  # not glibc: peaks may undercount reused memory
 
     def reset_peak_memory_stats(self) -> None:
-        if not getattr(self, "_mallopt_done", False):
-            self._mmap_large_allocations()
-            self._mallopt_done = True
         # Writing "5" to clear_refs resets VmHWM (peak RSS) to the current RSS (Linux >= 4.0).
         if self._peak_supported:
             try:
