@@ -5,7 +5,9 @@
   the included ones (`model: {from: ../model/long_vita_14b.yaml, lm_head: logits-masked}`);
   relative paths resolve against the file that names them.
 * Overrides use dotted keys and YAML values: `parallel.tp=2`, `training.trainable=[projector]`.
-* Relative data paths (`data.mixture`) are made absolute against the stage file.
+* Relative input paths (`data.mixture`, `model.tokenizer`) are made absolute against the YAML
+  file that names them; `key=value` overrides and output paths (`training.save`, ...) stay
+  relative to the working directory, as on a launcher's command line.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from mindspeed_vita.config.schema import ConfigError, StageConfig
 
 #: sections that may be written as the path of a YAML file
 _INCLUDABLE = ("model", "data", "parallel", "training", "inference", "backend_options")
+
+#: file paths that resolve against the YAML file that names them (not the working directory)
+_PATH_KEYS = {"data": ("mixture",), "model": ("tokenizer",)}
 
 
 def _read_yaml(path: str) -> Dict[str, Any]:
@@ -48,13 +53,20 @@ def _resolve_includes(raw: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
             value = value["from"]
         if isinstance(value, str):
             path = value if os.path.isabs(value) else os.path.join(base_dir, value)
-            section = _deep_merge(_read_yaml(path), extra)
-            out[key] = section
-            if key == "data" and isinstance(section.get("mixture"), str):
-                section["mixture"] = _absolute(section["mixture"], os.path.dirname(path))
-    data = out.get("data")
-    if isinstance(data, dict) and isinstance(data.get("mixture"), str):
-        data["mixture"] = _absolute(data["mixture"], base_dir)
+            # paths inside the included file are relative to it; override paths to this file
+            included = _absolute_paths(key, _read_yaml(path), os.path.dirname(path))
+            out[key] = _deep_merge(included, _absolute_paths(key, extra, base_dir))
+        elif isinstance(value, dict):
+            out[key] = _absolute_paths(key, value, base_dir)
+    return out
+
+
+def _absolute_paths(section: str, values: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
+    """`values` with the relative file paths of `section` (see `_PATH_KEYS`) made absolute."""
+    out = dict(values)
+    for name in _PATH_KEYS.get(section, ()):
+        if isinstance(out.get(name), str):
+            out[name] = _absolute(out[name], base_dir)
     return out
 
 

@@ -141,10 +141,7 @@ def _read_yaml(path: str) -> Any:
 
 
 def _load_mixture(path: str) -> MixtureConfig:
-    try:
-        return MixtureConfig.from_yaml(path)
-    except ValueError as error:  # names the file and the key; make it a one-line CLI error
-        raise UserInputError(str(error)) from None
+    return MixtureConfig.from_yaml(path)  # errors are UserInputErrors naming file and key
 
 
 def _single_source(path: str) -> MixtureConfig:

@@ -29,6 +29,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 
 from mindspeed_vita.config.base import Section
 from mindspeed_vita.data.source_index import JsonlSource
+from mindspeed_vita.errors import UserInputError
 
 # ------------------------------------------------------------------------------ config
 
@@ -96,7 +97,7 @@ class MixtureConfig(Section):
     def from_yaml(cls, path: str, *, check_files: bool = True) -> "MixtureConfig":
         """Load and validate a mixture YAML; relative paths are resolved from its directory.
 
-        Every error is a `ValueError` that names the file and the key, e.g.
+        Every error is a `UserInputError` (a ValueError) that names the file and the key, e.g.
         ``"mix.yaml: sources[2].ratio: Input should be greater than or equal to 0"``.
         With `check_files`, each source's JSONL must exist.
         """
@@ -104,27 +105,27 @@ class MixtureConfig(Section):
             with open(path, encoding="utf-8") as handle:
                 raw = yaml.safe_load(handle)
         except OSError as error:
-            raise ValueError(f"{path}: cannot read mixture file ({error.strerror})") from None
+            raise UserInputError(f"{path}: cannot read mixture file ({error.strerror})") from None
         except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error})") from None
+            raise UserInputError(f"{path}: not valid YAML ({error})") from None
         base_dir = os.path.dirname(os.path.abspath(path))
         config = cls.from_dict(raw, base_dir=base_dir, origin=path)
         if check_files:
             for index, source in enumerate(config.sources):
                 if not os.path.isfile(source.path):
-                    raise ValueError(f"{path}: sources[{index}].path: no such file {source.path}")
+                    raise UserInputError(f"{path}: sources[{index}].path: no such file {source.path}")
         return config
 
     @classmethod
     def from_dict(cls, raw: Any, *, base_dir: str, origin: str) -> "MixtureConfig":
         """Validate an already-parsed mixture mapping; `origin` names it in error messages."""
         if not isinstance(raw, dict):
-            raise ValueError(f"{origin}: a mixture must be a mapping with key 'sources', "
+            raise UserInputError(f"{origin}: a mixture must be a mapping with key 'sources', "
                              f"got {type(raw).__name__}")
         try:
             return cls.model_validate(raw, context={"base_dir": base_dir})
         except ValidationError as error:
-            raise ValueError(f"{origin}: " + "; ".join(_describe(e) for e in error.errors())) from None
+            raise UserInputError(f"{origin}: " + "; ".join(_describe(e) for e in error.errors())) from None
 
 
 def _describe(error: Dict[str, Any]) -> str:

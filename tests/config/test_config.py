@@ -114,3 +114,28 @@ def test_paper_stage_values():
     assert [s[i].data.packing for i in range(1, 5)] == ["reset", "reset", "joint", "joint"]
     assert s[4].model.lm_head == "logits-masked"
     assert [s[i].training.seed for i in range(1, 5)] == [42, 4242, 424242, 42424242]
+
+
+def test_relative_input_paths_resolve_against_the_file_that_names_them(tmp_path):
+    """model.tokenizer / data.mixture in an included file are relative to that file; the same
+    keys given as overrides in a `from:` mapping are relative to the stage file."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "model" / "m.yaml").write_text(open(TINY).read() + "\ntokenizer: tok\n")
+    (tmp_path / "data" / "d.yaml").write_text("mixture: mix.yaml\nseq_length: 256\n")
+    stage = tmp_path / "stages" / "s.yaml"
+    stage.write_text("model: ../model/m.yaml\ndata: ../data/d.yaml\n")
+    cfg = load_config(str(stage))
+    assert cfg.model.tokenizer == str(tmp_path / "model" / "tok")
+    assert cfg.data.mixture == str(tmp_path / "data" / "mix.yaml")
+
+    stage.write_text("model:\n  from: ../model/m.yaml\n  tokenizer: ../tok2\n"
+                     "data:\n  from: ../data/d.yaml\n  mixture: other.yaml\n")
+    cfg = load_config(str(stage))
+    assert cfg.model.tokenizer == str(tmp_path / "tok2")
+    assert cfg.data.mixture == str(tmp_path / "stages" / "other.yaml")
+
+    # absolute paths and command-line overrides are left as given
+    cfg = load_config(str(stage), ["model.tokenizer=/abs/tok", "data.mixture=rel.yaml"])
+    assert cfg.model.tokenizer == "/abs/tok" and cfg.data.mixture == "rel.yaml"

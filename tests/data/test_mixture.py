@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mindspeed_vita.data.mixture import KeyedPermutation, MixtureConfig, MixtureStream, SourceSpec
+from mindspeed_vita.errors import UserInputError
 
 
 class LengthOnly:
@@ -80,7 +81,7 @@ def test_yaml_resolves_paths_from_its_directory(tmp_path):
 def test_yaml_errors_name_file_and_key(tmp_path, text, key, words):
     (tmp_path / "a.jsonl").write_text("{}\n")
     path = write(tmp_path, text)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UserInputError) as info:
         MixtureConfig.from_yaml(path)
     message = str(info.value)
     assert message.startswith(f"{path}: ") and f"{key}: " in message and words in message, message
@@ -88,7 +89,7 @@ def test_yaml_errors_name_file_and_key(tmp_path, text, key, words):
 
 def test_yaml_that_is_not_a_mapping(tmp_path):
     path = write(tmp_path, "- a\n- b\n")
-    with pytest.raises(ValueError, match="mix.yaml: a mixture must be a mapping"):
+    with pytest.raises(UserInputError, match="mix.yaml: a mixture must be a mapping"):
         MixtureConfig.from_yaml(path)
 
 
