@@ -3,12 +3,17 @@
 `load_pretrained` accepts a native checkpoint (docs/checkpoint-format.md) or an HF InternVL
 directory (converted in memory); it must run after `parallel.process_groups.initialize_parallel`,
 and each tensor-parallel rank takes its own shard whatever tp size the checkpoint was written at.
+
+`build_meta_model` builds the same model on the `meta` device (shapes and dtypes, no storage), so
+the full 14B configuration can be inspected (`parameter_counts`) on any machine.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
+import torch
 from pydantic import ValidationError
 
 from backends.base import Backend
@@ -41,6 +46,71 @@ def build_model(cfg: ModelConfig, backend: Backend, *, tokenizer,
             f"the checkpoint with `mindspeed-vita convert import-hf`, which grows it")
     return LongVitaModel(cfg, backend, context_token_ids=sorted(tokenizer.context_token_ids),
                          sequence_parallel=sequence_parallel, recompute=recompute)
+
+
+class _MetaDeviceBackend:
+    """`backend` with `device()` answering `meta`, everything else delegated: the model moves
+    its modules to `backend.device()` after building them, which must not materialise them."""
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device("meta")
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+
+@contextlib.contextmanager
+def _allocate_on_meta() -> Iterator[None]:
+    """Every tensor created inside the block lives on the meta device.
+
+    `torch.device("meta")` covers allocations that name no device. megatron-core also allocates
+    with an explicit `device=torch.cuda.current_device()` (which the CPU backend's shim answers
+    with "cpu"); an explicit device wins over the default, so `current_device` answers "meta"
+    for the duration of the block and is restored afterwards, whatever it was before.
+    """
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: torch.device("meta")
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.cuda.current_device = original
+
+
+def build_meta_model(cfg: ModelConfig, backend: Backend, *, sequence_parallel: bool = False):
+    """A `LongVitaModel` for `cfg` whose parameters live on the `meta` device: every shape and
+    dtype as the real model, no memory, no initialisation cost (the 14B model builds in well
+    under a second). For parameter counts and shape checks; it cannot run.
+
+    Needs megatron's parallel state like `build_model`; under tensor parallel the parameters
+    are this rank's shards. The context-token buffer is empty (no tokenizer is needed).
+    """
+    from mindspeed_vita.models.vlm import LongVitaModel
+
+    with _allocate_on_meta():
+        model = LongVitaModel(cfg, _MetaDeviceBackend(backend), context_token_ids=(),
+                              sequence_parallel=sequence_parallel)
+    on_other_devices = sorted({str(t.device) for t in model.state_dict().values()
+                               if isinstance(t, torch.Tensor) and not t.is_meta})
+    if on_other_devices:
+        raise RuntimeError(f"build_meta_model: some tensors were allocated on "
+                           f"{', '.join(on_other_devices)} instead of meta")
+    return model
+
+
+#: the parts `parameter_counts` reports, in model order
+PARTS = ("vision", "projector", "language")
+
+
+def parameter_counts(model: torch.nn.Module) -> Dict[str, int]:
+    """`{"vision": n, "projector": n, "language": n, "total": n}`: parameters of each part of a
+    `LongVitaModel` (this rank's shards under tensor parallel; a tied embedding counts once)."""
+    counts = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in PARTS}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
 
 
 def checkpoint_kind(path: str) -> str:
