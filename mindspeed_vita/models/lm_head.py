@@ -20,6 +20,12 @@ sequence parallelism the hidden rows go through `copy_to_tensor_model_parallel_r
 local sequence shard is all-gathered over TP (`gather_from_sequence_parallel_region`, whose
 backward reduce-scatters). Both are no-ops at TP = 1. megatron's `parallel_state` must be
 initialised (at TP = 1 too), because the cross entropy reduces over the TP group.
+
+Padded vocabulary: the output layer has `V_pad >= vocab_size` rows (padded so every TP rank gets
+an equal, aligned slice). A head given the real `vocab_size` sets the logits of the padding ids
+(global id >= vocab_size; this rank's first global id is `tp_rank * v_local`) to -inf, so they
+take no part in the log-sum-exp of the loss (their gradient is 0) nor in sampling, whatever the
+padding rows of the weight hold (zeros after an import, random values after a fresh init).
 """
 from __future__ import annotations
 
@@ -53,10 +59,14 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"lm head: labels must be int64/int32 token ids, got {labels.dtype}")
 
 
-def _check_label_range(targets: torch.Tensor, vocab_local: int) -> None:
-    """Reject labels outside the (padded) vocabulary: megatron's cross entropy would silently
-    treat them as 'no rank owns this id' and return log-sum-exp as the loss."""
+def _check_label_range(targets: torch.Tensor, vocab_local: int,
+                       vocab_size: Optional[int]) -> None:
+    """Reject labels outside the vocabulary: megatron's cross entropy would silently treat them
+    as 'no rank owns this id' and return log-sum-exp as the loss; a padding id (>= the real
+    `vocab_size`) has a -inf logit and would give an infinite loss."""
     vocab_total = vocab_local * parallel_state.get_tensor_model_parallel_world_size()
+    if vocab_size is not None:
+        vocab_total = min(vocab_total, vocab_size)
     supervised = targets != IGNORE_INDEX
     bad = supervised & ((targets < 0) | (targets >= vocab_total))
     if bool(bad.any()):
@@ -64,6 +74,26 @@ def _check_label_range(targets: torch.Tensor, vocab_local: int) -> None:
         raise ValueError(
             f"lm head: label id {value} is outside the vocabulary [0, {vocab_total}) and is not "
             f"the ignore index {IGNORE_INDEX}")
+
+
+def _padding_columns(v_local: int, vocab_size: Optional[int]) -> Optional[int]:
+    """First local column of this rank's vocabulary shard that is padding (global id >=
+    `vocab_size`), or None when the shard has no padding column."""
+    if vocab_size is None:
+        return None
+    offset = parallel_state.get_tensor_model_parallel_rank() * v_local
+    first = max(vocab_size - offset, 0)
+    return first if first < v_local else None
+
+
+def mask_padding_logits_(logits: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    """Set the columns of padding ids of this rank's logits `[..., v_local]` to -inf, in place
+    (no second logits-sized buffer; the projection's backward does not need its output), and
+    return them. The backward gives those columns a zero gradient."""
+    first = _padding_columns(logits.shape[-1], vocab_size)
+    if first is not None:
+        logits[..., first:] = float("-inf")
+    return logits
 
 
 def _tp_rows(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
@@ -91,10 +121,14 @@ def _flatten(hidden: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, 
     return hidden.reshape(s * b, h), labels.t().reshape(s * b)
 
 
-def rows_loss_sum(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def rows_loss_sum(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  vocab_size: Optional[int] = None) -> torch.Tensor:
     """Sum of the fp32 vocab-parallel cross entropy of `rows [n, h]` against `targets [n]`;
-    rows whose target is IGNORE_INDEX contribute 0 (value and gradient)."""
-    logits = F.linear(rows, weight)  # [n, v_local], in the compute dtype
+    rows whose target is IGNORE_INDEX contribute 0 (value and gradient). With `vocab_size`,
+    padding ids (global id >= vocab_size) are left out of the softmax."""
+    # [n, v_local], in the compute dtype. NOTE: megatron's max is all-reduced over TP before it
+    # is subtracted, so a shard of only -inf columns gives exp() = 0 there, never NaN.
+    logits = mask_padding_logits_(F.linear(rows, weight), vocab_size)
     per_row = tensor_parallel.vocab_parallel_cross_entropy(logits, targets)  # fp32 [n]
     # NOTE: megatron's cross entropy gives ignored rows their log-sum-exp, not 0: mask it out.
     per_row = torch.where(targets != IGNORE_INDEX, per_row, per_row.new_zeros(()))
@@ -112,7 +146,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, targets, chunk_size):
+    def forward(ctx, rows, weight, targets, chunk_size, vocab_size):
         want_grad_rows, want_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss_sum = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad_rows = torch.zeros_like(rows) if want_grad_rows else None
@@ -122,12 +156,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             chunk_rows = rows[start:start + chunk_size]
             chunk_targets = targets[start:start + chunk_size]
             if not (want_grad_rows or want_grad_weight):
-                loss_sum += rows_loss_sum(chunk_rows, weight, chunk_targets)
+                loss_sum += rows_loss_sum(chunk_rows, weight, chunk_targets, vocab_size)
                 continue
             with torch.enable_grad():
                 rows_leaf = chunk_rows.detach().requires_grad_(want_grad_rows)
                 weight_leaf = weight.detach().requires_grad_(want_grad_weight)
-                chunk_loss = rows_loss_sum(rows_leaf, weight_leaf, chunk_targets)
+                chunk_loss = rows_loss_sum(rows_leaf, weight_leaf, chunk_targets, vocab_size)
                 leaves = [t for t in (rows_leaf, weight_leaf) if t.requires_grad]
                 grads = list(torch.autograd.grad(chunk_loss, leaves))
             if want_grad_rows:
@@ -146,15 +180,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_rows = grad_rows * grad_loss.to(grad_rows.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_rows, grad_weight, None, None
+        return grad_rows, grad_weight, None, None, None
 
 
 # ------------------------------------------------------------------------------- the heads
 class LMHead(abc.ABC):
     """Vocabulary projection + loss. All heads give the same values; they differ in memory and
-    time. Use `build_lm_head` to make one from the config name."""
+    time. Use `build_lm_head` to make one from the config name.
+
+    `vocab_size`: the real vocabulary size (`language.vocab_size`); the logits of padding ids
+    beyond it are -inf in the loss and in the returned logits. None: every column is real.
+    """
 
     name: str = ""
+
+    def __init__(self, vocab_size: Optional[int] = None) -> None:
+        if vocab_size is not None and vocab_size <= 0:
+            raise ValueError(f"lm head: vocab_size must be positive, got {vocab_size}")
+        self.vocab_size = vocab_size
 
     def loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
              sequence_parallel: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +212,7 @@ class LMHead(abc.ABC):
         rows_all = _tp_rows(hidden, sequence_parallel)
         _check_inputs(rows_all, weight, labels)
         rows, targets = _flatten(rows_all, labels.long())
-        _check_label_range(targets, weight.shape[0])
+        _check_label_range(targets, weight.shape[0], self.vocab_size)
         num_label_tokens = (targets != IGNORE_INDEX).sum()
         return self._loss_sum(rows, weight, targets, sequence_parallel), num_label_tokens
 
@@ -180,7 +223,8 @@ class LMHead(abc.ABC):
 
     def logits_for_rows(self, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, *,
                         sequence_parallel: bool = False) -> torch.Tensor:
-        """Local-vocabulary logits `[n_rows, v_local]` (compute dtype) of the given rows.
+        """Local-vocabulary logits `[n_rows, v_local]` (compute dtype) of the given rows, -inf in
+        the columns of padding ids.
 
         `rows` is a 1-D int tensor of sequence-major row indices (`pos * b + batch`) into the
         full sequence. The caller all-gathers the vocabulary shards of this small result.
@@ -193,7 +237,8 @@ class LMHead(abc.ABC):
             raise ValueError(f"lm head: row indices must lie in [0, {n}) for hidden of shape "
                              f"{tuple(hidden.shape)}, got range [{int(rows.min())}, "
                              f"{int(rows.max())}]")
-        return self._logits_for_rows(hidden.reshape(n, hidden.shape[2]), weight, rows)
+        logits = self._logits_for_rows(hidden.reshape(n, hidden.shape[2]), weight, rows)
+        return mask_padding_logits_(logits, self.vocab_size)
 
     def last_row_logits(self, hidden: torch.Tensor, weight: torch.Tensor, *,
                         sequence_parallel: bool = False) -> torch.Tensor:
@@ -217,7 +262,8 @@ class FullHead(LMHead):
     name = "full"
 
     def _loss_sum(self, rows, weight, targets, sequence_parallel):
-        return rows_loss_sum(_into_tp_region(rows, sequence_parallel), weight, targets)
+        return rows_loss_sum(_into_tp_region(rows, sequence_parallel), weight, targets,
+                             self.vocab_size)
 
     def _logits_for_rows(self, flat, weight, rows):
         # The original inference path: project the whole sequence, keep the rows asked for.
@@ -229,14 +275,16 @@ class ChunkedHead(LMHead):
 
     name = "chunked"
 
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, chunk_size: int, vocab_size: Optional[int] = None) -> None:
+        super().__init__(vocab_size)
         if chunk_size <= 0:
             raise ValueError(f"lm head: lm_head_chunk_size must be positive, got {chunk_size}")
         self.chunk_size = int(chunk_size)
 
     def _loss_sum(self, rows, weight, targets, sequence_parallel):
         rows = _into_tp_region(rows, sequence_parallel)
-        return _ChunkedLinearCrossEntropy.apply(rows, weight, targets, self.chunk_size)
+        return _ChunkedLinearCrossEntropy.apply(rows, weight, targets, self.chunk_size,
+                                                self.vocab_size)
 
     def _logits_for_rows(self, flat, weight, rows):
         # Chunked inference path: project the sequence chunk by chunk (peak one chunk of
@@ -270,23 +318,27 @@ class LogitsMaskedHead(LMHead):
         # Select first, then enter the TP region: the backward all-reduce only moves the
         # selected rows. Every TP rank holds the same labels, so the selections agree.
         chosen = _into_tp_region(rows.index_select(0, selected), sequence_parallel)
-        return rows_loss_sum(chosen, weight, targets.index_select(0, selected))
+        return rows_loss_sum(chosen, weight, targets.index_select(0, selected),
+                             self.vocab_size)
 
     def _logits_for_rows(self, flat, weight, rows):
         return F.linear(flat.index_select(0, rows), weight)
 
 
-def build_lm_head(name: str, chunk_size: int = 4096) -> LMHead:
+def build_lm_head(name: str, chunk_size: int = 4096,
+                  vocab_size: Optional[int] = None) -> LMHead:
     """The head the config key `model.lm_head` names; `chunk_size` is
-    `model.lm_head_chunk_size` (used by the chunked head only)."""
+    `model.lm_head_chunk_size` (used by the chunked head only); `vocab_size` is the real
+    vocabulary size `language.vocab_size` (the padding ids beyond it are masked), None when
+    the weight has no padding rows."""
     if name == "full":
-        return FullHead()
+        return FullHead(vocab_size)
     if name == "chunked":
-        return ChunkedHead(chunk_size)
+        return ChunkedHead(chunk_size, vocab_size)
     if name == "logits-masked":
-        return LogitsMaskedHead()
+        return LogitsMaskedHead(vocab_size)
     raise ValueError(f"model.lm_head: unknown head {name!r}; choose one of {', '.join(HEAD_NAMES)}")
 
 
 __all__ = ["IGNORE_INDEX", "HEAD_NAMES", "LMHead", "FullHead", "ChunkedHead", "LogitsMaskedHead",
-           "build_lm_head", "rows_loss_sum"]
+           "build_lm_head", "mask_padding_logits_", "rows_loss_sum"]

@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mindspeed_vita.config.model import ProjectorConfig
 
@@ -74,10 +75,15 @@ class VisionProjector(nn.Module):
         cfg: projector config (variant, downsample ratio, LayerNorm eps).
         vit_width: ViT hidden size C.
         llm_hidden: language model hidden size.
+        recompute: keep only the input for backward and recompute pixel shuffle, norm and MLP
+            there (activation checkpointing, as stage 2's "vision" recompute does for ViT and
+            projector). May also be toggled later through `self.recompute`.
     """
 
-    def __init__(self, cfg: ProjectorConfig, vit_width: int, llm_hidden: int):
+    def __init__(self, cfg: ProjectorConfig, vit_width: int, llm_hidden: int,
+                 recompute: bool = False):
         super().__init__()
+        self.recompute = recompute
         self.ratio = cfg.downsample_ratio
         self.variant = cfg.variant
         factor = shuffle_factor(cfg.downsample_ratio)
@@ -110,5 +116,14 @@ class VisionProjector(nn.Module):
                 raise ValueError(
                     f"grid_hw={grid_hw} does not match {vit_features.shape[1]} patches")
             vit_features = vit_features.reshape(vit_features.shape[0], h, w, self.vit_width)
+        if self.recompute and torch.is_grad_enabled():
+            # NOTE: no dropout here, so no RNG state needs restoring in the recompute
+            # (preserve_rng_state=False also keeps torch.utils.checkpoint device-agnostic).
+            return checkpoint(self._project, vit_features, use_reentrant=False,
+                              preserve_rng_state=False)
+        return self._project(vit_features)
+
+    def _project(self, vit_features: torch.Tensor) -> torch.Tensor:
+        """Pixel shuffle -> norm -> fc1 -> GELU -> fc2 (what `recompute` reruns in backward)."""
         x = pixel_shuffle(vit_features, self.ratio)
         return self.fc2(F.gelu(self.fc1(self.norm(x))))

@@ -56,7 +56,8 @@ class LongVitaModel(torch.nn.Module):
 
     `context_token_ids`: token ids whose embedding rows receive visual features (from the
     tokenizer). Needs megatron's parallel state (`parallel.process_groups.initialize_parallel`).
-    `recompute`: "none" | "vision" (ViT + projector) | "full" (ViT and every decoder layer).
+    `recompute`: "none" | "vision" (ViT + projector) | "full" (ViT, projector and every decoder
+    layer).
     """
 
     def __init__(self, cfg: ModelConfig, backend: Backend, *, context_token_ids: Sequence[int],
@@ -67,14 +68,18 @@ class LongVitaModel(torch.nn.Module):
         self.sequence_parallel = sequence_parallel
         dtype = getattr(torch, cfg.params_dtype)
         device = backend.device()
-        self.vision = InternViT(cfg.vision, backend, recompute=recompute in ("vision", "full")).to(
+        recompute_visual = recompute in ("vision", "full")
+        self.vision = InternViT(cfg.vision, backend, recompute=recompute_visual).to(
             device=device, dtype=dtype)
         self.projector = VisionProjector(cfg.projector, cfg.vision.hidden_size,
-                                         cfg.language.hidden_size).to(device=device, dtype=dtype)
+                                         cfg.language.hidden_size, recompute=recompute_visual
+                                         ).to(device=device, dtype=dtype)
         self.language = Qwen2LanguageModel(cfg.language, backend, dtype,
                                            sequence_parallel=sequence_parallel,
                                            recompute=recompute == "full")
-        self.head = build_lm_head(cfg.lm_head, cfg.lm_head_chunk_size)
+        # the real vocabulary size: the head masks the TP padding ids out of loss and logits
+        self.head = build_lm_head(cfg.lm_head, cfg.lm_head_chunk_size,
+                                  vocab_size=cfg.language.vocab_size)
         self.register_buffer("context_token_ids",
                              torch.tensor(sorted(set(int(i) for i in context_token_ids)),
                                           dtype=torch.long, device=device), persistent=False)
@@ -103,15 +108,25 @@ class LongVitaModel(torch.nn.Module):
         features = self.encode_visual(pixel_values).to(embeddings.dtype)
         # index of each context token's feature row, row-major over [b, s]
         order = (is_context.reshape(-1).cumsum(0) - 1).view_as(is_context)
+        mask = is_context.t()  # [s, b], the layout of the embeddings
+        rows = features.index_select(0, order.t()[mask])  # sequence-major, as mask selects
+        if not self.sequence_parallel:
+            out = embeddings.clone()
+            out[mask] = rows
+            return out
+        # Sequence parallel: every TP rank encodes all tiles, but holds only its slice of the
+        # sequence. Write the features into a full [s, b, h] tensor and scatter it like the
+        # text embeddings: the scatter's backward all-gathers the gradient, so every rank's
+        # vision tower and projector get the gradient of ALL feature rows (the same full
+        # gradient on every TP rank, as at TP=1), not just that of its own slice.
+        visual = features.new_zeros(mask.shape + (features.shape[-1],))
+        visual[mask] = rows
+        visual = tensor_parallel.scatter_to_sequence_parallel_region(
+            visual, group=parallel_state.get_tensor_model_parallel_group())
         s_local = embeddings.shape[0]
-        start = 0
-        if self.sequence_parallel:
-            start = parallel_state.get_tensor_model_parallel_rank() * s_local
-        local_mask = is_context[:, start:start + s_local].t()  # [s_local, b]
-        local_rows = order[:, start:start + s_local].t()[local_mask]
-        out = embeddings.clone()
-        out[local_mask] = features.index_select(0, local_rows)
-        return out
+        start = parallel_state.get_tensor_model_parallel_rank() * s_local
+        local_mask = mask[start:start + s_local].unsqueeze(-1)  # [s/tp, b, 1]
+        return torch.where(local_mask, visual, embeddings)
 
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -78,6 +78,39 @@ def test_long_vita_variant_is_a_bias_free_vit_width_bottleneck():
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("grid_hw", [None, (4, 6)])
+def test_recompute_gives_same_output_and_grads_and_saves_nothing(grid_hw):
+    """recompute=True: the same output and gradients (bit-identical), nothing but the input saved
+    for backward, and the norm runs again in backward."""
+    from mindspeed_vita.bench.common import saved_tensor_bytes
+
+    n_patches = 64 if grid_hw is None else 24
+    features = torch.randn(3, n_patches, VIT, generator=torch.Generator().manual_seed(1))
+    plain = VisionProjector(ProjectorConfig(), VIT, LLM)
+    recomputed = VisionProjector(ProjectorConfig(), VIT, LLM, recompute=True)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_()
+    recomputed.load_state_dict(plain.state_dict())
+    results = {}
+    for name, projector in (("plain", plain), ("recomputed", recomputed)):
+        calls = [0]
+        projector.norm.register_forward_pre_hook(lambda m, i: calls.__setitem__(0, calls[0] + 1))
+        x = features.clone().requires_grad_()
+        out = projector(x, grid_hw)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        saved = saved_tensor_bytes(lambda: projector(x, grid_hw))
+        results[name] = (out.detach(), x.grad, {n: p.grad for n, p in projector.named_parameters()},
+                         calls[0], saved)
+    (out, dx, grads, calls, saved), (out_rc, dx_rc, grads_rc, calls_rc, saved_rc) = (
+        results["plain"], results["recomputed"])
+    assert torch.equal(out, out_rc) and torch.equal(dx, dx_rc)
+    assert all(torch.equal(grads[n], grads_rc[n]) for n in grads)
+    assert (calls, calls_rc) == (2, 3)  # plain: two forwards; recomputed: + one recompute
+    assert saved > 3 * features.numel() * 4  # input, shuffled, normed, fc1 and GELU outputs
+    assert saved_rc == features.numel() * 4  # the input only
+
+
 def hf_projector(seed: int) -> InternVLMultiModalProjector:
     config = InternVLConfig(
         vision_config=dict(hidden_size=VIT, num_hidden_layers=1, num_attention_heads=2,
