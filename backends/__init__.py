@@ -51,13 +51,32 @@ def resolve_backend_name(name: Optional[str] = None) -> str:
     return "cpu"
 
 
+def backend_options_for(cls: Type[Backend], options: Dict[str, object]) -> Dict[str, object]:
+    """The subset of `options` (config section `backend_options`) that backend `cls` takes.
+
+    Options of other backends are dropped, so one config runs on every backend; a name that
+    no backend knows is an error naming it.
+    """
+    known = set()
+    for name in CHOICES[1:]:
+        known.update(_backend_class(name).option_names)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BackendUnavailableError(
+            f"unknown backend option(s) {', '.join(map(repr, unknown))} (config section "
+            f"'backend_options'); known: {', '.join(sorted(known))}")
+    return {k: v for k, v in options.items() if k in cls.option_names}
+
+
 def get_backend(name: Optional[str] = None, **options) -> Backend:
     """Return the (cached) backend `name` selects, raising BackendUnavailableError with one
-    clear sentence when it cannot run on this machine."""
+    clear sentence when it cannot run on this machine. `options` are the config's
+    `backend_options`; each backend receives the ones it takes (`Backend.option_names`)."""
     resolved = resolve_backend_name(name)
+    cls = _backend_class(resolved)
+    options = backend_options_for(cls, options)
     key = resolved + repr(sorted(options.items()))
     if key not in _cache:
-        cls = _backend_class(resolved)
         why = cls.probe()
         if why is not None:
             raise BackendUnavailableError(why)
@@ -65,5 +84,5 @@ def get_backend(name: Optional[str] = None, **options) -> Backend:
     return _cache[key]
 
 
-__all__ = ["Backend", "BackendUnavailableError", "get_backend", "resolve_backend_name", "ENV_VAR",
-           "CHOICES"]
+__all__ = ["Backend", "BackendUnavailableError", "backend_options_for", "get_backend",
+           "resolve_backend_name", "ENV_VAR", "CHOICES"]

@@ -47,6 +47,10 @@ class Backend(abc.ABC):
     #: dtype benchmarks and demos compute in by default (bf16 on accelerators, fp32 on CPU)
     default_compute_dtype: torch.dtype = torch.bfloat16
 
+    #: keyword options (config section `backend_options`) this backend's constructor takes;
+    #: `get_backend` drops the others, so one config runs on every backend
+    option_names: Tuple[str, ...] = ()
+
     # ------------------------------------------------------------------ runtime
     @classmethod
     @abc.abstractmethod
@@ -54,11 +58,16 @@ class Backend(abc.ABC):
         """Return None when this backend can run here, else one sentence saying why not."""
 
     @abc.abstractmethod
-    def device(self, local_rank: int = 0) -> torch.device:
-        """The torch device for this process (local_rank selects the accelerator)."""
+    def device(self, local_rank: Optional[int] = None) -> torch.device:
+        """The torch device of this process.
+
+        Without an argument: the accelerator `set_device` bound (the current device), so model
+        code on rank r of a node lands on accelerator r. With `local_rank`: that accelerator.
+        """
 
     def set_device(self, local_rank: int = 0) -> None:
-        """Bind this process to its accelerator before the process group starts."""
+        """Bind this process to its accelerator before the process group starts (the launcher's
+        LOCAL_RANK); `device()` then returns it."""
 
     def seed(self, seed: int) -> None:
         """Seed the host and device generators."""

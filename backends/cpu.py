@@ -48,7 +48,7 @@ class CPUBackend(Backend):
     def probe(cls) -> Optional[str]:
         return None
 
-    def device(self, local_rank: int = 0) -> torch.device:
+    def device(self, local_rank: Optional[int] = None) -> torch.device:
         return torch.device("cpu")
 
     @staticmethod
@@ -81,6 +81,12 @@ class CPUBackend(Backend):
     # ---------------------------------------------------------------- attention
     @staticmethod
     def _dense_forward(q, k, v, causal, scale):
+        if k.shape[1] == 0:
+            # no key at all: every row is fully masked (output 0, lse -inf); the CPU kernel
+            # would divide by zero (SIGFPE) on an empty key axis
+            out = q.new_zeros(q.shape[:-1] + v.shape[-1:])
+            return out, q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"),
+                                   dtype=torch.float32)
         # kernel layout is [b, n, s, d]; ours is [b, s, n, d]
         out, lse = _flash_cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0,
                               causal, scale=scale)
@@ -88,6 +94,8 @@ class CPUBackend(Backend):
 
     @staticmethod
     def _dense_backward(dout, q, k, v, out, lse, causal, scale):
+        if k.shape[1] == 0 or q.shape[1] == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
         dq, dk, dv = _flash_cpu_backward(t(dout), t(q), t(k), t(v), t(out), lse.contiguous(),
                                          0.0, causal, scale=scale)

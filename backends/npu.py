@@ -94,6 +94,7 @@ class NPUBackend(Backend):
 
     name = "npu"
     dist_backend = "hccl"
+    option_names = ("use_mindspeed",)
 
     def __init__(self, torch_npu_module=None, *, use_mindspeed: bool = False) -> None:
         """`torch_npu_module`: the torch_npu module to call (tests pass the CPU fake); imported
@@ -123,8 +124,9 @@ class NPUBackend(Backend):
             available = False
         return None if available else _no_device_sentence()
 
-    def device(self, local_rank: int = 0) -> torch.device:
-        return torch.device("npu", local_rank)
+    def device(self, local_rank: Optional[int] = None) -> torch.device:
+        index = self._npu.current_device() if local_rank is None else local_rank
+        return torch.device("npu", index)
 
     def set_device(self, local_rank: int = 0) -> None:
         self._npu.set_device(local_rank)
