@@ -356,7 +356,17 @@ _PRESENCE_KEYS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 )
 
 
-def _config_value(cfg: ModelConfig, dotted: str):
+def config_keys_for(name: str, *, shape: bool) -> Tuple[str, ...]:
+    """The model config keys (dotted, e.g. "vision.hidden_size") that set the shape of the
+    native tensor `name` (`shape=True`) or whether it exists at all (`shape=False`)."""
+    for pattern, candidates in (_SHAPE_KEYS if shape else _PRESENCE_KEYS):
+        if re.fullmatch(pattern, name):
+            return candidates
+    return ()
+
+
+def config_value(cfg: ModelConfig, dotted: str):
+    """The value of the dotted config key `dotted` ("language.hidden_size") in `cfg`."""
     value: Any = cfg
     for part in dotted.split("."):
         value = getattr(value, part)
@@ -365,15 +375,11 @@ def _config_value(cfg: ModelConfig, dotted: str):
 
 def _explain(name: str, table, model_cfg: ModelConfig, ckpt_cfg: Optional[ModelConfig]) -> str:
     """'language.hidden_size (config 64, checkpoint 32), ...' for the config keys of `name`."""
-    keys: Tuple[str, ...] = ()
-    for pattern, candidates in table:
-        if re.fullmatch(pattern, name):
-            keys = candidates
-            break
+    keys = config_keys_for(name, shape=table is _SHAPE_KEYS)
     parts = []
     for key in keys:
-        mine = _config_value(model_cfg, key)
-        theirs = None if ckpt_cfg is None else _config_value(ckpt_cfg, key)
+        mine = config_value(model_cfg, key)
+        theirs = None if ckpt_cfg is None else config_value(ckpt_cfg, key)
         if ckpt_cfg is not None and theirs != mine:
             parts.append(f"{key} (config {mine!r}, checkpoint {theirs!r})")
         else:

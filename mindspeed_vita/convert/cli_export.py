@@ -41,6 +41,7 @@ def run(args) -> int:
         print("note: the long-vita projector has no transformers equivalent; it is written as "
               "long_vita_projector.* (config.json: mindspeed_vita.projector_variant) and only "
               "mindspeed-vita can run it", flush=True)
-    files = export_internvl(native, args.dst)
+    where = f"checkpoint {args.src!r} (config in its mindspeed_vita.json)"
+    files = export_internvl(native, args.dst, where=where)
     _progress(3, total, f"done: {args.dst} (config.json, {', '.join(files)}, tokenizer files)")
     return 0

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
@@ -84,15 +86,20 @@ def read_json(path: str) -> dict:
 def read_hf_weights(path: str) -> StateDict:
     """Every tensor of an HF model directory: `model.safetensors`, a sharded safetensors index,
     or `pytorch_model.bin` (read with `weights_only=True`)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     def load_one(file: str) -> StateDict:
         full = os.path.join(path, file)
         if not os.path.isfile(full):
             raise CheckpointError(f"{path}: weight file {file} is missing")
-        if file.endswith(".safetensors"):
-            return load_file(full)
-        return torch.load(full, map_location="cpu", weights_only=True)
+        try:
+            if file.endswith(".safetensors"):
+                return load_file(full)
+            return torch.load(full, map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+            # truncated downloads are the usual cause; safetensors / torch say why in one line
+            raise CheckpointError(f"cannot read weight file {full}: {exc}") from exc
 
     for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
         index_path = os.path.join(path, index_name)
@@ -183,6 +190,8 @@ def fit_vocabulary(qwen2_state: StateDict, cfg: LanguageConfig, added_ids: List[
     keys = ["model.embed_tokens.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
     state = dict(qwen2_state)
     for key in keys:
+        if key not in state:
+            continue  # qwen2_to_native_language names the missing tensor
         table = state[key]
         if vocab > table.shape[0]:
             table = torch.cat((table, table.new_zeros(vocab - table.shape[0], table.shape[1])))
@@ -193,6 +202,111 @@ def fit_vocabulary(qwen2_state: StateDict, cfg: LanguageConfig, added_ids: List[
         table[torch.tensor(added_ids)] = mean
         state[key] = table
     return state, cfg.model_copy(update={"vocab_size": vocab})
+
+
+# ------------------------------------------------------ config keys in messages
+#: native config key -> the key of an HF InternVL config.json that sets it
+INTERNVL_CONFIG_KEYS = {
+    "vision.hidden_size": "vision_config.hidden_size",
+    "vision.intermediate_size": "vision_config.intermediate_size",
+    "vision.num_layers": "vision_config.num_hidden_layers",
+    "vision.num_heads": "vision_config.num_attention_heads",
+    "vision.image_size": "vision_config.image_size",
+    "vision.patch_size": "vision_config.patch_size",
+    "vision.qkv_bias": "vision_config.attention_bias",
+    "projector.variant": f"{EXTRA_CONFIG_KEY}.projector_variant",
+    "projector.downsample_ratio": "downsample_ratio",
+    "language.hidden_size": "text_config.hidden_size",
+    "language.ffn_hidden_size": "text_config.intermediate_size",
+    "language.num_attention_heads": "text_config.num_attention_heads",
+    "language.num_query_groups": "text_config.num_key_value_heads",
+    "language.vocab_size": "text_config.vocab_size",
+    "language.num_layers": "text_config.num_hidden_layers",
+    "language.tie_word_embeddings": "tie_word_embeddings",
+    "language.make_vocab_size_divisible_by": f"{EXTRA_CONFIG_KEY}.make_vocab_size_divisible_by",
+}
+#: native config key -> the key of a Qwen2 causal-LM config.json
+QWEN2_CONFIG_KEYS = {k: v.removeprefix("text_config.") for k, v in INTERNVL_CONFIG_KEYS.items()
+                     if v.startswith("text_config.")}
+#: native config key -> the key of an original InternViT config.json
+INTERNVIT_CONFIG_KEYS = {k: v.removeprefix("vision_config.") for k, v in
+                         INTERNVL_CONFIG_KEYS.items() if v.startswith("vision_config.")}
+INTERNVIT_CONFIG_KEYS["vision.qkv_bias"] = "qkv_bias"
+
+
+def source_config_keys(message: str, key_names: Mapping[str, str], config_file: str) -> str:
+    """`message` with each native config key ("language.ffn_hidden_size=96") spelled as in the
+    source `config_file` ("text_config.intermediate_size=96"), the file named at the end."""
+    alternatives = "|".join(re.escape(k) for k in sorted(key_names, key=len, reverse=True))
+    pattern = re.compile(r"\b(" + alternatives + r")=")
+    renamed, count = pattern.subn(lambda m: key_names[m.group(1)] + "=", message)
+    return f"{renamed} (set in {config_file})" if count else message
+
+
+def expected_native_shapes(cfg: ModelConfig, parts: Tuple[str, ...] = ("vision", "projector",
+                                                                         "language")
+                           ) -> Dict[str, tuple]:
+    """Shape of every tensor of the full (tp=1) native state of `cfg`, for the given parts.
+    Vision and projector come from their modules built on the meta device (no memory even at
+    full size), the language from `qwen2_weights.native_language_shapes`."""
+    from mindspeed_vita.convert.qwen2_weights import native_language_shapes
+    from mindspeed_vita.models.projector import VisionProjector
+    from mindspeed_vita.models.vision import InternViT
+
+    shapes: Dict[str, tuple] = {}
+    with torch.device("meta"):
+        if "vision" in parts:
+            shapes.update({"vision." + k: tuple(v.shape)
+                           for k, v in InternViT(cfg.vision, None).state_dict().items()})
+        if "projector" in parts:
+            projector = VisionProjector(cfg.projector, cfg.vision.hidden_size,
+                                        cfg.language.hidden_size)
+            shapes.update({"projector." + k: tuple(v.shape)
+                           for k, v in projector.state_dict().items()})
+    if "language" in parts:
+        shapes.update({"language." + k: v
+                       for k, v in native_language_shapes(cfg.language).items()})
+    return shapes
+
+
+def check_native_shapes(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str, *,
+                        parts: Tuple[str, ...] = ("vision", "projector", "language"),
+                        config_file: Optional[str] = None,
+                        key_names: Optional[Mapping[str, str]] = None) -> None:
+    """CheckpointError unless the tensors of the full native `state` under `parts` are exactly
+    those `cfg` builds, with the same shapes. The message names the tensor, both shapes and the
+    config keys that set them, spelled as in `config_file` when `key_names` maps them.
+
+    Import runs it on the vision / projector tensors (the Qwen2 conversion checks the language)
+    and export on everything, so a directory whose config disagrees with its weights is
+    refused before anything is written."""
+    from mindspeed_vita.convert.checkpoint import config_keys_for, config_value
+
+    expected = expected_native_shapes(cfg, parts)
+    got = {k: tuple(v.shape) for k, v in state.items() if k.split(".", 1)[0] in parts}
+
+    def keys(name: str) -> str:
+        names = config_keys_for(name, shape=False) or config_keys_for(name, shape=True)
+        return describe(names)
+
+    def describe(names) -> str:
+        text = ", ".join(f"{k}={config_value(cfg, k)!r}" for k in names)
+        if key_names and config_file:
+            text = source_config_keys(text, key_names, config_file)
+        return text
+
+    for name in expected:
+        if name not in got:
+            raise CheckpointError(f"{where}: no tensor {name!r}, which the config calls for "
+                                  f"({keys(name)})")
+        if got[name] != expected[name]:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {got[name]} but the "
+                                  f"config gives {expected[name]}: the shape follows "
+                                  f"{describe(config_keys_for(name, shape=True))}")
+    for name in got:
+        if name not in expected:
+            raise CheckpointError(f"{where}: tensor {name!r} is not part of the model the "
+                                  f"config describes ({keys(name)})")
 
 
 # ------------------------------------------------------------------- config
@@ -405,8 +519,11 @@ def split_internvl_state(state: Mapping[str, torch.Tensor], where: str) -> Inter
     return InternVLParts(vision, projector, projector_prefix, qwen2)
 
 
-def parts_to_native(parts: InternVLParts, cfg: ModelConfig, where: str) -> StateDict:
-    """The parts of an HF InternVL state -> the full (tp=1) `LongVitaModel` state."""
+def parts_to_native(parts: InternVLParts, cfg: ModelConfig, where: str,
+                    config_file: Optional[str] = None) -> StateDict:
+    """The parts of an HF InternVL state -> the full (tp=1) `LongVitaModel` state; every tensor
+    is checked against `cfg` (CheckpointError naming the tensor and the config.json keys of
+    `config_file` that set its shape)."""
     long_vita = parts.projector_prefix == LONG_VITA_PROJECTOR_PREFIX
     if long_vita != (cfg.projector.variant == "long-vita"):
         raise CheckpointError(
@@ -421,7 +538,11 @@ def parts_to_native(parts: InternVLParts, cfg: ModelConfig, where: str) -> State
                        hf_to_native_projector(parts.projector, parts.projector_prefix).items()})
     except WeightMappingError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
-    native.update(qwen2_to_native_language(parts.qwen2, cfg.language, where))
+    names = INTERNVL_CONFIG_KEYS if config_file else None
+    check_native_shapes(native, cfg, where, parts=("vision", "projector"),
+                        config_file=config_file, key_names=names)
+    native.update(qwen2_to_native_language(parts.qwen2, cfg.language, where,
+                                           config_file=config_file, key_names=names))
     return native
 
 
@@ -432,13 +553,17 @@ def internvl_to_native(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
 
 
 def qwen2_to_native_language(qwen2: Mapping[str, torch.Tensor], cfg: LanguageConfig,
-                             where: str) -> StateDict:
+                             where: str, *, config_file: Optional[str] = None,
+                             key_names: Optional[Mapping[str, str]] = None) -> StateDict:
     """HF Qwen2 causal-LM tensors -> `language.*` tensors at tp=1 (CheckpointError on a bad or
-    unknown key)."""
+    unknown key; config keys in the message are spelled as in `config_file` when `key_names`
+    maps them)."""
     try:
         language = hf_to_native_qwen2(qwen2, cfg, 0, 1)
     except (KeyError, ValueError) as exc:
         message = exc.args[0] if exc.args else str(exc)
+        if key_names and config_file:
+            message = source_config_keys(message, key_names, config_file)
         raise CheckpointError(f"{where}: {message}") from exc
     return {"language." + k: v for k, v in language.items()}
 
@@ -503,13 +628,15 @@ def import_internvl(path: str) -> NativeModel:
     qwen2, language = fit_vocabulary(parts.qwen2, cfg.language, added, source_size,
                                      len(tokenizer))
     cfg = cfg.model_copy(update={"language": language})
-    native = parts_to_native(parts._replace(qwen2=qwen2), cfg, where_weights)
+    native = parts_to_native(parts._replace(qwen2=qwen2), cfg, where_weights, config_file=where)
     return NativeModel(cfg=cfg, state=native, tokenizer=tokenizer, hf_source_config=source)
 
 
-def export_internvl(native: NativeModel, path: str) -> List[str]:
+def export_internvl(native: NativeModel, path: str, where: str = "native state") -> List[str]:
     """Write `native` as an HF InternVL directory (config.json, weights, tokenizer files).
-    Returns the weight files written."""
+    Returns the weight files written. A state whose tensors disagree with its config is
+    refused first (CheckpointError naming `where`, the tensor and the config keys)."""
+    check_native_shapes(native.state, native.cfg, where)
     os.makedirs(path, exist_ok=True)
     config = internvl_config_from_model_config(
         native.cfg, image_token_id=int(native.tokenizer.img_context_id),

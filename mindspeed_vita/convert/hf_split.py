@@ -18,8 +18,9 @@ import torch
 from mindspeed_vita.config.model import ModelConfig, ProjectorConfig, VisionConfig
 from mindspeed_vita.convert.checkpoint import NativeModel, StateDict
 from mindspeed_vita.convert.hf_internvl import (
-    CONFIG_FILE, fit_vocabulary, language_config_from_qwen2, load_import_tokenizer,
-    params_dtype_of, qwen2_to_native_language, read_hf_weights, read_json)
+    CONFIG_FILE, INTERNVIT_CONFIG_KEYS, QWEN2_CONFIG_KEYS, check_native_shapes, fit_vocabulary,
+    language_config_from_qwen2, load_import_tokenizer, params_dtype_of, qwen2_to_native_language,
+    read_hf_weights, read_json)
 from mindspeed_vita.convert.vision_weights import WeightMappingError, hf_internvit_to_native
 from mindspeed_vita.errors import CheckpointError
 
@@ -122,7 +123,11 @@ def import_split(qwen2_path: str, vision_path: str, *, projector_variant: str = 
     except ValueError as exc:
         raise CheckpointError(f"{vision_path} + {qwen2_path}: {exc}") from exc
     state: StateDict = {"vision." + k: v for k, v in vision_state.items()}
+    check_native_shapes(state, cfg, f"weights of {vision_path}", parts=("vision",),
+                        config_file=os.path.join(vision_path, CONFIG_FILE),
+                        key_names=INTERNVIT_CONFIG_KEYS)
     state.update({"projector." + k: v for k, v in fresh_projector_state(cfg, seed).items()})
-    state.update(qwen2_to_native_language(qwen2, language, f"weights of {qwen2_path}"))
+    state.update(qwen2_to_native_language(qwen2, language, f"weights of {qwen2_path}",
+                                          config_file=where, key_names=QWEN2_CONFIG_KEYS))
     return NativeModel(cfg=cfg, state=state, tokenizer=tokenizer,
                        hf_source_config={"text_config": source})

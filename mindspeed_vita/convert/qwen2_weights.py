@@ -23,13 +23,36 @@ _LAYER = "decoder.layers.{i}."
 _HF_LAYER = "model.layers.{i}."
 
 
-def _take(sd: Mapping[str, torch.Tensor], key: str, shape: tuple) -> torch.Tensor:
+#: the LanguageConfig fields that set the shape of each HF Qwen2 tensor (by name suffix)
+_SHAPE_FIELDS = (
+    (("embed_tokens.weight", "lm_head.weight"), ("vocab_size", "hidden_size")),
+    (("q_proj.weight", "q_proj.bias", "o_proj.weight"), ("num_attention_heads", "hidden_size")),
+    (("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"),
+     ("num_query_groups", "num_attention_heads", "hidden_size")),
+    (("gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+     ("ffn_hidden_size", "hidden_size")),
+    (("norm.weight",), ("hidden_size",)),
+)
+
+
+def shape_fields(key: str) -> tuple:
+    """The LanguageConfig fields the shape of the HF Qwen2 tensor `key` follows."""
+    for suffixes, fields in _SHAPE_FIELDS:
+        if key.endswith(suffixes):
+            return fields
+    return ("hidden_size",)
+
+
+def _take(sd: Mapping[str, torch.Tensor], key: str, shape: tuple,
+          cfg: LanguageConfig) -> torch.Tensor:
     if key not in sd:
         raise KeyError(f"HF Qwen2 state dict has no {key!r}")
     t = sd[key]
     if tuple(t.shape) != tuple(shape):
+        fields = ", ".join(f"language.{name}={getattr(cfg, name)!r}"
+                           for name in shape_fields(key))
         raise ValueError(f"HF Qwen2 state dict: {key!r} has shape {tuple(t.shape)}, "
-                         f"expected {tuple(shape)} for this LanguageConfig")
+                         f"expected {tuple(shape)} from {fields}")
     return t
 
 
@@ -77,6 +100,32 @@ def _expected_keys(cfg: LanguageConfig) -> List[str]:
     return keys
 
 
+def native_language_shapes(cfg: LanguageConfig) -> Dict[str, tuple]:
+    """Shape of every native language tensor of the full (tp=1) state (`Qwen2LanguageModel`
+    names, no `language.` prefix): what the model builds, checkable without building it (a
+    test compares it with the model built on the meta device)."""
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+    qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d
+    v_pad = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
+    shapes: Dict[str, tuple] = {"embedding.word_embeddings.weight": (v_pad, h),
+                                "decoder.final_layernorm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["output_layer.weight"] = (v_pad, h)
+    for i in range(cfg.num_layers):
+        p = _LAYER.format(i=i)
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "self_attention.linear_qkv.weight": (qkv_rows, h),
+            p + "self_attention.linear_proj.weight": (h, cfg.num_attention_heads * d),
+            p + "pre_mlp_layernorm.weight": (h,),
+            p + "mlp.linear_fc1.weight": (2 * f, h),
+            p + "mlp.linear_fc2.weight": (h, f),
+        })
+        if cfg.qkv_bias:
+            shapes[p + "self_attention.linear_qkv.bias"] = (qkv_rows,)
+    return shapes
+
+
 def _check_no_unknown_keys(hf: Mapping[str, torch.Tensor], cfg: LanguageConfig) -> None:
     known = set(_expected_keys(cfg))
     # rotary inverse frequencies are recomputed from the config; older checkpoints store them
@@ -99,13 +148,13 @@ def hf_to_native_qwen2(hf_state_dict: Mapping[str, torch.Tensor], cfg: LanguageC
     v_pad = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp_size)
 
     def vocab_shard(key: str) -> torch.Tensor:
-        w = _take(hf, key, (cfg.vocab_size, h))
+        w = _take(hf, key, (cfg.vocab_size, h), cfg)
         padded = torch.cat((w, w.new_zeros(v_pad - cfg.vocab_size, h)))
         return _split(padded, tp_size, 0, key)[tp_rank].clone()
 
     out: Dict[str, torch.Tensor] = {
         "embedding.word_embeddings.weight": vocab_shard("model.embed_tokens.weight"),
-        "decoder.final_layernorm.weight": _take(hf, "model.norm.weight", (h,)).clone(),
+        "decoder.final_layernorm.weight": _take(hf, "model.norm.weight", (h,), cfg).clone(),
     }
     if cfg.tie_word_embeddings:
         if "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"],
@@ -117,33 +166,33 @@ def hf_to_native_qwen2(hf_state_dict: Mapping[str, torch.Tensor], cfg: LanguageC
 
     for i in range(cfg.num_layers):
         src, dst = _HF_LAYER.format(i=i), _LAYER.format(i=i)
-        q = _take(hf, src + "self_attn.q_proj.weight", (nq * d, h))
-        k = _take(hf, src + "self_attn.k_proj.weight", (nkv * d, h))
-        v = _take(hf, src + "self_attn.v_proj.weight", (nkv * d, h))
+        q = _take(hf, src + "self_attn.q_proj.weight", (nq * d, h), cfg)
+        k = _take(hf, src + "self_attn.k_proj.weight", (nkv * d, h), cfg)
+        v = _take(hf, src + "self_attn.v_proj.weight", (nkv * d, h), cfg)
         qkv_key = dst + "self_attention.linear_qkv.weight"
         out[qkv_key] = _split(_interleave_qkv(q, k, v, cfg), tp_size, 0, qkv_key)[tp_rank].clone()
         if cfg.qkv_bias:
-            qb = _take(hf, src + "self_attn.q_proj.bias", (nq * d,))
-            kb = _take(hf, src + "self_attn.k_proj.bias", (nkv * d,))
-            vb = _take(hf, src + "self_attn.v_proj.bias", (nkv * d,))
+            qb = _take(hf, src + "self_attn.q_proj.bias", (nq * d,), cfg)
+            kb = _take(hf, src + "self_attn.k_proj.bias", (nkv * d,), cfg)
+            vb = _take(hf, src + "self_attn.v_proj.bias", (nkv * d,), cfg)
             bias_key = dst + "self_attention.linear_qkv.bias"
             out[bias_key] = _split(_interleave_qkv(qb, kb, vb, cfg), tp_size, 0,
                                    bias_key)[tp_rank].clone()
         o_key = dst + "self_attention.linear_proj.weight"
-        out[o_key] = _split(_take(hf, src + "self_attn.o_proj.weight", (h, nq * d)), tp_size, 1,
-                            o_key)[tp_rank].clone()
-        gate = _split(_take(hf, src + "mlp.gate_proj.weight", (f, h)), tp_size, 0,
+        o_proj = _take(hf, src + "self_attn.o_proj.weight", (h, nq * d), cfg)
+        out[o_key] = _split(o_proj, tp_size, 1, o_key)[tp_rank].clone()
+        gate = _split(_take(hf, src + "mlp.gate_proj.weight", (f, h), cfg), tp_size, 0,
                       src + "mlp.gate_proj.weight")[tp_rank]
-        up = _split(_take(hf, src + "mlp.up_proj.weight", (f, h)), tp_size, 0,
+        up = _split(_take(hf, src + "mlp.up_proj.weight", (f, h), cfg), tp_size, 0,
                     src + "mlp.up_proj.weight")[tp_rank]
         out[dst + "mlp.linear_fc1.weight"] = torch.cat((gate, up))
         fc2_key = dst + "mlp.linear_fc2.weight"
-        out[fc2_key] = _split(_take(hf, src + "mlp.down_proj.weight", (h, f)), tp_size, 1,
-                              fc2_key)[tp_rank].clone()
+        down = _take(hf, src + "mlp.down_proj.weight", (h, f), cfg)
+        out[fc2_key] = _split(down, tp_size, 1, fc2_key)[tp_rank].clone()
         out[dst + "input_layernorm.weight"] = _take(
-            hf, src + "input_layernorm.weight", (h,)).clone()
+            hf, src + "input_layernorm.weight", (h,), cfg).clone()
         out[dst + "pre_mlp_layernorm.weight"] = _take(
-            hf, src + "post_attention_layernorm.weight", (h,)).clone()
+            hf, src + "post_attention_layernorm.weight", (h,), cfg).clone()
     return out
 
 

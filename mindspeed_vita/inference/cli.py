@@ -8,7 +8,8 @@ import sys
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="native checkpoint directory or HF InternVL directory")
-    parser.add_argument("--prompt", required=True, help="user text; may contain <image>/<video> tags")
+    parser.add_argument("--prompt", required=True,
+                        help="user text; may contain <image>/<video> tags")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="image file (repeat for several, in tag order)")
     parser.add_argument("--video", action="append", default=[], metavar="PATH",
@@ -27,6 +28,30 @@ def add_arguments(parser) -> None:
                         help="print one JSON object with text, token_ids and logprobs")
 
 
+def check_request(args) -> None:
+    """Fail before the model loads (minutes at full size) on what the request alone shows: tag
+    counts that disagree with --image/--video, and image files that are missing or have no
+    readable image header. (A file truncated past its header fails when it is decoded.)"""
+    import os
+
+    from mindspeed_vita.data.errors import DataError
+    from mindspeed_vita.data.images import read_image_size
+    from mindspeed_vita.errors import UserInputError
+    from mindspeed_vita.inference.engine import build_request
+
+    if args.max_new_tokens < 1:
+        raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    build_request(args.prompt, args.image, args.video)
+    for path in args.image:
+        try:
+            read_image_size(path)
+        except DataError as error:
+            raise UserInputError(f"--image {error}") from None
+    for path in args.video:
+        if not os.path.exists(path):
+            raise UserInputError(f"--video {path}: no such file or directory")
+
+
 def run(args) -> int:
     from backends import get_backend
     from mindspeed_vita.inference.engine import Generator
@@ -34,10 +59,7 @@ def run(args) -> int:
     from mindspeed_vita.models.build import load_pretrained
     from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
-    from mindspeed_vita.errors import UserInputError
-
-    if args.max_new_tokens < 1:
-        raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_request(args)
     sampling = SamplingParams(greedy=args.temperature is None,
                               temperature=args.temperature or 1.0, top_p=args.top_p)
     backend = get_backend(args.backend)

@@ -11,8 +11,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from mindspeed_vita.data.errors import DataError
 from mindspeed_vita.data.render import render_sample
 from mindspeed_vita.data.types import Message, Sample
+from mindspeed_vita.errors import UserInputError
 from mindspeed_vita.inference.kv_cache import KVCache
 from mindspeed_vita.inference.sampling import SamplingParams, choose_next_token
 
@@ -28,14 +30,27 @@ class GenerationResult:
     stop_reason: str = "length"  # "stop_token" | "length"
 
 
+def _check_tags(prompt: str, tag: str, flag: str, paths: Sequence[str]) -> int:
+    """How many `tag` lines to put in front of the prompt: all of them when the prompt has no
+    tag, none when it has one per file; UserInputError when it has some but not that many."""
+    count = prompt.count(tag)
+    if count == 0:
+        return len(paths)
+    if count != len(paths):
+        raise UserInputError(
+            f"--prompt has {count} {tag} tag(s) but {len(paths)} {flag} file(s) were given: "
+            f"write one {tag} tag per {flag} file, in order (or no tag at all, and each file "
+            f"goes on its own line before the text)")
+    return 0
+
+
 def build_request(prompt: str, images: Sequence[str] = (), videos: Sequence[str] = ()) -> Sample:
-    """A one-turn user request. Images/videos without a tag in the prompt get one `<image>` /
-    `<video>` line each in front of the text (InternVL's convention)."""
-    text = prompt
-    missing_videos = len(videos) - text.count("<video>")
-    missing_images = len(images) - text.count("<image>")
-    prefix = "<video>\n" * max(0, missing_videos) + "<image>\n" * max(0, missing_images)
-    return Sample(source="request", line=1, messages=[Message("user", prefix + text)],
+    """A one-turn user request. With no `<image>` / `<video>` tag in the prompt, each image /
+    video gets a tag line in front of the text (InternVL's convention); otherwise the prompt
+    must have exactly one tag per file (UserInputError naming both counts)."""
+    prefix = ("<video>\n" * _check_tags(prompt, "<video>", "--video", videos)
+              + "<image>\n" * _check_tags(prompt, "<image>", "--image", images))
+    return Sample(source="request", line=1, messages=[Message("user", prefix + prompt)],
                   images=list(images), videos=list(videos), path="<prompt>")
 
 
@@ -58,13 +73,22 @@ class Generator:
         self.tokenizer = tokenizer
         self.max_num_frame = max_num_frame
         self.system_prompt = system_prompt
-        self.stop_ids = {i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None}
+        #: `<|im_end|>`, the tokenizer's eos and `<|endoftext|>` (what an exported
+        #: generation_config.json lists as eos_token_id)
+        self.stop_ids = set(tokenizer.stop_token_ids)
 
     def render(self, request: Sample):
-        """Token ids `[1, s]` and pixel tensor of a request, with the generation prompt."""
-        rendered = render_sample(request, self.tokenizer, model_cfg=self.model.cfg,
-                                 max_num_frame=self.max_num_frame, add_generation_prompt=True,
-                                 system_prompt=self.system_prompt)
+        """Token ids `[1, s]` and pixel tensor of a request, with the generation prompt.
+
+        A missing or undecodable image or video is a UserInputError naming the file."""
+        try:
+            rendered = render_sample(request, self.tokenizer, model_cfg=self.model.cfg,
+                                     max_num_frame=self.max_num_frame,
+                                     add_generation_prompt=True, system_prompt=self.system_prompt)
+        except DataError as error:
+            # the detail names the media file ("x.png: cannot decode image (...)"); the
+            # request's own address ("<prompt>:1") says nothing to a command-line user
+            raise UserInputError(error.detail) from None
         return rendered.input_ids[None], rendered.pixel_values
 
     @torch.no_grad()

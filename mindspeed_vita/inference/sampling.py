@@ -25,7 +25,8 @@ class SamplingParams:
 
 
 def choose_next_token(logits: torch.Tensor, params: SamplingParams,
-                      generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      generator: Optional[torch.Generator] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of `logits [b, vocab]`.
 
     Returns `(token_ids [b], logprobs [b])` where logprobs is the log-probability of the chosen

@@ -38,7 +38,8 @@ def build_model(cfg: ModelConfig, backend: Backend, *, tokenizer,
     from mindspeed_vita.models.vlm import LongVitaModel
 
     if recompute not in RECOMPUTE_CHOICES:
-        raise UserInputError(f"recompute={recompute!r} is not one of {', '.join(RECOMPUTE_CHOICES)}")
+        raise UserInputError(f"recompute={recompute!r} is not one of "
+                             f"{', '.join(RECOMPUTE_CHOICES)}")
     if len(tokenizer) > cfg.language.vocab_size:
         raise UserInputError(
             f"the tokenizer at {tokenizer.path!r} has {len(tokenizer)} ids but "
@@ -166,7 +167,8 @@ def updated_config(cfg: ModelConfig, update: Optional[Mapping[str, Any]]) -> Mod
 
 def load_pretrained(path: str, backend: Backend, *, sequence_parallel: bool = False,
                     recompute: str = "none",
-                    config_update: Optional[Mapping[str, Any]] = None) -> Tuple[Any, Any, ModelConfig]:
+                    config_update: Optional[Mapping[str, Any]] = None
+                    ) -> Tuple[Any, Any, ModelConfig]:
     """`(model, tokenizer, cfg)` from a native checkpoint or an HF InternVL directory.
 
     The tensor-parallel size and rank come from megatron's parallel state

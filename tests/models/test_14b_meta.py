@@ -6,6 +6,7 @@ model. The 14B build runs in a subprocess whose address space is capped, so a re
 materialised the weights (~30 GB in bf16) fails with an error instead of exhausting the host.
 """
 import json
+import math
 import os
 import resource
 import subprocess
@@ -17,6 +18,7 @@ import yaml
 
 from backends import get_backend
 from mindspeed_vita.config.model import ModelConfig
+from mindspeed_vita.convert.hf_internvl import expected_native_shapes
 from mindspeed_vita.models.build import build_meta_model, parameter_counts
 from mindspeed_vita.models.vlm import LongVitaModel
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
@@ -129,3 +131,28 @@ def test_meta_model_has_the_shapes_of_the_real_model(tiny_cfg):
     counts = parameter_counts(meta)
     assert counts == parameter_counts(real)
     assert counts["total"] == counts["vision"] + counts["projector"] + counts["language"]
+
+
+def test_converter_shape_table_matches_the_model(tiny_cfg):
+    # the shapes import/export check against are the ones the model builds, tied or not
+    backend = get_backend("cpu")
+    initialize_parallel(backend, tp=1)
+    try:
+        tied = tiny_cfg.language.model_copy(update={"tie_word_embeddings": True,
+                                                    "qkv_bias": False})
+        for cfg in (tiny_cfg, tiny_cfg.model_copy(update={"language": tied})):
+            model = build_meta_model(cfg, backend)
+            built = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                     if isinstance(v, torch.Tensor)}
+            assert expected_native_shapes(cfg) == built
+    finally:
+        destroy_parallel()
+
+
+def test_14b_shape_table_has_the_published_parameter_count():
+    with open(os.path.join(REPO, "configs", "model", "long_vita_14b.yaml")) as f:
+        cfg = ModelConfig.model_validate(yaml.safe_load(f))
+    shapes = expected_native_shapes(cfg)
+    total = sum(math.prod(shape) for shape in shapes.values())
+    assert total == (internvit_300m_params() + long_vita_projector_params()
+                     + qwen25_14b_params())
