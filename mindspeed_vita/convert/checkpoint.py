@@ -70,6 +70,9 @@ class CheckpointMetadata:
     hf_source_config: Optional[dict] = None
     """config.json of the HF model this checkpoint was imported from, if any (export keeps
     the fields mindspeed-vita does not model, e.g. bos/eos ids)."""
+    hf_generation_config: Optional[dict] = None
+    """generation_config.json of the HF model it was imported from, if any (export writes it
+    back, with the stop tokens of `mindspeed-vita infer` as eos ids)."""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -88,6 +91,7 @@ class CheckpointMetadata:
             "weight_files": self.weight_files,
             "model_config": self.model_config.model_dump(mode="json"),
             "hf_source_config": self.hf_source_config,
+            "hf_generation_config": self.hf_generation_config,
         }
 
 
@@ -124,6 +128,9 @@ def read_metadata(path: str) -> CheckpointMetadata:
             isinstance(v, int) for v in ids.values()):
         raise CheckpointError(f"{meta_path}: key 'context_token_ids' must map each of "
                               f"{list(CONTEXT_TOKENS)} to an integer id, got {ids!r}")
+    for key in ("hf_source_config", "hf_generation_config"):
+        if not isinstance(raw.get(key), (dict, type(None))):
+            raise CheckpointError(f"{meta_path}: key {key!r} must be an object or null")
     try:
         model_config = ModelConfig.model_validate(raw["model_config"])
     except ValidationError as exc:
@@ -133,6 +140,7 @@ def read_metadata(path: str) -> CheckpointMetadata:
     return CheckpointMetadata(model_config=model_config, tp_size=tp_size, dtype=raw["dtype"],
                               context_token_ids=dict(ids),
                               hf_source_config=raw.get("hf_source_config"),
+                              hf_generation_config=raw.get("hf_generation_config"),
                               format_version=version)
 
 
@@ -489,6 +497,8 @@ class NativeModel:
     """The `VitaTokenizer` (Long-VITA tokens included)."""
     hf_source_config: Optional[dict] = None
     """config.json of the HF model it came from, if any."""
+    hf_generation_config: Optional[dict] = None
+    """generation_config.json of the HF model it came from, if any."""
 
 
 def _stored_config(cfg: ModelConfig) -> ModelConfig:
@@ -568,7 +578,8 @@ def write_checkpoint(native: NativeModel, path: str, *, tp_size: int = 1) -> Che
         model_config=_stored_config(cfg), tp_size=tp_size,
         dtype=dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else cfg.params_dtype,
         context_token_ids=context_token_ids_of(native.tokenizer),
-        hf_source_config=native.hf_source_config)
+        hf_source_config=native.hf_source_config,
+        hf_generation_config=native.hf_generation_config)
     partial = _start_partial(path)
     source = MemoryShards([native.state], "converted state")
     for rank in range(tp_size):
@@ -582,7 +593,8 @@ def write_checkpoint(native: NativeModel, path: str, *, tp_size: int = 1) -> Che
 
 
 def save_checkpoint(model: torch.nn.Module, path: str, tokenizer,
-                    hf_source_config: Optional[dict] = None) -> None:
+                    hf_source_config: Optional[dict] = None,
+                    hf_generation_config: Optional[dict] = None) -> None:
     """Save a `LongVitaModel` from every rank of a running job (all ranks must call it).
 
     Global rank 0 writes the metadata and the tokenizer; the ranks with data-parallel and
@@ -612,7 +624,8 @@ def save_checkpoint(model: torch.nn.Module, path: str, tokenizer,
                  else model.cfg.params_dtype)
         meta = CheckpointMetadata(model_config=_stored_config(model.cfg), tp_size=tp_size,
                                   dtype=dtype, context_token_ids=context_token_ids_of(tokenizer),
-                                  hf_source_config=hf_source_config)
+                                  hf_source_config=hf_source_config,
+                                  hf_generation_config=hf_generation_config)
         tokenizer.save(os.path.join(partial, TOKENIZER_DIR))
         _write_metadata(partial, meta)
     barrier()

@@ -35,7 +35,8 @@ def run(args) -> int:
     meta, state = read_full_state(args.src)
     tokenizer = load_tokenizer(os.path.join(args.src, TOKENIZER_DIR))
     native = NativeModel(cfg=meta.model_config, state=state, tokenizer=tokenizer,
-                         hf_source_config=meta.hf_source_config)
+                         hf_source_config=meta.hf_source_config,
+                         hf_generation_config=meta.hf_generation_config)
     _progress(2, total, f"gathered {len(state)} tensors from tp={meta.tp_size} shards")
     if native.cfg.projector.variant == "long-vita":
         print("note: the long-vita projector has no transformers equivalent; it is written as "
@@ -43,5 +44,6 @@ def run(args) -> int:
               "mindspeed-vita can run it", flush=True)
     where = f"checkpoint {args.src!r} (config in its mindspeed_vita.json)"
     files = export_internvl(native, args.dst, where=where)
-    _progress(3, total, f"done: {args.dst} (config.json, {', '.join(files)}, tokenizer files)")
+    _progress(3, total, f"done: {args.dst} (config.json, generation_config.json, "
+                        f"{', '.join(files)}, tokenizer files)")
     return 0

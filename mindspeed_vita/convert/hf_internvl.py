@@ -47,6 +47,7 @@ from mindspeed_vita.convert.vision_weights import (
 from mindspeed_vita.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
@@ -152,7 +153,8 @@ def write_hf_weights(state: Mapping[str, torch.Tensor], path: str,
 def params_dtype_of(config_dtype, state: Mapping[str, torch.Tensor], where: str) -> str:
     """`params_dtype` from config.json's dtype (string or torch dtype), else from the tensors."""
     if config_dtype is not None:
-        name = dtype_name(config_dtype) if isinstance(config_dtype, torch.dtype) else str(config_dtype)
+        name = (dtype_name(config_dtype) if isinstance(config_dtype, torch.dtype)
+                else str(config_dtype))
         if name in ("float32", "bfloat16", "float16"):
             return name
         raise CheckpointError(f"{where}: dtype {name!r} is not float32, bfloat16 or float16")
@@ -629,13 +631,41 @@ def import_internvl(path: str) -> NativeModel:
                                      len(tokenizer))
     cfg = cfg.model_copy(update={"language": language})
     native = parts_to_native(parts._replace(qwen2=qwen2), cfg, where_weights, config_file=where)
-    return NativeModel(cfg=cfg, state=native, tokenizer=tokenizer, hf_source_config=source)
+    return NativeModel(cfg=cfg, state=native, tokenizer=tokenizer, hf_source_config=source,
+                       hf_generation_config=read_generation_config(path))
+
+
+def read_generation_config(path: str) -> Optional[dict]:
+    """generation_config.json of the HF directory `path` as a dict, or None when it has none."""
+    file = os.path.join(path, GENERATION_CONFIG_FILE)
+    return read_json(file) if os.path.isfile(file) else None
+
+
+def generation_config_for(native: NativeModel) -> dict:
+    """generation_config.json for an exported directory: the source's (when the model was
+    imported from an HF directory that had one) with `eos_token_id` widened to the tokens that
+    end `mindspeed-vita infer` (`<|im_end|>`, the tokenizer's eos, `<|endoftext|>`) and
+    `pad_token_id` / `bos_token_id` filled in when absent, so transformers' `generate` stops
+    where mindspeed-vita does. Sampling settings of the source are kept as they were."""
+    config = {k: v for k, v in (native.hf_generation_config or {}).items()
+              if k not in ("transformers_version", "_from_model_config")}
+    tokenizer = native.tokenizer
+    source_eos = config.get("eos_token_id")
+    eos = set(source_eos if isinstance(source_eos, list) else
+              [] if source_eos is None else [source_eos])
+    config["eos_token_id"] = sorted(eos | set(tokenizer.stop_token_ids))
+    if config.get("pad_token_id") is None:
+        config["pad_token_id"] = int(tokenizer.pad_id)
+    if config.get("bos_token_id") is None and tokenizer.hf.bos_token_id is not None:
+        config["bos_token_id"] = int(tokenizer.hf.bos_token_id)
+    return config
 
 
 def export_internvl(native: NativeModel, path: str, where: str = "native state") -> List[str]:
     """Write `native` as an HF InternVL directory (config.json, weights, tokenizer files).
     Returns the weight files written. A state whose tensors disagree with its config is
-    refused first (CheckpointError naming `where`, the tensor and the config keys)."""
+    refused first (CheckpointError naming `where`, the tensor and the config keys). The
+    generation_config.json written is `generation_config_for(native)`."""
     check_native_shapes(native.state, native.cfg, where)
     os.makedirs(path, exist_ok=True)
     config = internvl_config_from_model_config(
@@ -643,5 +673,10 @@ def export_internvl(native: NativeModel, path: str, where: str = "native state")
         source=native.hf_source_config)
     files = write_hf_weights(native_to_internvl(native.state, native.cfg), path)
     config.save_pretrained(path)
+    # written as plain JSON: GenerationConfig.save_pretrained refuses sampling fields that do
+    # not fit its checks (e.g. a temperature with do_sample=false), which sources do contain
+    with open(os.path.join(path, GENERATION_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(generation_config_for(native), f, indent=2, sort_keys=True)
+        f.write("\n")
     native.tokenizer.save(path)
     return files

@@ -20,7 +20,7 @@ from mindspeed_vita.convert.checkpoint import NativeModel, StateDict
 from mindspeed_vita.convert.hf_internvl import (
     CONFIG_FILE, INTERNVIT_CONFIG_KEYS, QWEN2_CONFIG_KEYS, check_native_shapes, fit_vocabulary,
     language_config_from_qwen2, load_import_tokenizer, params_dtype_of, qwen2_to_native_language,
-    read_hf_weights, read_json)
+    read_generation_config, read_hf_weights, read_json)
 from mindspeed_vita.convert.vision_weights import WeightMappingError, hf_internvit_to_native
 from mindspeed_vita.errors import CheckpointError
 
@@ -93,7 +93,8 @@ def import_split(qwen2_path: str, vision_path: str, *, projector_variant: str = 
     The config takes the vision shape from the InternViT config.json, the language shape from
     the Qwen2 config.json, projector `projector_variant` with downsample ratio 0.5, and the
     Long-VITA image layout. The Qwen2 config.json is kept as the text part of the HF source
-    config, so an export keeps its bos/eos ids and similar fields.
+    config, so an export keeps its bos/eos ids and similar fields; its generation_config.json
+    (sampling defaults, eos ids) is kept too.
     """
     from transformers import Qwen2Config
 
@@ -130,4 +131,5 @@ def import_split(qwen2_path: str, vision_path: str, *, projector_variant: str = 
     state.update(qwen2_to_native_language(qwen2, language, f"weights of {qwen2_path}",
                                           config_file=where, key_names=QWEN2_CONFIG_KEYS))
     return NativeModel(cfg=cfg, state=state, tokenizer=tokenizer,
-                       hf_source_config={"text_config": source})
+                       hf_source_config={"text_config": source},
+                       hf_generation_config=read_generation_config(qwen2_path))
