@@ -161,7 +161,8 @@ class Backend(abc.ABC):
 
     def describe(self) -> dict:
         """Machine-readable summary for logs."""
-        return {"backend": self.name, "dist_backend": self.dist_backend, "device": str(self.device())}
+        return {"backend": self.name, "dist_backend": self.dist_backend,
+                "device": str(self.device())}
 
 
 def default_scale(head_dim: int, scale: Optional[float]) -> float:

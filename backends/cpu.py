@@ -5,8 +5,9 @@ returns the log-sum-exp and whose backward accepts a given output and log-sum-ex
 ring attention needs. Packed input runs the kernel per sequence. Fused layers are the plain
 reference ops. Peak memory is the growth of the process's resident set (VmHWM) since the last
 reset, because CPU tensors have no allocator statistics. To make that growth track live tensors,
-the backend tells glibc, when it is created, to serve every allocation of 64 KiB or more with its own mmap (and
-so return it on free) instead of recycling freed heap memory invisibly.
+the backend tells glibc, when it is created, to serve every allocation of 64 KiB or more with
+its own mmap (and so return it on free) instead of recycling freed heap memory invisibly.
+A key set of length 0 gives fully masked rows: output 0, lse -inf (the kernel is not called).
 """
 from __future__ import annotations
 

@@ -54,8 +54,8 @@ ATTENTION_IMPLS = ("auto", "torch", "flash_attn")
 #: dtypes the flash kernels take
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
-_INSTALL_FLASH_ATTN = ("pip install 'mindspeed-vita[gpu]' (flash-attn >= 2.6, built for this torch), "
-                       "or set backend_options.attention_impl=torch")
+_INSTALL_FLASH_ATTN = ("pip install 'mindspeed-vita[gpu]' (flash-attn >= 2.6, built for this "
+                       "torch), or set backend_options.attention_impl=torch")
 
 
 # ----------------------------------------------------------------------------- fallback decision
@@ -65,7 +65,8 @@ def _device_reason(device: torch.device) -> Optional[str]:
         return f"tensors on {device.type} (the flash kernels run on CUDA devices)"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        return f"GPU compute capability {major}.{minor} (the flash kernels need 8.0+, Ampere or newer)"
+        return (f"GPU compute capability {major}.{minor} (the flash kernels need 8.0+, Ampere "
+                "or newer)")
     return None
 
 
@@ -77,7 +78,8 @@ def _flash_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
         return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
-        return f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]} (the flash kernels need them equal)"
+        return (f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]} (the flash kernels need "
+                "them equal)")
     if d > _MAX_HEAD_DIM or d % 8:
         return f"head_dim {d} (the flash kernels take multiples of 8 up to {_MAX_HEAD_DIM})"
     if k.shape[-2] != v.shape[-2] or q.shape[-2] % k.shape[-2]:
@@ -123,10 +125,12 @@ class _Varlen(NamedTuple):
     dense: Optional[Tuple[int, int]]  # (b, s_q) when the input was dense [b, s, n, d]
 
 
-def _to_varlen(q, k, v, cu_q, cu_kv, max_q, max_kv) -> _Varlen:
+def _to_varlen(q, k, v, cu_q, cu_kv, max_q, max_kv, causal: bool) -> _Varlen:
     """Dense [b, s, n, d] -> packed [b * s, n, d] with uniform lengths; packed input as given,
-    with cu_seqlens as int32 on q's device. Host lengths are read (one sync) only when they are
-    needed: unequal q / kv cumulative lengths, or a missing max_seqlen."""
+    with cu_seqlens as int32 on q's device. Host lengths are read (one device sync) only when
+    they are needed: a missing max_seqlen, or causal attention with distinct q / kv cumulative
+    lengths (the top-left split needs them). Passing the same tensor for both, as megatron's
+    PackedSeqParams does, and max_seqlen_q/kv, keeps the call free of syncs."""
     if cu_q is None:
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ValueError(f"dense attention expects [b, s, n, d] q/k/v, got {tuple(q.shape)}, "
@@ -143,7 +147,7 @@ def _to_varlen(q, k, v, cu_q, cu_kv, max_q, max_kv) -> _Varlen:
     cu_q_dev = cu_q.to(device=q.device, dtype=torch.int32).contiguous()
     cu_kv_dev = cu_q_dev if same else cu_kv.to(device=q.device, dtype=torch.int32).contiguous()
     lq = lk = None
-    if not same or max_q is None or max_kv is None:
+    if (causal and not same) or max_q is None or max_kv is None:
         lq = _host_lengths(cu_q, "cu_seqlens_q")
         lk = lq if same else _host_lengths(cu_kv, "cu_seqlens_kv")
         if len(lq) != len(lk):
@@ -484,7 +488,8 @@ class CUDABackend(Backend):
                 return _TorchFlashKernels(self._aten)  # optional package, simply absent
         except (ImportError, OSError, RuntimeError) as exc:
             # FlashAttnSignatureError, or a build that does not match this torch (undefined symbol)
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            first_line = text.splitlines()[0] if text else type(exc).__name__
             problem = (first_line if isinstance(exc, FlashAttnSignatureError)
                        else f"flash-attn is installed but does not import ({first_line})")
         if self.attention_impl == "flash_attn":
@@ -570,8 +575,8 @@ class CUDABackend(Backend):
     def _fallback_reason(self, q, k, v) -> Optional[str]:
         reason = _flash_unsupported_reason(q, k, v)
         if reason is not None:
-            self._warn_once(f"cuda backend: {reason} is not supported by the flash kernels; using "
-                            "the reference attention (exact, memory O(s^2))")
+            self._warn_once(f"cuda backend: the flash kernels cannot take {reason}; using the "
+                            "reference attention (exact, memory O(s^2))")
         return reason
 
     def attention_forward(self, q, k, v, *, causal, scale=None, cu_seqlens_q=None,
@@ -583,7 +588,7 @@ class CUDABackend(Backend):
                                                  cu_seqlens_q=cu_seqlens_q,
                                                  cu_seqlens_kv=cu_seqlens_kv)
         kernels = self._kernels()
-        p = _to_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv)
+        p = _to_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, causal)
         out, lse = self._varlen_forward(kernels, p, causal, scale)
         if p.dense is None:
             return out, lse
@@ -601,14 +606,14 @@ class CUDABackend(Backend):
                 dout, q, k, v, out, lse, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q,
                 cu_seqlens_kv=cu_seqlens_kv)
         kernels = self._kernels()
-        p = _to_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv)
+        p = _to_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, causal)
         if p.dense is not None:
             dout, out = dout.reshape(p.q.shape[:-1] + dout.shape[-1:]), out.reshape(
                 p.q.shape[:-1] + out.shape[-1:])
             lse = lse.transpose(0, 1).reshape(lse.shape[1], -1)  # [b, n, s] -> [n, b*s]
         dq, dk, dv = self._varlen_backward(kernels, p, dout, out, lse, causal, scale)
         if p.dense is not None:
-            return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+            return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
         return dq, dk, dv
 
     # ------------------------------------------------------------ fused layers

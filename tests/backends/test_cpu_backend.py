@@ -153,3 +153,33 @@ def test_cuda_unavailable_is_one_clear_sentence():
         get_backend("cuda")
     msg = str(err.value)
     assert "\n" not in msg and "cuda" in msg and "MINDSPEED_VITA_BACKEND=cpu" in msg
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_rows_without_keys_give_zero_output_and_minus_inf_lse(causal):
+    """A packed sequence with no keys (or a dense batch with s_kv = 0): the CPU kernel would die
+    with SIGFPE on the empty key axis; the backend returns output 0, lse -inf, gradient 0."""
+    be = CPUBackend()
+    q, _, _, do = _inputs(torch.float32, packed=[3, 5])
+    k, v = q[:6, :2], q[2:8, :2]
+    cu_q, cu_kv = _cu([3, 5]), _cu([0, 6])
+    out, lse = be.attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
+    out_r, lse_r = ref.attention_reference(q, k, v, causal=causal, cu_seqlens_q=cu_q,
+                                           cu_seqlens_kv=cu_kv)
+    assert torch.equal(out[:3], torch.zeros_like(out[:3])) and torch.all(lse[:, :3] == -float("inf"))
+    torch.testing.assert_close(out, out_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_r, atol=1e-5, rtol=1e-5)
+    grads = be.attention_backward(do, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q,
+                                  cu_seqlens_kv=cu_kv)
+    grads_r = ref.attention_backward_reference(do, q, k, v, out, lse, causal=causal,
+                                               cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
+    for g, gr in zip(grads, grads_r):
+        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
+    dense_q = q[None, :4]
+    empty = torch.zeros(1, 0, 2, q.shape[-1])
+    out, lse = be.attention_forward(dense_q, empty, empty, causal=causal)
+    assert torch.equal(out, torch.zeros_like(dense_q)) and lse.shape == (1, 4, 4)
+    assert torch.all(lse == -float("inf"))
+    assert all(torch.equal(g, torch.zeros_like(x)) for g, x in zip(
+        be.attention_backward(dense_q, dense_q, empty, empty, out, lse, causal=causal),
+        (dense_q, empty, empty)))

@@ -224,14 +224,19 @@ def test_runtime_goes_through_torch_npu_npu():
     assert fake.npu.reset_calls == 1 and backend.max_memory_allocated() > 0
 
 
-def test_device_is_npu_with_the_local_rank():
+def test_device_is_the_current_npu():
+    """`device()` is the NPU `set_device` bound (LOCAL_RANK), so rank r of a node uses NPU r;
+    `device(i)` names NPU i explicitly."""
     # torch.device("npu") exists only once torch_npu renames the PrivateUse1 backend; do the same
     # in a child process so this test process keeps a plain torch.
     code = ("import torch; torch.utils.rename_privateuse1_backend('npu');"
             "from backends.npu import NPUBackend; from backends.fakes import FakeTorchNPU;"
-            "b = NPUBackend(torch_npu_module=FakeTorchNPU()); print(b.device(1), b.describe())")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert result.stdout.strip() == "npu:1 {'backend': 'npu', 'dist_backend': 'hccl', 'device': 'npu:0'}"
+            "b = NPUBackend(torch_npu_module=FakeTorchNPU(device_count=4));"
+            "print(b.device(), b.describe()['device'], b.device(2));"
+            "b.set_device(1); print(b.device(), b.describe()['device'], b.device(2))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.split("\n")[:2] == ["npu:0 npu:0 npu:2", "npu:1 npu:1 npu:2"]
 
 
 def test_importing_backends_npu_does_not_import_torch_npu():

@@ -1,0 +1,593 @@
+"""CUDABackend: its kernel-wrapping logic on CPU (against fakes with FlashAttention-2's
+contracts), and, marked `gpu`, the same parity tests the NPU backend has, on a real GPU.
+
+CPU part (runs in CI): the fallback decision, cu_seqlens / dense -> varlen conversion, the
+top-left causal split (the flash kernels align causal bottom-right), lse layouts (packed /
+padded, +inf vs -inf for rows without keys), the binding of flash-attn's private functions
+for each known signature style, and full forward/backward parity of the backend driving the
+fake kernels against CPUBackend.
+
+GPU part (`-m gpu`, ci/run_gpu_tests.sh): CUDABackend on CUDA tensors vs CPUBackend on the same
+inputs, for every installed kernel implementation ("torch", plus "flash_attn" when it imports).
+
+Tolerances: fp32 atol 1e-5 (through the fakes, which compute in fp32 like the reference; on a
+GPU fp32 takes the exact reference path: atol = rtol = 1e-5, GPU vs CPU summation order);
+bf16 atol = rtol = 2e-2 for outputs / lse and 3e-2 for gradients on the GPU (bf16
+probabilities inside the kernel; Transformer Engine's CP tests use 2.5e-2 / 3.5e-2), 2e-2
+through the fakes; the long multi-block GPU case uses flash-attn's own criterion (error at
+most twice that of naive bf16 attention, against an fp64 result).
+"""
+import importlib.util
+import math
+import sys
+import warnings
+
+import pytest
+import torch
+
+import backends.cuda as cuda_module
+from backends import backend_options_for, reference
+from backends.base import BackendUnavailableError
+from backends.cpu import CPUBackend
+from backends.cuda import CUDABackend
+from backends.fakes.flash_fake import FakeAtenFlash, fake_flash_attn_modules, varlen_forward
+from backends.npu import NPUBackend
+
+FP32_TOL = dict(atol=1e-5, rtol=0)
+BF16_TOL = dict(atol=2e-2, rtol=2e-2)
+GPU_FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+GPU_BF16_GRAD_TOL = dict(atol=3e-2, rtol=3e-2)
+
+
+def _randn(*shape, seed, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+
+
+# case id -> (q shape, kv shape, causal, packed q lengths, packed kv lengths)
+CASES = {
+    "dense_causal": ((2, 24, 2, 16), (2, 24, 2, 16), True, None, None),
+    "dense_full": ((2, 24, 2, 32), (2, 24, 2, 32), False, None, None),
+    "dense_full_q_shorter": ((1, 12, 2, 16), (1, 40, 2, 16), False, None, None),
+    "dense_causal_q_shorter": ((2, 12, 2, 16), (2, 40, 2, 16), True, None, None),
+    "dense_causal_q_longer": ((2, 40, 4, 16), (2, 12, 2, 16), True, None, None),
+    "gqa_causal": ((2, 20, 4, 16), (2, 20, 2, 16), True, None, None),
+    "packed_causal_gqa": ((39, 4, 16), (39, 2, 16), True, [5, 17, 1, 16], None),
+    "packed_full": ((30, 2, 32), (30, 2, 32), False, [7, 3, 20], None),
+    # unequal per-sequence lengths, one sequence without keys (its rows are fully masked)
+    "packed_causal_unequal": ((20, 4, 16), (19, 2, 16), True, [3, 5, 6, 6], [0, 8, 4, 7]),
+    "packed_full_unequal": ((20, 4, 16), (19, 2, 16), False, [3, 5, 6, 6], [0, 8, 4, 7]),
+}
+
+
+def _case_tensors(case, dtype, head_dim=None):
+    q_shape, kv_shape, causal, lengths_q, lengths_kv = CASES[case]
+    if head_dim is not None:
+        q_shape, kv_shape = q_shape[:-1] + (head_dim,), kv_shape[:-1] + (head_dim,)
+    q = _randn(*q_shape, seed=1, dtype=dtype)
+    k, v = _randn(*kv_shape, seed=2, dtype=dtype), _randn(*kv_shape, seed=3, dtype=dtype)
+    dout = _randn(*q_shape, seed=4, dtype=dtype)
+    kwargs = dict(causal=causal)
+    if lengths_q is not None:
+        cu_q = _cu(lengths_q)
+        cu_kv = cu_q if lengths_kv is None else _cu(lengths_kv)
+        kwargs.update(cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
+    return q, k, v, dout, kwargs
+
+
+def _check_parity(backend, reference_backend, q, k, v, dout, kwargs, tol, grad_tol, to_device):
+    """Forward vs the reference backend, then backward for the reference (out, lse) and for a
+    perturbed pair, as a ring merge hands it over (the backward must use the GIVEN stats)."""
+    dev = [to_device(t) for t in (q, k, v, dout)]
+    dev_kwargs = {key: to_device(val) if isinstance(val, torch.Tensor) else val
+                  for key, val in kwargs.items()}
+    out, lse = backend.attention_forward(*dev[:3], **dev_kwargs)
+    ref_out, ref_lse = reference_backend.attention_forward(q, k, v, **kwargs)
+    assert out.dtype == q.dtype and out.shape == ref_out.shape
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    torch.testing.assert_close(out.float().cpu(), ref_out.float(), **tol)
+    torch.testing.assert_close(lse.cpu(), ref_lse, **tol)  # -inf rows must match exactly
+    finite = torch.isfinite(ref_lse)
+    shift = torch.where(finite, 0.3 * _randn(*ref_lse.shape, seed=5), torch.zeros(()))
+    merged_out = (0.8 * ref_out.float() + 0.1 * _randn(*ref_out.shape, seed=6)).to(q.dtype)
+    for given_out, given_lse in ((ref_out, ref_lse), (merged_out, ref_lse + shift)):
+        grads = backend.attention_backward(dev[3], *dev[:3], to_device(given_out),
+                                           to_device(given_lse), **dev_kwargs)
+        ref_grads = reference_backend.attention_backward(dout, q, k, v, given_out, given_lse,
+                                                         **kwargs)
+        for got, expected, like in zip(grads, ref_grads, (q, k, v)):
+            assert got.shape == like.shape and got.dtype == like.dtype
+            torch.testing.assert_close(got.float().cpu(), expected.float(), **grad_tol)
+    return out, lse
+
+
+# ================================================================ CPU: the fakes are faithful
+def test_fake_aten_kernels_have_the_schema_of_the_installed_torch():
+    import inspect
+
+    for op_name in ("_flash_attention_forward", "_flash_attention_backward"):
+        schema = getattr(torch.ops.aten, op_name).default._schema
+        params = inspect.signature(getattr(FakeAtenFlash(), op_name)).parameters
+        assert [(a.name, a.kwarg_only) for a in schema.arguments] == [
+            (name, p.kind == inspect.Parameter.KEYWORD_ONLY) for name, p in params.items()]
+
+
+def test_fake_kernel_is_flash_attention_bottom_right_causal():
+    """The fake must have the real kernels' causal alignment, or the wrapper tests prove nothing:
+    with s_q = 2 and s_kv = 5, row 0 sees keys 0..3 and row 1 all 5 (flash-attn's docstring);
+    with s_q = 5 and s_kv = 2, rows 0..2 see nothing (output 0, lse +inf)."""
+    q, k, v = _randn(2, 1, 8, seed=0), _randn(5, 1, 8, seed=1), _randn(5, 1, 8, seed=2)
+    out, lse = varlen_forward(q, k, v, _cu([2]), _cu([5]), 2, 5, 0.5, True, allow_fp32=True)
+    row0, lse0 = reference.attention_reference(q[None, :1], k[None, :4], v[None, :4], causal=False,
+                                               scale=0.5)
+    row1, lse1 = reference.attention_reference(q[None, 1:], k[None], v[None], causal=False,
+                                               scale=0.5)
+    torch.testing.assert_close(out, torch.cat([row0[0], row1[0]]), **FP32_TOL)
+    torch.testing.assert_close(lse, torch.cat([lse0[0], lse1[0]], dim=-1), **FP32_TOL)
+
+    q, k, v = _randn(5, 1, 8, seed=3), _randn(2, 1, 8, seed=4), _randn(2, 1, 8, seed=5)
+    out, lse = varlen_forward(q, k, v, _cu([5]), _cu([2]), 5, 2, 0.5, True, allow_fp32=True)
+    assert torch.equal(out[:3], torch.zeros(3, 1, 8)) and torch.all(lse[:, :3] == math.inf)
+    with pytest.raises(RuntimeError, match="fp16 and bf16"):
+        varlen_forward(q, k, v, _cu([5]), _cu([2]), 5, 2, 0.5, True)
+
+
+# ===================================================================== CPU: helper logic
+@pytest.mark.parametrize("q_shape,kv_shape,v_dim,dtype,reason", [
+    ((4, 2, 64), (4, 2, 64), 64, torch.bfloat16, None),
+    ((4, 8, 128), (4, 2, 128), 128, torch.float16, None),
+    ((4, 2, 256), (4, 2, 256), 256, torch.bfloat16, None),
+    ((4, 2, 64), (4, 2, 64), 64, torch.float32, "dtype torch.float32"),
+    ((4, 2, 20), (4, 2, 20), 20, torch.bfloat16, "head_dim 20"),
+    ((4, 2, 264), (4, 2, 264), 264, torch.bfloat16, "head_dim 264"),
+    ((4, 2, 64), (4, 2, 64), 32, torch.bfloat16, "head dims q 64, k 64, v 32"),
+    ((4, 6, 64), (4, 4, 64), 64, torch.bfloat16, "6 query heads for 4 key"),
+])
+def test_flash_fallback_decision(monkeypatch, q_shape, kv_shape, v_dim, dtype, reason):
+    monkeypatch.setattr(cuda_module, "_device_reason", lambda device: None)
+    q, k = torch.zeros(q_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype)
+    v = torch.zeros(kv_shape[:-1] + (v_dim,), dtype=dtype)
+    got = cuda_module._flash_unsupported_reason(q, k, v)
+    if reason is None:
+        assert got is None and cuda_module._flash_supported(q, k, v)
+    else:
+        assert reason in got and not cuda_module._flash_supported(q, k, v)
+
+
+def test_flash_fallback_on_device(monkeypatch):
+    assert "tensors on cpu" in cuda_module._device_reason(torch.device("cpu"))
+    capability = {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
+    for cc, ok in (((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)):
+        capability["cc"] = cc
+        reason = cuda_module._device_reason(torch.device("cuda", 0))
+        assert (reason is None) == ok
+        if not ok:
+            assert f"compute capability {cc[0]}.{cc[1]}" in reason
+    q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)  # a CPU tensor: never the flash kernels
+    assert "tensors on cpu" in cuda_module._flash_unsupported_reason(q, q, q)
+
+
+def test_dense_input_becomes_uniform_varlen():
+    q, k = _randn(3, 5, 2, 8, seed=0), _randn(3, 7, 1, 8, seed=1)
+    p = cuda_module._to_varlen(q, k, k, None, None, None, None, causal=True)
+    assert p.q.shape == (15, 2, 8) and p.k.shape == (21, 1, 8) and torch.equal(p.q[5:10], q[1])
+    assert p.cu_q.dtype == p.cu_kv.dtype == torch.int32
+    assert p.cu_q.tolist() == [0, 5, 10, 15] and p.cu_kv.tolist() == [0, 7, 14, 21]
+    assert (p.max_q, p.max_kv, p.dense) == (5, 7, (3, 5))
+    assert (p.lengths_q, p.lengths_kv) == ([5] * 3, [7] * 3)
+
+
+def test_packed_cu_seqlens_conversion_and_when_lengths_are_read(monkeypatch):
+    q = _randn(9, 2, 8, seed=0)
+    cu64 = torch.tensor([0, 4, 4, 9], dtype=torch.int64)
+    p = cuda_module._to_varlen(q, q, q, cu64, None, None, None, causal=True)
+    assert p.cu_q.dtype == torch.int32 and p.cu_q.tolist() == [0, 4, 4, 9] and p.cu_kv is p.cu_q
+    assert (p.max_q, p.max_kv, p.lengths_q) == (5, 5, [4, 0, 5]) and p.dense is None
+
+    calls = []
+    real = cuda_module._host_lengths
+    monkeypatch.setattr(cuda_module, "_host_lengths",
+                        lambda cu, name: calls.append(name) or real(cu, name))
+    cu = _cu([4, 5])
+    # megatron's case: one cu_seqlens tensor for q and kv, max_seqlen given -> no device sync
+    p = cuda_module._to_varlen(q, q, q, cu, cu, 5, 5, causal=True)
+    assert calls == [] and p.lengths_q is None and (p.max_q, p.max_kv) == (5, 5)
+    # distinct tensors: non-causal needs no lengths, causal reads them (top-left split check)
+    cuda_module._to_varlen(q, q, q, cu, cu.clone(), 5, 5, causal=False)
+    assert calls == []
+    p = cuda_module._to_varlen(q, q, q, cu, cu.clone(), 5, 5, causal=True)
+    assert calls == ["cu_seqlens_q", "cu_seqlens_kv"] and p.lengths_q == p.lengths_kv == [4, 5]
+
+    with pytest.raises(ValueError, match="start with 0"):
+        cuda_module._to_varlen(q, q, q, torch.tensor([4, 9]), None, None, None, causal=False)
+    with pytest.raises(ValueError, match="same sequences"):
+        cuda_module._to_varlen(q, q, q, cu, _cu([9]), None, None, causal=False)
+    with pytest.raises(ValueError, match=r"packed attention expects \[t, n, d\]"):
+        cuda_module._to_varlen(q[None], q, q, cu, None, None, None, causal=False)
+
+
+def test_top_left_causal_pieces_rows():
+    lengths_q, lengths_kv = [3, 5, 0, 6], [0, 6, 3, 4]
+    square, beyond = cuda_module._top_left_causal_pieces(lengths_q, lengths_kv, "cpu")
+    # sequence 0 has no keys (rows 0..2 in no piece); sequence 2 has no queries
+    assert square.causal and square.q_rows.tolist() == [3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert square.kv_rows.tolist() == [0, 1, 2, 3, 4, 9, 10, 11, 12]
+    assert square.cu_q.tolist() == square.cu_kv.tolist() == [0, 5, 9]
+    assert (square.max_q, square.max_kv) == (5, 5)
+    assert not beyond.causal and beyond.q_rows.tolist() == [12, 13]
+    assert beyond.kv_rows.tolist() == [9, 10, 11, 12]
+    assert beyond.cu_q.tolist() == [0, 2] and beyond.cu_kv.tolist() == [0, 4]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_left_causal_pieces_cover_exactly_the_top_left_mask(seed):
+    """Each piece's kernel mask (bottom-right causal or none) mapped back to global rows must
+    add up to the top-left causal mask of every sequence, each (query, key) pair once."""
+    g = torch.Generator().manual_seed(seed)
+    lengths_q = torch.randint(0, 7, (5,), generator=g).tolist()
+    lengths_kv = torch.randint(0, 7, (5,), generator=g).tolist()
+    t_q, t_kv = sum(lengths_q), sum(lengths_kv)
+    expected = torch.zeros(t_q, t_kv, dtype=torch.int64)
+    cq = ck = 0
+    for s_q, s_kv in zip(lengths_q, lengths_kv):
+        i, j = torch.arange(s_q)[:, None], torch.arange(s_kv)[None, :]
+        expected[cq:cq + s_q, ck:ck + s_kv] = (j <= i).long()
+        cq, ck = cq + s_q, ck + s_kv
+    covered = torch.zeros_like(expected)
+    for piece in cuda_module._top_left_causal_pieces(lengths_q, lengths_kv, "cpu"):
+        pq = [b - a for a, b in zip(piece.cu_q.tolist(), piece.cu_q.tolist()[1:])]
+        pk = [b - a for a, b in zip(piece.cu_kv.tolist(), piece.cu_kv.tolist()[1:])]
+        oq = ok = 0
+        for s_q, s_kv in zip(pq, pk):
+            i, j = torch.arange(s_q)[:, None], torch.arange(s_kv)[None, :]
+            keep = (j <= i + s_kv - s_q) if piece.causal else torch.ones(s_q, s_kv).bool()
+            rows, cols = piece.q_rows[oq:oq + s_q], piece.kv_rows[ok:ok + s_kv]
+            covered[rows[:, None], cols[None, :]] += keep.long()
+            oq, ok = oq + s_q, ok + s_kv
+    assert torch.equal(covered, expected)
+
+
+def test_lse_layout_conversions():
+    cu = _cu([3, 0, 2])
+    packed = torch.tensor([[1.0, 2.0, 3.0, 4.0, -math.inf], [5.0, 6.0, 7.0, 8.0, 9.0]])
+    padded = cuda_module._lse_packed_to_padded(packed, cu, 3)
+    assert padded.shape == (3, 2, 3)
+    assert padded[0].tolist() == [[1.0, 2.0, 3.0], [5.0, 6.0, 7.0]]
+    assert padded[2, :, :2].tolist() == [[4.0, -math.inf], [8.0, 9.0]]
+    assert torch.equal(cuda_module._lse_padded_to_packed(padded, cu, 5), packed)
+    kernel = cuda_module._lse_for_kernel(packed)
+    assert kernel[0, 4] == math.inf and kernel.is_contiguous() and kernel.dtype == torch.float32
+    assert torch.equal(cuda_module._lse_from_kernel(kernel), packed)
+
+
+def test_device_is_the_current_cuda_device(monkeypatch):
+    """`device()` follows `set_device` (LOCAL_RANK), so rank r of a node uses GPU r."""
+    current = {"index": 0}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: current.update(index=int(index)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
+    backend = CUDABackend()
+    assert backend.device() == torch.device("cuda", 0)
+    backend.set_device(1)
+    assert backend.device() == torch.device("cuda", 1)
+    assert backend.device(3) == torch.device("cuda", 3)  # the explicit form still works
+
+
+def test_backend_options_go_to_the_backend_that_takes_them():
+    options = {"use_mindspeed": True, "attention_impl": "torch"}
+    assert backend_options_for(CPUBackend, options) == {}
+    assert backend_options_for(CUDABackend, options) == {"attention_impl": "torch"}
+    assert backend_options_for(NPUBackend, options) == {"use_mindspeed": True}
+    with pytest.raises(BackendUnavailableError, match="'attention_kernel'"):
+        backend_options_for(CUDABackend, {"attention_kernel": "torch"})
+    with pytest.raises(BackendUnavailableError, match="attention_impl='flash'"):
+        CUDABackend(attention_impl="flash")
+
+
+# ============================================= CPU: the backend driving the fake kernels
+@pytest.fixture()
+def kernel_path(monkeypatch):
+    """Let CPU tensors (and fp32, for exact checks) take the kernel path, through fakes."""
+    monkeypatch.setattr(cuda_module, "_device_reason", lambda device: None)
+    monkeypatch.setattr(cuda_module, "_FLASH_DTYPES",
+                        (torch.float16, torch.bfloat16, torch.float32))
+
+
+def _fake_backend(lse_layout="packed", impl="torch"):
+    backend = CUDABackend(attention_impl=impl)
+    backend._aten = FakeAtenFlash(lse_layout, allow_fp32=True)
+    return backend
+
+
+@pytest.mark.parametrize("lse_layout", ["packed", "padded"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_on_fake_kernels_matches_cpu_backend(kernel_path, case, dtype, tol, lse_layout):
+    backend = _fake_backend(lse_layout)
+    q, k, v, dout, kwargs = _case_tensors(case, dtype)
+    _check_parity(backend, CPUBackend(), q, k, v, dout, kwargs, tol, tol, lambda t: t)
+    fake = backend._aten
+    assert fake.forward_calls and fake.backward_calls  # the kernels ran, not the fallback
+    for call in fake.forward_calls + fake.backward_calls:
+        if call["is_causal"]:  # the kernels' causal is bottom-right: only ever used when square
+            assert call["cum_seq_q"] == call["cum_seq_k"]
+
+
+def test_fully_masked_rows_are_zero_with_lse_minus_inf(kernel_path):
+    backend = _fake_backend()
+    q, k, v, dout, kwargs = _case_tensors("packed_full_unequal", torch.float32)
+    out, lse = backend.attention_forward(q, k, v, **kwargs)
+    assert torch.equal(out[:3], torch.zeros_like(out[:3]))  # sequence 0 has no keys
+    assert torch.all(lse[:, :3] == -math.inf) and torch.isfinite(lse[:, 3:]).all()
+    dq, dk, dv = backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    assert torch.equal(dq[:3], torch.zeros_like(dq[:3])) and torch.isfinite(dq).all()
+
+
+def test_packed_causal_with_one_cu_seqlens_tensor_never_syncs(kernel_path, monkeypatch):
+    monkeypatch.setattr(cuda_module, "_host_lengths",
+                        lambda *args: pytest.fail("host lengths read (device sync)"))
+    backend = _fake_backend()
+    q, k, v, dout, kwargs = _case_tensors("packed_causal_gqa", torch.float32)
+    kwargs.update(max_seqlen_q=17, max_seqlen_kv=17)
+    out, lse = backend.attention_forward(q, k, v, **kwargs)
+    backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
+
+
+def test_backward_first_probes_the_lse_layout(kernel_path):
+    """A ring backward can come before any forward in the process: the lse layout is probed."""
+    backend = _fake_backend("padded")
+    q, k, v, dout, kwargs = _case_tensors("packed_causal_gqa", torch.float32)
+    ref_out, ref_lse = CPUBackend().attention_forward(q, k, v, **kwargs)
+    grads = backend.attention_backward(dout, q, k, v, ref_out, ref_lse, **kwargs)
+    ref_grads = CPUBackend().attention_backward(dout, q, k, v, ref_out, ref_lse, **kwargs)
+    assert backend._kernels().lse_padded is True and len(backend._aten.forward_calls) == 1
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, **FP32_TOL)
+
+
+@pytest.mark.parametrize("case", ["dense_causal_q_longer", "packed_causal_unequal", "gqa_causal"])
+def test_autograd_through_fake_kernels_matches_reference_autograd(kernel_path, case):
+    backend = _fake_backend()
+    q, k, v, dout, kwargs = _case_tensors(case, torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = backend.attention(*leaves, **kwargs)
+    ref_out, _ = reference.attention_reference(*ref_leaves, **kwargs)
+    torch.testing.assert_close(out, ref_out, **FP32_TOL)
+    out.backward(dout)
+    ref_out.backward(dout)
+    for got, expected in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, expected.grad, **FP32_TOL)
+
+
+def test_unsupported_inputs_use_the_reference_with_one_warning(monkeypatch):
+    monkeypatch.setattr(cuda_module, "_device_reason", lambda device: None)
+    backend = _fake_backend()
+    q, k, v, dout, kwargs = _case_tensors("gqa_causal", torch.float32)
+    with pytest.warns(UserWarning, match="flash kernels cannot take dtype torch.float32"):
+        out, lse = backend.attention_forward(q, k, v, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reason does not warn twice
+        grads = backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    assert backend._aten.forward_calls == [] and backend._aten.backward_calls == []
+    ref_out, ref_lse = reference.attention_reference(q, k, v, **kwargs)
+    torch.testing.assert_close(out, ref_out, **FP32_TOL)
+    for got, expected in zip(grads, reference.attention_backward_reference(
+            dout, q, k, v, out, lse, **kwargs)):
+        torch.testing.assert_close(got, expected, **FP32_TOL)
+
+
+# ====================================================== CPU: binding the flash-attn package
+def _install_flash_attn(monkeypatch, style, extra=None):
+    modules = fake_flash_attn_modules(style, allow_fp32=True, extra=extra)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return modules["flash_attn.flash_attn_interface"]
+
+
+@pytest.mark.parametrize("impl", ["auto", "flash_attn"])
+@pytest.mark.parametrize("style", ["2.6", "2.7"])
+@pytest.mark.parametrize("case", ["packed_causal_unequal", "dense_causal", "packed_full"])
+def test_flash_attn_package_signatures_bind_and_match(kernel_path, monkeypatch, style, impl, case):
+    interface = _install_flash_attn(monkeypatch, style)
+    backend = _fake_backend(impl=impl)
+    q, k, v, dout, kwargs = _case_tensors(case, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_parity(backend, CPUBackend(), q, k, v, dout, kwargs, FP32_TOL, FP32_TOL,
+                      lambda t: t)
+    assert backend._kernels().name == "flash_attn"
+    assert "forward" in interface.calls and "backward" in interface.calls
+    assert backend._aten.forward_calls == []  # PyTorch's kernels were not used
+
+
+def test_flash_attn_with_an_extra_optional_parameter_still_binds(kernel_path, monkeypatch):
+    _install_flash_attn(monkeypatch, "2.7", extra="optional")
+    backend = _fake_backend(impl="flash_attn")
+    q, k, v, dout, kwargs = _case_tensors("gqa_causal", torch.float32)
+    _check_parity(backend, CPUBackend(), q, k, v, dout, kwargs, FP32_TOL, FP32_TOL, lambda t: t)
+
+
+def test_flash_attn_signature_drift(kernel_path, monkeypatch):
+    _install_flash_attn(monkeypatch, "2.7", extra="required")
+    q, k, v, dout, kwargs = _case_tensors("gqa_causal", torch.float32)
+    with pytest.raises(BackendUnavailableError, match="needs parameter 'sink_tokens'"):
+        _fake_backend(impl="flash_attn").attention_forward(q, k, v, **kwargs)
+    backend = _fake_backend(impl="auto")
+    with pytest.warns(UserWarning, match="flash-attn 9.9.9.*'sink_tokens'.*PyTorch's own flash"):
+        out, lse = backend.attention_forward(q, k, v, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend.attention_forward(q, k, v, **kwargs)  # warned once
+    assert backend._kernels().name == "torch" and len(backend._aten.forward_calls) == 2
+    torch.testing.assert_close(out, CPUBackend().attention_forward(q, k, v, **kwargs)[0],
+                               **FP32_TOL)
+
+
+def test_flash_attn_missing(kernel_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails like a missing package
+    q, k, v, dout, kwargs = _case_tensors("dense_causal", torch.float32)
+    with pytest.raises(BackendUnavailableError,
+                       match=r"not installed; pip install 'mindspeed-vita\[gpu\]'"):
+        _fake_backend(impl="flash_attn").attention_forward(q, k, v, **kwargs)
+    backend = _fake_backend(impl="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an optional package that is absent: no warning
+        backend.attention_forward(q, k, v, **kwargs)
+    assert backend._kernels().name == "torch"
+
+
+def test_flash_attn_broken_build_falls_back_with_one_warning(kernel_path, monkeypatch, tmp_path):
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.flash_attn_interface"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    q, k, v, dout, kwargs = _case_tensors("dense_causal", torch.float32)
+    backend = _fake_backend(impl="auto")
+    with pytest.warns(UserWarning, match="installed but does not import.*undefined symbol"):
+        backend.attention_forward(q, k, v, **kwargs)
+    assert backend._kernels().name == "torch"
+    with pytest.raises(BackendUnavailableError, match="undefined symbol"):
+        _fake_backend(impl="flash_attn").attention_forward(q, k, v, **kwargs)
+
+
+# ================================================================= GPU: real CUDA kernels
+def _gpu_impls():
+    impls = ["torch"]
+    if importlib.util.find_spec("flash_attn") is not None:
+        impls.append("flash_attn")
+    return impls
+
+
+@pytest.fixture(params=_gpu_impls())
+def gpu_backend(request):
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need an NVIDIA GPU; run them with ci/run_gpu_tests.sh on a "
+                    "GPU host (CPU CI deselects them with -m 'not gpu')")
+    return CUDABackend(attention_impl=request.param)
+
+
+def _to_cuda(t):
+    return t.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_attention_forward_and_backward_match_cpu_backend(gpu_backend, case, dtype):
+    if dtype == torch.float32:  # the exact reference path, on the GPU
+        q, k, v, dout, kwargs = _case_tensors(case, dtype)
+        _check_parity(gpu_backend, CPUBackend(), q, k, v, dout, kwargs, GPU_FP32_TOL,
+                      GPU_FP32_TOL, _to_cuda)
+        return
+    q, k, v, dout, kwargs = _case_tensors(case, dtype, head_dim=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bf16 with head_dim 64 must take the flash kernels
+        _check_parity(gpu_backend, CPUBackend(), q, k, v, dout, kwargs, BF16_TOL,
+                      GPU_BF16_GRAD_TOL, _to_cuda)
+
+
+@pytest.mark.gpu
+def test_gpu_lse_layout_and_fully_masked_rows(gpu_backend):
+    q, k, v, dout, kwargs = _case_tensors("packed_full_unequal", torch.bfloat16, head_dim=64)
+    q, k, v, dout = (t.cuda() for t in (q, k, v, dout))
+    kwargs = {key: val.cuda() if isinstance(val, torch.Tensor) else val
+              for key, val in kwargs.items()}
+    out, lse = gpu_backend.attention_forward(q, k, v, **kwargs)
+    assert gpu_backend._kernels().lse_padded is False  # PyTorch 2.13 / flash-attn >= 2.6: [n, t]
+    assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
+    assert torch.equal(out[:3], torch.zeros_like(out[:3]))  # sequence 0 has no keys
+    assert torch.all(lse[:, :3] == -math.inf) and torch.isfinite(lse[:, 3:]).all()
+    dq, dk, dv = gpu_backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    assert torch.equal(dq[:3], torch.zeros_like(dq[:3]))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+
+
+@pytest.mark.gpu
+def test_gpu_long_packed_causal_matches_reference(gpu_backend):
+    """Several kernel blocks per sequence (lengths up to 700, blocks of 64-128 rows), checked
+    the way flash-attn's own tests do: the kernel's error against the exact result is at most
+    twice that of a naive attention computed entirely in bf16."""
+    lengths = [700, 129, 1, 300]
+    t, n_q, n_kv, d = sum(lengths), 8, 2, 128
+    q, k, v = (_randn(t, n, d, seed=s, dtype=torch.bfloat16)
+               for s, n in ((1, n_q), (2, n_kv), (3, n_kv)))
+    dout = _randn(t, n_q, d, seed=4, dtype=torch.bfloat16)
+    cu = _cu(lengths)
+    leaves = [x.clone().cuda().requires_grad_(True) for x in (q, k, v)]
+    cu = cu.cuda()
+    out = gpu_backend.attention(*leaves, causal=True, cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    out.backward(dout.cuda())
+
+    def naive(q, k, v):  # every op in q's dtype, per sequence
+        outs = []
+        for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+            ke, ve = (x.repeat_interleave(n_q // n_kv, dim=1) for x in (ks, vs))
+            s = torch.einsum("qhd,khd->hqk", qs, ke) / math.sqrt(d)
+            mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+            p = s.masked_fill(mask, float("-inf")).softmax(-1)
+            outs.append(torch.einsum("hqk,khd->qhd", p, ve))
+        return torch.cat(outs)
+
+    exact_leaves = [x.clone().cuda().double().requires_grad_(True) for x in (q, k, v)]
+    exact = naive(*exact_leaves)
+    exact.backward(dout.cuda().double())
+    naive_leaves = [x.clone().cuda().requires_grad_(True) for x in (q, k, v)]
+    approx = naive(*naive_leaves)
+    approx.backward(dout.cuda())
+    pairs = [(out, approx, exact)] + [(a.grad, b.grad, c.grad) for a, b, c in
+                                      zip(leaves, naive_leaves, exact_leaves)]
+    for got, naive_bf16, reference_value in pairs:
+        err = (got.double() - reference_value).abs().max().item()
+        naive_err = (naive_bf16.double() - reference_value).abs().max().item()
+        assert err <= 2 * naive_err + 1e-3, (err, naive_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)],
+                         ids=["fp32", "bf16"])
+def test_gpu_fused_layers_match_cpu_forward_and_backward(gpu_backend, dtype, tol):
+    cpu = CPUBackend()
+    x = _randn(3, 5, 64, seed=0, dtype=dtype)
+    w = (1 + 0.1 * _randn(64, seed=1)).to(dtype)
+    angles = _randn(5, 1, 64, seed=2)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    x4 = _randn(2, 5, 3, 64, seed=3, dtype=dtype)
+    swiglu_input = _randn(4, 6, 128, seed=4, dtype=dtype).transpose(0, 1)  # non-contiguous
+    cases = [
+        (lambda b, a, extra: b.rms_norm(a, extra[0], 1e-6), x, (w,)),
+        (lambda b, a, extra: b.apply_rotary(a, *extra), x4, (cos, sin)),
+        (lambda b, a, extra: b.swiglu(a), swiglu_input, ()),
+    ]
+    for fn, a, extra in cases:
+        a_gpu = a.detach().cuda().requires_grad_(True)
+        a_cpu = a.detach().clone().requires_grad_(True)
+        out = fn(gpu_backend, a_gpu, tuple(e.cuda() for e in extra))
+        ref = fn(cpu, a_cpu, extra)
+        assert out.dtype == ref.dtype and out.is_cuda
+        torch.testing.assert_close(out.float().cpu(), ref.float(), **tol)
+        dy = _randn(*ref.shape, seed=5, dtype=ref.dtype)
+        out.backward(dy.cuda())
+        ref.backward(dy)
+        torch.testing.assert_close(a_gpu.grad.float().cpu(), a_cpu.grad.float(), **tol)
+
+
+@pytest.mark.gpu
+def test_gpu_runtime(gpu_backend):
+    gpu_backend.set_device(0)
+    assert gpu_backend.device() == torch.device("cuda", torch.cuda.current_device()) == \
+        torch.device("cuda", 0)
+    gpu_backend.seed(5)
+    gpu_backend.reset_peak_memory_stats()
+    x = torch.ones(1 << 20, device=gpu_backend.device())
+    gpu_backend.synchronize()
+    assert gpu_backend.max_memory_allocated() >= x.numel() * 4
+    assert gpu_backend.describe()["attention_kernels"] == gpu_backend.attention_impl
