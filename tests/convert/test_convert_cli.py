@@ -194,3 +194,43 @@ def test_wrong_tensor_shape_in_hf_weights_is_named(dirs, tmp_path, capsys):
     message = error_of(capsys, "import-hf", src, str(tmp_path / "dst"))
     assert "'model.layers.0.mlp.gate_proj.weight' has shape (128, 64), expected (96, 64)" \
         in message
+
+
+def test_export_writes_generation_config_with_the_stop_tokens(dirs, tmp_path):
+    # Qwen2.5-Instruct's own settings: sampling on, <|im_end|> as its eos
+    src, native, out = (str(tmp_path / n) for n in ("hf", "native", "exported"))
+    shutil.copytree(dirs["internvl"], src)
+    tokenizer = load_tokenizer(src)
+    source = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+              "repetition_penalty": 1.05, "eos_token_id": tokenizer.im_end_id,
+              "transformers_version": "4.37.0"}
+    with open(os.path.join(src, "generation_config.json"), "w") as f:
+        json.dump(source, f)
+    assert convert("import-hf", src, native) == 0
+    assert read_metadata(native).hf_generation_config == source
+    assert convert("export-hf", native, out) == 0
+    written = json.load(open(os.path.join(out, "generation_config.json")))
+    assert written == {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                       "repetition_penalty": 1.05,
+                       "eos_token_id": sorted(tokenizer.stop_token_ids),
+                       "pad_token_id": tokenizer.pad_id}
+    assert tokenizer.im_end_id in written["eos_token_id"] and len(written["eos_token_id"]) == 2
+    # transformers reads it back as the model's generation settings
+    from transformers import GenerationConfig
+
+    loaded = GenerationConfig.from_pretrained(out)
+    assert loaded.do_sample and loaded.eos_token_id == sorted(tokenizer.stop_token_ids)
+
+
+def test_split_import_keeps_the_qwen2_generation_config(dirs, tmp_path):
+    qwen2 = str(tmp_path / "qwen2")
+    shutil.copytree(dirs["qwen2"], qwen2)
+    with open(os.path.join(qwen2, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 7, "temperature": 0.5, "do_sample": True}, f)
+    native, out = str(tmp_path / "native"), str(tmp_path / "out")
+    assert convert("import-hf", qwen2, native, "--vision", dirs["internvit"]) == 0
+    assert convert("export-hf", native, out) == 0
+    written = json.load(open(os.path.join(out, "generation_config.json")))
+    tokenizer = load_tokenizer(os.path.join(native, "tokenizer"))
+    assert written["bos_token_id"] == 7 and written["temperature"] == 0.5
+    assert written["eos_token_id"] == sorted(tokenizer.stop_token_ids)
