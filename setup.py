@@ -27,6 +27,7 @@ setup(
         "av>=12,<20",
         "safetensors>=0.4,<0.9",
         "tokenizers>=0.19,<0.24",
+        "psutil>=5.9,<8",  # megatron-core's dist_checkpointing.save imports it
     ],
     extras_require={
         # torch_npu must match the installed torch exactly (torch_npu X.Y.Z[.postN] <-> torch X.Y.Z);

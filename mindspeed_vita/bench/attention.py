@@ -5,6 +5,12 @@ same causal GQA input; the table prints time and peak-memory of each and the rat
 naive / backend, all measured in this run. The naive baseline materialises the [s, s] score
 matrix per head (what a plain `softmax(q k^T) v` does); it is skipped, with the estimate
 printed, where that estimate exceeds `--naive-max-gb`.
+
+Defaults: 2K, 4K, 8K and 16K tokens, 2 query / 1 kv heads of dim 64, bf16 on accelerators and
+fp32 on CPU, `--naive-max-gb 12`. The naive forward+backward needs about 6 score matrices:
+at 16K tokens in fp32 that is ~12.3 GiB, so on CPU it is skipped by default (the backend row
+is still measured); in bf16 on a GPU it is ~6.3 GiB and runs. `--attention-impl` picks the
+CUDA kernels (PyTorch's flash kernels or the flash-attn package).
 """
 from __future__ import annotations
 
@@ -28,6 +34,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--naive-max-gb", type=float, default=12.0,
                         help="skip the naive baseline where its estimated peak exceeds this")
     parser.add_argument("--backend", default=None, help="auto | npu | cuda | cpu")
+    parser.add_argument("--attention-impl", default=None, choices=["auto", "torch", "flash_attn"],
+                        help="cuda backend kernels: PyTorch's flash kernels or the flash-attn "
+                             "package (default auto: flash-attn when installed); other "
+                             "backends ignore it")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -63,7 +73,8 @@ def _step(attn, q, k, v, backward: bool):
 def run(args) -> int:
     from backends import get_backend
 
-    backend = get_backend(args.backend)
+    options = {} if args.attention_impl is None else {"attention_impl": args.attention_impl}
+    backend = get_backend(args.backend, **options)
     dev = backend.device()
     dtype = getattr(torch, args.dtype) if args.dtype else backend.default_compute_dtype
     seq_lens = [int(x) for x in args.seq_lens.split(",") if x]
@@ -76,7 +87,8 @@ def run(args) -> int:
         q, k, v = mk(args.heads), mk(args.kv_heads), mk(args.kv_heads)
         fast = measure(_step(lambda a, b, c: backend.attention(a, b, c, causal=True), q, k, v,
                              backward), backend, repeats=args.repeats)
-        row = {"seq_len": s, "backend_time_s": fast["time_s"], "backend_peak_bytes": fast["peak_bytes"]}
+        row = {"seq_len": s, "backend_time_s": fast["time_s"],
+               "backend_peak_bytes": fast["peak_bytes"]}
         estimate = _naive_estimate_bytes(s, args.heads, elem, backward)
         if estimate <= args.naive_max_gb * 2**30:
             slow = measure(_step(naive_attention, q, k, v, backward), backend, repeats=args.repeats)
@@ -90,11 +102,15 @@ def run(args) -> int:
     summary = {"backend": backend.name, "dtype": str(dtype).removeprefix("torch."),
                "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                "pass": "forward" if args.forward_only else "forward+backward", "results": results}
+    kernels = backend.describe().get("attention_kernels")
+    if kernels is not None:
+        summary["attention_kernels"] = kernels
     if args.json:
         print_json(summary)
         return 0
-    print(f"attention on backend {backend.name} ({summary['dtype']}, {summary['pass']}, causal, "
-          f"{args.heads} q heads / {args.kv_heads} kv heads, head dim {args.head_dim})")
+    kernels = f", {kernels} kernels" if kernels is not None else ""
+    print(f"attention on backend {backend.name}{kernels} ({summary['dtype']}, {summary['pass']}, "
+          f"causal, {args.heads} q heads / {args.kv_heads} kv heads, head dim {args.head_dim})")
     rows = []
     for r in results:
         if "speedup" in r:
@@ -102,8 +118,8 @@ def run(args) -> int:
                      f"{r['speedup']:.2f}x", f"{r['memory_ratio']:.1f}x")
         else:
             naive = ("skipped", f"~{format_bytes(r['naive_skipped_estimate_bytes'])}", "-", "-")
-        rows.append((r["seq_len"], f"{r['backend_time_s']:.4f}", format_bytes(r["backend_peak_bytes"]))
-                    + naive)
+        rows.append((r["seq_len"], f"{r['backend_time_s']:.4f}",
+                     format_bytes(r["backend_peak_bytes"])) + naive)
     print(format_table(["tokens", "backend s", "backend peak", "naive s", "naive peak",
                         "time ratio naive/backend", "memory ratio naive/backend"], rows))
     return 0
