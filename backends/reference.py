@@ -91,7 +91,8 @@ def attention_reference(
     scale = default_scale(q.shape[-1], scale)
     if cu_seqlens_q is None:
         return _dense_forward(q, k, v, causal, scale)
-    lq, lk = _split_lengths(cu_seqlens_q), _split_lengths(cu_seqlens_kv if cu_seqlens_kv is not None else cu_seqlens_q)
+    lq = _split_lengths(cu_seqlens_q)
+    lk = _split_lengths(cu_seqlens_kv if cu_seqlens_kv is not None else cu_seqlens_q)
     outs, lses = [], []
     for qs, ks, vs in zip(q.split(lq), k.split(lk), v.split(lk)):
         o, l = _dense_forward(qs[None], ks[None], vs[None], causal, scale)
@@ -109,11 +110,13 @@ def attention_backward_reference(
     scale = default_scale(q.shape[-1], scale)
     if cu_seqlens_q is None:
         return _dense_backward(dout, q, k, v, out, lse, causal, scale)
-    lq, lk = _split_lengths(cu_seqlens_q), _split_lengths(cu_seqlens_kv if cu_seqlens_kv is not None else cu_seqlens_q)
+    lq = _split_lengths(cu_seqlens_q)
+    lk = _split_lengths(cu_seqlens_kv if cu_seqlens_kv is not None else cu_seqlens_q)
     grads = [[], [], []]
     for dos, qs, ks, vs, os_, ls in zip(dout.split(lq), q.split(lq), k.split(lk), v.split(lk),
                                         out.split(lq), lse.split(lq, dim=-1)):
-        g = _dense_backward(dos[None], qs[None], ks[None], vs[None], os_[None], ls[None], causal, scale)
+        g = _dense_backward(dos[None], qs[None], ks[None], vs[None], os_[None], ls[None], causal,
+                            scale)
         for acc, t in zip(grads, g):
             acc.append(t[0])
     return tuple(torch.cat(g) for g in grads)

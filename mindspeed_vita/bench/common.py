@@ -25,9 +25,10 @@ def measure(fn: Callable[[], object], backend: Backend, repeats: int = 3,
 
     Returns `{"time_s": median seconds per call, "time_min_s": fastest call,
     "peak_bytes": smallest peak-memory growth over the timed calls}` (every call does the same
-    work, and on CPU the peak is process-wide RSS that other threads can only inflate), growth meaning above what was live
-    when the call started (inputs and weights are not counted). Each timed call gets its own
-    peak window, started after garbage collection so earlier calls' tensors are not counted.
+    work, and on CPU the peak is process-wide RSS that other threads can only inflate), growth
+    meaning above what was live when the call started (inputs and weights are not counted).
+    Each timed call gets its own peak window, started after garbage collection so earlier
+    calls' tensors are not counted.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -48,7 +49,8 @@ def measure(fn: Callable[[], object], backend: Backend, repeats: int = 3,
         backend.synchronize()
         times.append(time.perf_counter() - start)
         peaks.append(backend.max_memory_allocated() - base)
-    return {"time_s": statistics.median(times), "time_min_s": min(times), "peak_bytes": int(max(0, min(peaks)))}
+    return {"time_s": statistics.median(times), "time_min_s": min(times),
+            "peak_bytes": int(max(0, min(peaks)))}
 
 
 def saved_tensor_bytes(fn: Callable[[], object]) -> int:
@@ -64,7 +66,7 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        kept = fn()  # noqa: F841 - keeps the graph alive until the count below
+        kept = fn()  # keeps the graph (and what it saved) alive until the count below
     gc.collect()
     storages: Dict[tuple, int] = {}
     for ref in packed:
@@ -72,6 +74,7 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
         if tensor is not None:
             storage = tensor.untyped_storage()
             storages[(storage.data_ptr(), tensor.device.type)] = storage.nbytes()
+    del kept
     return sum(storages.values())
 
 

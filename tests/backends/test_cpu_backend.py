@@ -58,7 +58,8 @@ def test_packed_varlen_matches_reference(dtype, causal):
     q, k, v, do = _inputs(dtype, packed=lengths)
     cu = _cu(lengths)
     out, lse = be.attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu, cu_seqlens_kv=cu)
-    out_r, lse_r = ref.attention_reference(q, k, v, causal=causal, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    out_r, lse_r = ref.attention_reference(q, k, v, causal=causal, cu_seqlens_q=cu,
+                                           cu_seqlens_kv=cu)
     assert lse.shape == (q.shape[1], q.shape[0])
     torch.testing.assert_close(out.float(), out_r.float(), atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(lse, lse_r, atol=TOL[dtype], rtol=TOL[dtype])
