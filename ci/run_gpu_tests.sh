@@ -5,7 +5,9 @@
 #     default index, which on Linux x86_64 is the CUDA build. Never the CPU wheel here.
 #   - flash-attn (extra [gpu]) is NOT installed by this script (it builds from source for a new
 #     torch); when it is already importable the tests and the benchmark also cover it.
-#   - SKIP_INSTALL=1 skips every pip call (offline hosts whose environment is ready).
+#   - SKIP_INSTALL=1 skips every pip call (offline hosts whose environment is ready). The GPU
+#     tests and the benchmark import only torch (with numpy) and pytest from the environment,
+#     not megatron-core / transformers, so a CUDA torch plus pytest is enough.
 # Extra arguments go to pytest. Timings land in $GPU_BENCH_OUT (default gpu-bench/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
