@@ -36,7 +36,8 @@ _counter = itertools.count()
 
 def _lengths(cu: torch.Tensor, name: str) -> List[int]:
     if cu.dtype != torch.int32 or cu.dim() != 1 or not cu.is_contiguous():
-        raise RuntimeError(f"{name} must be a contiguous 1-D int32 tensor, got {cu.dtype} {tuple(cu.shape)}")
+        raise RuntimeError(f"{name} must be a contiguous 1-D int32 tensor, got {cu.dtype} "
+                           f"{tuple(cu.shape)}")
     values = [int(x) for x in cu.tolist()]
     if len(values) < 2 or values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
         raise RuntimeError(f"{name} must start at 0 and be non-decreasing, got {values}")
@@ -50,9 +51,11 @@ class _Call:
         dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if allow_fp32 else ())
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.dim() != 3:
-                raise RuntimeError(f"varlen {name} must be [total, heads, head_dim], got {tuple(t.shape)}")
+                raise RuntimeError(f"varlen {name} must be [total, heads, head_dim], got "
+                                   f"{tuple(t.shape)}")
             if t.dtype not in dtypes:
-                raise RuntimeError(f"FlashAttention only supports fp16 and bf16, got {name} {t.dtype}")
+                raise RuntimeError(f"FlashAttention only supports fp16 and bf16, got {name} "
+                                   f"{t.dtype}")
             if t.stride(-1) != 1:
                 raise RuntimeError(f"{name} must have contiguous last dimension")
         if not q.dtype == k.dtype == v.dtype:
@@ -70,8 +73,8 @@ class _Call:
         if sum(self.lq) != q.shape[0] or sum(self.lk) != k.shape[0]:
             raise RuntimeError("cu_seqlens do not end at the number of rows")
         if max(self.lq) > max_q or max(self.lk) > max_k:
-            raise RuntimeError(f"max_seqlen ({max_q}, {max_k}) smaller than a sequence ({max(self.lq)}, "
-                               f"{max(self.lk)})")
+            raise RuntimeError(f"max_seqlen ({max_q}, {max_k}) smaller than a sequence "
+                               f"({max(self.lq)}, {max(self.lk)})")
         self.max_q, self.group = int(max_q), q.shape[1] // k.shape[1]
         self.starts_q = [sum(self.lq[:i]) for i in range(len(self.lq))]
         self.starts_k = [sum(self.lk[:i]) for i in range(len(self.lk))]
@@ -126,10 +129,12 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, ca
     n = q.shape[1]
     for name, t in (("dout", dout), ("out", out)):
         if t.shape != q.shape or t.dtype != q.dtype or t.stride(-1) != 1:
-            raise RuntimeError(f"{name} must be like q {tuple(q.shape)} {q.dtype}, got {tuple(t.shape)} {t.dtype}")
+            raise RuntimeError(f"{name} must be like q {tuple(q.shape)} {q.dtype}, got "
+                               f"{tuple(t.shape)} {t.dtype}")
     expected = (n, q.shape[0]) if lse_layout == "packed" else (len(call.lq), n, call.max_q)
     if lse.dtype != torch.float32 or tuple(lse.shape) != expected or not lse.is_contiguous():
-        raise RuntimeError(f"softmax_lse must be contiguous fp32 {expected}, got {lse.dtype} {tuple(lse.shape)}")
+        raise RuntimeError(f"softmax_lse must be contiguous fp32 {expected}, got {lse.dtype} "
+                           f"{tuple(lse.shape)}")
     dq = torch.zeros(q.shape, dtype=torch.float32)
     dk = torch.zeros(k.shape, dtype=torch.float32)
     dv = torch.zeros(v.shape, dtype=torch.float32)
@@ -170,9 +175,11 @@ class FakeAtenFlash:
                                  alibi_slopes=None, block_table=None, num_splits=None):
         """Forward; returns (output, softmax_logsumexp, rng_state, unused, debug_attn_mask)."""
         if cum_seq_q is None or cum_seq_k is None:
-            raise RuntimeError("the fake implements the varlen form only (the backend uses no other)")
+            raise RuntimeError("the fake implements the varlen form only (the backend uses no "
+                               "other)")
         if return_debug_mask or any(x is not None for x in (seqused_k, alibi_slopes, block_table)):
-            raise RuntimeError("debug mask / seqused_k / alibi / paged KV are not used by the backend")
+            raise RuntimeError("debug mask / seqused_k / alibi / paged KV are not used by the "
+                               "backend")
         if window_size_left not in (None, -1) or window_size_right not in (None, -1):
             raise RuntimeError("the backend never sets a window")
         scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
@@ -207,8 +214,8 @@ def _check_off(window, softcap, alibi_slopes, return_softmax=False, block_table=
                leftpad_k=None, seqused_k=None):
     if tuple(window) != (-1, -1) or softcap != 0.0 or alibi_slopes is not None or return_softmax \
             or block_table is not None or leftpad_k is not None or seqused_k is not None:
-        raise RuntimeError("the backend must pass windows (-1, -1), softcap 0, no alibi / softmax / "
-                           "paged KV")
+        raise RuntimeError("the backend must pass windows (-1, -1), softcap 0, no alibi / "
+                           "softmax / paged KV")
 
 
 def _make_2_6(allow_fp32: bool, calls: List[str]):
