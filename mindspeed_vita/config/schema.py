@@ -174,6 +174,9 @@ class BackendOptions(Section):
 
     use_mindspeed: bool = False
     """On NPU, import MindSpeed's megatron adaptor (MindSpeed installed from source)."""
+    attention_impl: Literal["auto", "torch", "flash_attn"] = "auto"
+    """On CUDA, the attention kernels: PyTorch's own flash kernels (`torch`) or the flash-attn
+    package (`flash_attn`, extra `[gpu]`); `auto` uses flash-attn when it imports."""
 
 
 class StageConfig(Section):

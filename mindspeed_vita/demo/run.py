@@ -48,7 +48,7 @@ def _demo_photo(out_dir: str) -> str:
 
 
 def run(args) -> int:
-    from backends import get_backend
+    from mindspeed_vita.config.backend_select import backend_for_stage
     from mindspeed_vita.config.loader import build_config
     from mindspeed_vita.data.loader import pipeline_from_config
     from mindspeed_vita.data.render import render_sample
@@ -73,7 +73,7 @@ def run(args) -> int:
                  "num_workers": 0, "max_num_frame": 8, "max_frames": 32},
     }, source="demo")
 
-    backend = get_backend(args.backend)
+    backend = backend_for_stage(stage, args.backend)
     initialize_parallel(backend, tp=1, seed=1234)
     summary = {"backend": backend.name}
     try:

@@ -9,14 +9,14 @@ the full 14B configuration can be inspected (`parameter_counts`) on any machine.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from pydantic import ValidationError
 
 from backends.base import Backend
+from backends.meta import meta_build
 from mindspeed_vita.config.model import ModelConfig
 from mindspeed_vita.errors import CheckpointError, UserInputError
 
@@ -49,38 +49,6 @@ def build_model(cfg: ModelConfig, backend: Backend, *, tokenizer,
                          sequence_parallel=sequence_parallel, recompute=recompute)
 
 
-class _MetaDeviceBackend:
-    """`backend` with `device()` answering `meta`, everything else delegated: the model moves
-    its modules to `backend.device()` after building them, which must not materialise them."""
-
-    def __init__(self, backend: Backend):
-        self._backend = backend
-
-    def device(self, local_rank: int = 0) -> torch.device:
-        return torch.device("meta")
-
-    def __getattr__(self, name: str):
-        return getattr(self._backend, name)
-
-
-@contextlib.contextmanager
-def _allocate_on_meta() -> Iterator[None]:
-    """Every tensor created inside the block lives on the meta device.
-
-    `torch.device("meta")` covers allocations that name no device. megatron-core also allocates
-    with an explicit `device=torch.cuda.current_device()` (which the CPU backend's shim answers
-    with "cpu"); an explicit device wins over the default, so `current_device` answers "meta"
-    for the duration of the block and is restored afterwards, whatever it was before.
-    """
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: torch.device("meta")
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        torch.cuda.current_device = original
-
-
 def build_meta_model(cfg: ModelConfig, backend: Backend, *, sequence_parallel: bool = False):
     """A `LongVitaModel` for `cfg` whose parameters live on the `meta` device: every shape and
     dtype as the real model, no memory, no initialisation cost (the 14B model builds in well
@@ -91,8 +59,8 @@ def build_meta_model(cfg: ModelConfig, backend: Backend, *, sequence_parallel: b
     """
     from mindspeed_vita.models.vlm import LongVitaModel
 
-    with _allocate_on_meta():
-        model = LongVitaModel(cfg, _MetaDeviceBackend(backend), context_token_ids=(),
+    with meta_build(backend) as meta_backend:
+        model = LongVitaModel(cfg, meta_backend, context_token_ids=(),
                               sequence_parallel=sequence_parallel)
     on_other_devices = sorted({str(t.device) for t in model.state_dict().values()
                                if isinstance(t, torch.Tensor) and not t.is_meta})

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mindspeed_vita.config.loader import load_config
+from mindspeed_vita.config.loader import build_config, load_config
 from mindspeed_vita.config.schema import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -139,3 +139,15 @@ def test_relative_input_paths_resolve_against_the_file_that_names_them(tmp_path)
     # absolute paths and command-line overrides are left as given
     cfg = load_config(str(stage), ["model.tokenizer=/abs/tok", "data.mixture=rel.yaml"])
     assert cfg.model.tokenizer == "/abs/tok" and cfg.data.mixture == "rel.yaml"
+
+
+def test_backend_options_reach_only_the_backend_that_takes_them(monkeypatch):
+    from mindspeed_vita.config.backend_select import backend_for_stage
+
+    monkeypatch.delenv("MINDSPEED_VITA_BACKEND", raising=False)
+    stage = build_config({"backend": "cpu", "backend_options": {
+        "attention_impl": "flash_attn", "use_mindspeed": True}})
+    assert backend_for_stage(stage).name == "cpu"  # CUDA/NPU options are ignored on CPU
+    assert backend_for_stage(build_config({}), "cpu").name == "cpu"
+    with pytest.raises(ConfigError, match="backend_options.attention_impl"):
+        build_config({"backend_options": {"attention_impl": "xformers"}})

@@ -2,7 +2,6 @@
 `InternVLForConditionalGeneration` text-only and with several image tiles, loaded from the HF
 directory and from the native checkpoint `convert import-hf` writes; `Qwen2ForCausalLM` through
 the Qwen2 + InternViT import. Max abs logit difference <= 1e-4 (measured ~1e-5)."""
-import os
 
 import pytest
 import torch
