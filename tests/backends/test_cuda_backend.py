@@ -25,6 +25,7 @@ import warnings
 import pytest
 import torch
 
+from tests.backends.attention_checks import assert_autograd_matches_reference
 import backends.cuda as cuda_module
 from backends import backend_options_for, reference
 from backends.base import BackendUnavailableError
@@ -353,15 +354,7 @@ def test_backward_first_probes_the_lse_layout(kernel_path):
 def test_autograd_through_fake_kernels_matches_reference_autograd(kernel_path, case):
     backend = _fake_backend()
     q, k, v, dout, kwargs = _case_tensors(case, torch.float32)
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out = backend.attention(*leaves, **kwargs)
-    ref_out, _ = reference.attention_reference(*ref_leaves, **kwargs)
-    torch.testing.assert_close(out, ref_out, **FP32_TOL)
-    out.backward(dout)
-    ref_out.backward(dout)
-    for got, expected in zip(leaves, ref_leaves):
-        torch.testing.assert_close(got.grad, expected.grad, **FP32_TOL)
+    assert_autograd_matches_reference(backend, q, k, v, dout, kwargs, FP32_TOL)
 
 
 def test_unsupported_inputs_use_the_reference_with_one_warning(monkeypatch):

@@ -14,7 +14,8 @@ import types
 import pytest
 import torch
 
-from backends import get_backend, reference
+from tests.backends.attention_checks import assert_autograd_matches_reference
+from backends import get_backend
 from backends.base import BackendUnavailableError
 from backends.cpu import CPUBackend
 from backends.fakes import FakeTorchNPU
@@ -98,15 +99,7 @@ def test_attention_forward_and_backward_match_cpu_backend(npu_backend, case, dty
 @pytest.mark.parametrize("case", ["gqa_causal", "packed_causal_gqa", "packed_full"])
 def test_attention_autograd_matches_reference_autograd(npu_backend, case):
     q, k, v, dout, kwargs = _case_tensors(case, torch.float32)
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out = npu_backend.attention(*leaves, **kwargs)
-    ref_out, _ = reference.attention_reference(*ref_leaves, **kwargs)
-    torch.testing.assert_close(out, ref_out, **FP32_TOL)
-    out.backward(dout)
-    ref_out.backward(dout)
-    for got, expected in zip(leaves, ref_leaves):
-        torch.testing.assert_close(got.grad, expected.grad, **FP32_TOL)
+    assert_autograd_matches_reference(npu_backend, q, k, v, dout, kwargs, FP32_TOL)
 
 
 def test_attention_calls_the_op_as_the_fact_sheet_requires(npu_backend):
