@@ -110,7 +110,7 @@ def run(args) -> int:
                 optimizer.step()
                 elapsed = time.perf_counter() - start
                 losses.append(loss.item())
-                record = {"step": step, "loss": float(loss), "label_tokens": int(count),
+                record = {"step": step, "loss": float(loss.detach()), "label_tokens": int(count),
                           "real_tokens": batch.num_real_tokens, "samples": len(batch.samples),
                           "step_time_s": round(elapsed, 4),
                           "tokens_per_s": round(batch.tokens.numel() / elapsed, 1)}
