@@ -25,7 +25,8 @@ import torch
 
 from mindspeed_vita.bench.common import format_bytes, format_table, measure, print_json
 from mindspeed_vita.errors import UserInputError
-from mindspeed_vita.models.lm_head import IGNORE_INDEX, HEAD_NAMES, LMHead, build_lm_head
+from mindspeed_vita.models.lm_head import (
+    IGNORE_INDEX, HEAD_NAMES, LMHead, LogitsMaskedHead, build_lm_head)
 
 
 def add_arguments(parser) -> None:
@@ -175,6 +176,9 @@ def _measure_all(args, backend, dtype, seq_lens) -> dict:
     dev = backend.device()
     elem = torch.tensor([], dtype=dtype).element_size()
     heads = [build_lm_head(name, args.chunk_size) for name in HEAD_NAMES]
+    # the logits-masked head as the paper measures it: selected rows in ONE projection (in the
+    # model it also chunks them above lm_head_chunk_size; tests/models/test_lm_head.py)
+    heads[HEAD_NAMES.index("logits-masked")] = LogitsMaskedHead()
     gen = torch.Generator().manual_seed(1234)
     weight = (torch.randn(args.vocab, args.hidden, generator=gen) * 0.02).to(dev, dtype)
     weight.requires_grad_()

@@ -126,7 +126,8 @@ class ModelConfig(Section):
     """Vocabulary projection + loss: full logits, sequence chunks, or only rows that predict a
     label (training) / the last row (inference)."""
     lm_head_chunk_size: int = 4096
-    """Rows per chunk for the chunked head."""
+    """Rows per projection for the chunked head, and for the logits-masked head when it selects
+    more rows than that (its peak is then one chunk of logits too)."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Parameter / compute dtype."""
     tokenizer: Optional[str] = None

@@ -304,9 +304,20 @@ class LogitsMaskedHead(LMHead):
     Because labels are shifted, row `i` predicts `labels[i]`: the rows kept are exactly those
     with `labels[i] != IGNORE_INDEX`. (The authors' release built the mask from the unshifted
     label positions and so dropped the first token of every answer span.)
+
+    With `chunk_size`, more selected rows than that are projected `chunk_size` at a time, as the
+    chunked head does, so even a batch that is mostly answer tokens peaks at one chunk of logits;
+    up to `chunk_size` selected rows take the plain single projection.
     """
 
     name = "logits-masked"
+
+    def __init__(self, vocab_size: Optional[int] = None,
+                 chunk_size: Optional[int] = None) -> None:
+        super().__init__(vocab_size)
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"lm head: lm_head_chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
 
     @staticmethod
     def supervised_rows(labels: torch.Tensor) -> torch.Tensor:
@@ -318,8 +329,11 @@ class LogitsMaskedHead(LMHead):
         # Select first, then enter the TP region: the backward all-reduce only moves the
         # selected rows. Every TP rank holds the same labels, so the selections agree.
         chosen = _into_tp_region(rows.index_select(0, selected), sequence_parallel)
-        return rows_loss_sum(chosen, weight, targets.index_select(0, selected),
-                             self.vocab_size)
+        chosen_targets = targets.index_select(0, selected)
+        if self.chunk_size is not None and chosen.shape[0] > self.chunk_size:
+            return _ChunkedLinearCrossEntropy.apply(chosen, weight, chosen_targets,
+                                                    self.chunk_size, self.vocab_size)
+        return rows_loss_sum(chosen, weight, chosen_targets, self.vocab_size)
 
     def _logits_for_rows(self, flat, weight, rows):
         return F.linear(flat.index_select(0, rows), weight)
@@ -328,7 +342,8 @@ class LogitsMaskedHead(LMHead):
 def build_lm_head(name: str, chunk_size: int = 4096,
                   vocab_size: Optional[int] = None) -> LMHead:
     """The head the config key `model.lm_head` names; `chunk_size` is
-    `model.lm_head_chunk_size` (used by the chunked head only); `vocab_size` is the real
+    `model.lm_head_chunk_size` (rows per projection of the chunked head, and of the
+    logits-masked head when it selects more rows than that); `vocab_size` is the real
     vocabulary size `language.vocab_size` (the padding ids beyond it are masked), None when
     the weight has no padding rows."""
     if name == "full":
@@ -336,7 +351,7 @@ def build_lm_head(name: str, chunk_size: int = 4096,
     if name == "chunked":
         return ChunkedHead(chunk_size, vocab_size)
     if name == "logits-masked":
-        return LogitsMaskedHead(vocab_size)
+        return LogitsMaskedHead(vocab_size, chunk_size)
     raise ValueError(f"model.lm_head: unknown head {name!r}; choose one of {', '.join(HEAD_NAMES)}")
 
 

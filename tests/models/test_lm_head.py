@@ -19,7 +19,13 @@ CHUNK = 5  # does not divide SEQ * BATCH = 48
 
 
 def heads():
-    return [FullHead(), ChunkedHead(CHUNK), LogitsMaskedHead()]
+    # the masked head both plain and chunked (24 selected rows > CHUNK: the chunked path runs)
+    return [FullHead(), ChunkedHead(CHUNK), LogitsMaskedHead(), LogitsMaskedHead(chunk_size=CHUNK)]
+
+
+def head_id(head):
+    chunked_mask = isinstance(head, LogitsMaskedHead) and head.chunk_size is not None
+    return head.name + ("-chunked" if chunked_mask else "")
 
 
 def token_aligned_labels():
@@ -87,7 +93,7 @@ def test_labels_fixture_has_span_right_after_image_block():
     assert (labels[1, 15:] == IGNORE_INDEX).all()  # padding
 
 
-@pytest.mark.parametrize("head", heads(), ids=lambda h: h.name)
+@pytest.mark.parametrize("head", heads(), ids=head_id)
 def test_fp32_heads_match_reference(tp1, head):
     hidden, weight, labels = make_batch()
     ref_loss, ref_count, ref_dh, ref_dw = reference(hidden, weight, labels)
@@ -99,7 +105,7 @@ def test_fp32_heads_match_reference(tp1, head):
     torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("head", heads(), ids=lambda h: h.name)
+@pytest.mark.parametrize("head", heads(), ids=head_id)
 def test_bf16_heads_match_reference(tp1, head):
     """bf16 hidden/weight: the head and the reference share the bf16 matmul and the fp32
     cross entropy. Tolerance: loss 1e-4 relative; gradients (bf16) 2e-2 relative + 1e-3
@@ -144,7 +150,7 @@ def test_logits_masked_head_keeps_first_token_of_every_answer(tp1):
     assert not torch.allclose(defect_loss, ref_loss, rtol=1e-3)
 
 
-@pytest.mark.parametrize("head", heads(), ids=lambda h: h.name)
+@pytest.mark.parametrize("head", heads(), ids=head_id)
 def test_all_ignored_labels_give_zero_without_nan(tp1, head):
     hidden, weight, labels = make_batch()
     labels = torch.full_like(labels, IGNORE_INDEX)
@@ -154,7 +160,7 @@ def test_all_ignored_labels_give_zero_without_nan(tp1, head):
     assert float(dh.abs().sum()) == 0.0 and float(dw.abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("head", heads(), ids=lambda h: h.name)
+@pytest.mark.parametrize("head", heads(), ids=head_id)
 def test_frozen_weight_and_no_grad(tp1, head):
     """Stage 1 freezes the LLM (output layer included) but needs the hidden gradient; eval runs
     under no_grad."""
@@ -169,7 +175,7 @@ def test_frozen_weight_and_no_grad(tp1, head):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("head", heads(), ids=lambda h: h.name)
+@pytest.mark.parametrize("head", heads(), ids=head_id)
 def test_logits_for_rows_and_last_row(tp1, head):
     hidden, weight, _ = make_batch()
     full = F.linear(hidden, weight).reshape(SEQ * BATCH, VOCAB)
@@ -212,6 +218,14 @@ def test_chunked_head_keeps_one_chunk_of_logits(tp1):
     assert full_saved >= logits_bytes
     gradient_buffers = hidden.numel() * 4 + weight.numel() * 4
     assert chunked_saved <= gradient_buffers + rows * 8  # + the int64 targets
+
+    # every row supervised: the masked head selects them all; chunked, it stays at one chunk
+    masked_peak = measure(step(LogitsMaskedHead(chunk_size=chunk)), backend, repeats=1,
+                          warmup=1)["peak_bytes"]
+    assert masked_peak < 0.25 * logits_bytes, (masked_peak, logits_bytes)
+    plain_masked_saved = saved_tensor_bytes(lambda: LogitsMaskedHead().loss(hidden, weight,
+                                                                            labels))
+    assert plain_masked_saved >= logits_bytes  # without chunks it holds every selected logit
 
 
 def test_bad_input_errors(tp1):

@@ -27,7 +27,13 @@ ROWS = torch.tensor([23, 0, 7, 7])
 
 
 def heads(vocab_size=VOCAB):
-    return [FullHead(vocab_size), ChunkedHead(CHUNK, vocab_size), LogitsMaskedHead(vocab_size)]
+    return [FullHead(vocab_size), ChunkedHead(CHUNK, vocab_size), LogitsMaskedHead(vocab_size),
+            LogitsMaskedHead(vocab_size, CHUNK)]
+
+
+def head_id(head):
+    chunked_mask = isinstance(head, LogitsMaskedHead) and head.chunk_size is not None
+    return head.name + ("-chunked" if chunked_mask else "")
 
 
 def make_batch(v_pad):
