@@ -147,7 +147,8 @@ def test_dp_ranks_read_disjoint_shards_that_cover_the_stream(mixture):
     for a, b in itertools.combinations(positions_of_rank, 2):
         assert not a & b
     assert set().union(*positions_of_rank) >= set(range(epoch))  # together: the whole first epoch
-    text_in_epoch0 = [{record_key(stream.item(p))[0] for p in positions if p < epoch} for positions in positions_of_rank]
+    text_in_epoch0 = [{record_key(stream.item(p))[0] for p in positions if p < epoch}
+                      for positions in positions_of_rank]
     text_in_epoch0 = [{key for key in keys if key[0] == "text"} for keys in text_in_epoch0]
     assert sum(len(keys) for keys in text_in_epoch0) == 30  # ratio 1: every text record once
     for a, b in itertools.combinations(text_in_epoch0, 2):
