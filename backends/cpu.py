@@ -32,7 +32,7 @@ def _read_status_kb(key: str) -> int:
     raise KeyError(key)
 
 
-class CPUBackend(Backend):
+class CPUBackend(reference.ReferenceFusedLayers, Backend):
     """Plain-PyTorch kernels on the host CPU, gloo for collectives."""
 
     name = "cpu"
@@ -139,16 +139,6 @@ class CPUBackend(Backend):
             for acc, x in zip(grads, g):
                 acc.append(x[0])
         return tuple(torch.cat(g) for g in grads)
-
-    # ------------------------------------------------------------ fused layers
-    def rms_norm(self, x, weight, eps):
-        return reference.rms_norm_reference(x, weight, eps)
-
-    def apply_rotary(self, x, cos, sin):
-        return reference.rotary_reference(x, cos, sin)
-
-    def swiglu(self, x):
-        return reference.swiglu_reference(x)
 
     # --------------------------------------------------------------- engines
     def adapt_megatron(self) -> None:

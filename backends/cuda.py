@@ -407,7 +407,7 @@ class _FlashAttnKernels:
 
 
 # ---------------------------------------------------------------------------------- backend
-class CUDABackend(Backend):
+class CUDABackend(reference.ReferenceFusedLayers, Backend):
     """NVIDIA GPUs: FlashAttention-2 kernels, NCCL collectives."""
 
     name = "cuda"
@@ -615,13 +615,3 @@ class CUDABackend(Backend):
         if p.dense is not None:
             return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
         return dq, dk, dv
-
-    # ------------------------------------------------------------ fused layers
-    def rms_norm(self, x, weight, eps):
-        return reference.rms_norm_reference(x, weight, eps)
-
-    def apply_rotary(self, x, cos, sin):
-        return reference.rotary_reference(x, cos, sin)
-
-    def swiglu(self, x):
-        return reference.swiglu_reference(x)

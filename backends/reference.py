@@ -144,3 +144,18 @@ def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up with [gate; up] concatenated on the last dim."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+class ReferenceFusedLayers:
+    """`Backend.rms_norm / apply_rotary / swiglu` as the reference ops above: the fused layers
+    of backends with no fused kernels of their own (CPU; CUDA, where torch's compiler stack
+    fuses these ops well). Listed before `Backend` in the bases so it provides them."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm_reference(x, weight, eps)
+
+    def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rotary_reference(x, cos, sin)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu_reference(x)
