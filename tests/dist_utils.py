@@ -18,8 +18,32 @@ import socket
 import traceback
 from typing import Any, Callable, List, Sequence
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+def by_value(obj):
+    """Tensors -> numpy arrays, recursively: a tensor sent from a worker travels as shared memory
+    that its sender must keep alive until the parent reads it; arrays are pickled by value."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().numpy()
+    if isinstance(obj, dict):
+        return {k: by_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(by_value(v) for v in obj)
+    return obj
+
+
+def as_tensors(obj):
+    """Inverse of `by_value`."""
+    if hasattr(obj, "__array__") and not isinstance(obj, torch.Tensor):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: as_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_tensors(v) for v in obj)
+    return obj
 
 
 def free_port() -> int:

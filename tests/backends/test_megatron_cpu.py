@@ -4,32 +4,10 @@ import torch
 
 from backends.megatron_cpu import (
     applied_adaptations, apply_megatron_cpu_adaptations, revert_megatron_cpu_adaptations)
-from tests.dist_utils import run_distributed
+from tests.dist_utils import as_tensors, by_value, run_distributed
 
 IN, OUT, SEQ, BATCH = 8, 6, 4, 2
 
-
-def _by_value(obj):
-    """Tensors -> numpy arrays, recursively: a tensor sent from a worker travels as shared memory
-    that its sender must keep alive until the parent reads it; arrays are pickled by value."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().numpy()
-    if isinstance(obj, dict):
-        return {k: _by_value(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_by_value(v) for v in obj)
-    return obj
-
-
-def _as_tensors(obj):
-    """Inverse of `_by_value`."""
-    if hasattr(obj, "__array__") and not isinstance(obj, torch.Tensor):
-        return torch.from_numpy(obj)
-    if isinstance(obj, dict):
-        return {k: _as_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_as_tensors(v) for v in obj)
-    return obj
 
 
 def test_shims_applied_and_idempotent():
@@ -99,7 +77,7 @@ def _column_parallel_body(rank, world_size, weight, bias, x):
     from mindspeed_vita.parallel.process_groups import initialize_parallel
 
     initialize_parallel(get_backend("cpu"), tp=world_size)
-    return _by_value({sp: _column_parallel_step(rank, world_size, weight, bias, x, sp)
+    return by_value({sp: _column_parallel_step(rank, world_size, weight, bias, x, sp)
                       for sp in (False, True)})
 
 
@@ -149,7 +127,7 @@ def test_column_parallel_linear_tp2_matches_nn_linear():
     x = torch.randn(SEQ, BATCH, IN, generator=gen)
     y_ref, dx_ref, dw_ref, db_ref = _reference(weight, bias, x, 2)
     rows = OUT // 2
-    per_rank = _as_tensors(run_distributed(_column_parallel_body, world_size=2,
+    per_rank = as_tensors(run_distributed(_column_parallel_body, world_size=2,
                                            args=(weight, bias, x)))
     for sequence_parallel in (False, True):
         for rank, results in enumerate(per_rank):

@@ -8,34 +8,12 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mindspeed_vita.config.model import LanguageConfig
 from mindspeed_vita.convert.qwen2_weights import native_to_hf_qwen2
-from tests.dist_utils import run_distributed
+from tests.dist_utils import as_tensors, by_value, run_distributed
 
 VOCAB, SEQ = 1000, 10
 TOL = 1e-4  # fp32 parity bound (measured ~1e-6)
 LENGTHS = (6, 4)  # the packed row: two samples, positions restart
 
-
-def _by_value(obj):
-    """Tensors -> numpy arrays, recursively: a tensor sent from a worker travels as shared memory
-    that its sender must keep alive until the parent reads it; arrays are pickled by value."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().numpy()
-    if isinstance(obj, dict):
-        return {k: _by_value(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_by_value(v) for v in obj)
-    return obj
-
-
-def _as_tensors(obj):
-    """Inverse of `_by_value`."""
-    if hasattr(obj, "__array__") and not isinstance(obj, torch.Tensor):
-        return torch.from_numpy(obj)
-    if isinstance(obj, dict):
-        return {k: _as_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_as_tensors(v) for v in obj)
-    return obj
 
 
 def language_config() -> LanguageConfig:
@@ -97,7 +75,7 @@ def _tp2_body(rank, world_size, cfg, hf_state, ids, positions, targets):
         seq_parallel_params = sorted(n for n, p in model.named_parameters()
                                      if getattr(p, "sequence_parallel", False))
         out[sp] = (logits.detach(), packed_logits, grads, seq_parallel_params)
-    return _by_value(out)
+    return by_value(out)
 
 
 def test_tp2_logits_packed_and_gradients_match_hf():
@@ -113,7 +91,7 @@ def test_tp2_logits_packed_and_gradients_match_hf():
         ref_packed = [hf(input_ids=ids[:1, a:b]).logits[0]
                       for a, b in ((0, LENGTHS[0]), (LENGTHS[0], SEQ))]
 
-    per_rank = _as_tensors(run_distributed(_tp2_body, world_size=2,
+    per_rank = as_tensors(run_distributed(_tp2_body, world_size=2,
                                            args=(cfg, hf.state_dict(), ids, positions, targets)))
     for sp in (False, True):
         logits = torch.cat([r[sp][0] for r in per_rank], dim=-1)[..., :VOCAB].transpose(0, 1)
