@@ -17,6 +17,7 @@ fractional ratio selects, so the memory cost is O(number of sources), whatever t
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 from dataclasses import dataclass
@@ -225,7 +226,27 @@ class RawRecord:
     line: int  # 1-based line number in that file
 
 
-class MixtureStream:
+class _PositionedItems(abc.ABC):
+    """An endless, positioned order of stream items: `items` is the one primitive; one item and
+    iteration from any position (what exact resume needs) follow from it."""
+
+    @abc.abstractmethod
+    def items(self, positions: np.ndarray) -> List[StreamItem]:
+        """The items at `positions` (int64 array of positions >= 0 in this order)."""
+
+    def item(self, position: int) -> StreamItem:
+        """The item at position `position`."""
+        return self.items(np.array([position]))[0]
+
+    def iterate(self, start: int = 0, *, block: int = 1024) -> Iterator[StreamItem]:
+        """Items at positions start, start+1, ... forever (epochs roll over); resumes exactly."""
+        position = int(start)
+        while True:
+            yield from self.items(np.arange(position, position + block))
+            position += block
+
+
+class MixtureStream(_PositionedItems):
     """Deterministic endless order of the mixture's records for one seed.
 
     Position k (0-based, counting from the start of epoch `epoch`) lies in epoch
@@ -307,17 +328,6 @@ class MixtureStream:
         return [StreamItem(int(p), int(e), int(s), int(l))
                 for p, e, s, l in zip(positions, epochs, source_idx, line_idx)]
 
-    def item(self, position: int) -> StreamItem:
-        """The item at stream position `position` (>= 0; later epochs continue the count)."""
-        return self.items(np.array([position]))[0]
-
-    def iterate(self, start: int = 0, *, block: int = 1024) -> Iterator[StreamItem]:
-        """Items at positions start, start+1, ... forever (epochs roll over); resumes exactly."""
-        position = int(start)
-        while True:
-            yield from self.items(np.arange(position, position + block))
-            position += block
-
     def shard(self, dp_rank: int, dp_size: int) -> "MixtureShard":
         """The strided shard of data-parallel rank `dp_rank`: global positions rank + k*size."""
         return MixtureShard(self, offset=0, stride=1).shard(dp_rank, dp_size)
@@ -334,7 +344,7 @@ class MixtureStream:
                 for spec, length, count in zip(self.config.sources, self.lengths, self.counts)]
 
 
-class MixtureShard:
+class MixtureShard(_PositionedItems):
     """Every `stride`-th item of a stream starting at `offset`; position k here is global
     position offset + k * stride. Shards of one level are disjoint and together cover the
     stream (and can be sharded again, e.g. per data-parallel rank, then per worker)."""
@@ -359,17 +369,6 @@ class MixtureShard:
         positions = np.asarray(positions, dtype=np.int64)
         found = self.stream.items(self.offset + positions * self.stride)
         return [item._replace(position=int(p)) for item, p in zip(found, positions)]
-
-    def item(self, position: int) -> StreamItem:
-        """The item at shard position `position`."""
-        return self.items(np.array([position]))[0]
-
-    def iterate(self, start: int = 0, *, block: int = 1024) -> Iterator[StreamItem]:
-        """Shard items at positions start, start+1, ... forever."""
-        position = int(start)
-        while True:
-            yield from self.items(np.arange(position, position + block))
-            position += block
 
     def read(self, source_idx: int, line_idx: int) -> RawRecord:
         """Same as `MixtureStream.read`."""
