@@ -603,19 +603,26 @@ def is_internvl_dir(path: str) -> bool:
     return os.path.isfile(config) and read_json(config).get("model_type") == "internvl"
 
 
+def read_hf_config(path: str, model_type: str, config_class, what: str):
+    """`(where, raw dict, transformers config)` of `path/config.json`, which must declare
+    `model_type`; CheckpointError naming the file otherwise. `what` names the directory kind
+    in messages (e.g. "InternVL", "Qwen2 causal-LM")."""
+    where = os.path.join(path, CONFIG_FILE)
+    source = read_json(where)
+    if source.get("model_type") != model_type:
+        raise CheckpointError(f"{where}: model_type is {source.get('model_type')!r}, expected "
+                              f"{model_type!r} (a {what} directory)")
+    try:
+        return where, source, config_class.from_dict(source)
+    except Exception as exc:  # transformers raises several types for a bad config
+        raise CheckpointError(f"{where}: not a valid {what} config: {exc}") from exc
+
+
 def import_internvl(path: str) -> NativeModel:
     """Read an HF InternVL directory (config.json, weights, tokenizer) as a `NativeModel`."""
     from transformers import InternVLConfig
 
-    where = os.path.join(path, CONFIG_FILE)
-    source = read_json(where)
-    if source.get("model_type") != "internvl":
-        raise CheckpointError(f"{where}: model_type is {source.get('model_type')!r}, "
-                              f"not 'internvl'")
-    try:
-        hf = InternVLConfig.from_dict(source)
-    except Exception as exc:  # transformers raises several types for a bad config
-        raise CheckpointError(f"{where}: not a valid InternVL config: {exc}") from exc
+    where, source, hf = read_hf_config(path, "internvl", InternVLConfig, "InternVL")
     cfg = model_config_from_internvl(hf, where)
     state = read_hf_weights(path)
     if getattr(hf, "dtype", None) is None:

@@ -20,7 +20,7 @@ from mindspeed_vita.convert.checkpoint import NativeModel, StateDict
 from mindspeed_vita.convert.hf_internvl import (
     CONFIG_FILE, INTERNVIT_CONFIG_KEYS, QWEN2_CONFIG_KEYS, check_native_shapes, fit_vocabulary,
     language_config_from_qwen2, load_import_tokenizer, params_dtype_of, qwen2_to_native_language,
-    read_generation_config, read_hf_weights, read_json)
+    read_generation_config, read_hf_config, read_hf_weights, read_json)
 from mindspeed_vita.convert.vision_weights import WeightMappingError, hf_internvit_to_native
 from mindspeed_vita.errors import CheckpointError
 
@@ -101,15 +101,7 @@ def import_split(qwen2_path: str, vision_path: str, *, projector_variant: str = 
     if projector_variant not in ("long-vita", "internvl"):
         raise CheckpointError(f"projector variant {projector_variant!r} is not 'long-vita' or "
                               f"'internvl'")
-    where = os.path.join(qwen2_path, CONFIG_FILE)
-    source = read_json(where)
-    if source.get("model_type") != "qwen2":
-        raise CheckpointError(f"{where}: model_type is {source.get('model_type')!r}, expected "
-                              f"'qwen2' (a Qwen2 causal-LM directory)")
-    try:
-        text = Qwen2Config.from_dict(source)
-    except Exception as exc:  # transformers raises several types for a bad config
-        raise CheckpointError(f"{where}: not a valid Qwen2 config: {exc}") from exc
+    where, source, text = read_hf_config(qwen2_path, "qwen2", Qwen2Config, "Qwen2 causal-LM")
     language = language_config_from_qwen2(
         text, tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)), where=where)
     qwen2 = read_hf_weights(qwen2_path)
