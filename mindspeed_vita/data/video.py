@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import os
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import av
 import torch
@@ -87,21 +87,15 @@ def sampled_frame_count(path: str, *, max_num_frame: int, max_fps: float = 1.0) 
     token budgets can be checked before paying for decoding. Raises the loader's DataErrors.
     """
     if os.path.isdir(path):
-        files = list_frame_files(path)
-        if not files:
-            raise DataError("missing_file", f"frame directory has no {'/'.join(FRAME_EXTENSIONS)} files", path=path)
+        files = _frame_files_or_error(path)
         return len(frame_dir_indices(len(files), max_num_frame=max_num_frame, max_fps=max_fps))
     if not os.path.isfile(path):
         raise DataError("missing_file", "no such video file or frame directory", path=path)
     try:
         with av.open(path) as container:
-            if not container.streams.video:
-                raise DataError("corrupt_video", "no video stream", path=path)
-            stream = container.streams.video[0]
-            frame_pts, _ = _index_packets(container, stream, path)
-            fps = _frame_rate(stream, len(frame_pts), path)
-    except (av.FFmpegError, OSError, EOFError) as error:
-        raise DataError("corrupt_video", f"cannot read video ({type(error).__name__}: {error})", path=path) from None
+            _, frame_pts, _, fps = _index_video(container, path)
+    except _VIDEO_READ_ERRORS as error:
+        raise _unreadable(error, path) from None
     return len(sample_frame_indices(len(frame_pts), fps, max_num_frame=max_num_frame, max_fps=max_fps))
 
 
@@ -123,9 +117,7 @@ def _check_limits(max_num_frame: int, max_fps: float) -> None:
 
 
 def _load_frame_dir(path: str, to_unit: Callable, *, max_num_frame: int, max_fps: float) -> List[torch.Tensor]:
-    files = list_frame_files(path)
-    if not files:
-        raise DataError("missing_file", f"frame directory has no {'/'.join(FRAME_EXTENSIONS)} files", path=path)
+    files = _frame_files_or_error(path)
     units = {}
     indices = frame_dir_indices(len(files), max_num_frame=max_num_frame, max_fps=max_fps)
     for index in sorted(set(indices)):
@@ -139,11 +131,7 @@ def _load_frame_dir(path: str, to_unit: Callable, *, max_num_frame: int, max_fps
 def _load_video_file(path: str, to_unit: Callable, *, max_num_frame: int, max_fps: float) -> List[torch.Tensor]:
     try:
         with av.open(path) as container:
-            if not container.streams.video:
-                raise DataError("corrupt_video", "no video stream", path=path)
-            stream = container.streams.video[0]
-            frame_pts, keyframe_pts = _index_packets(container, stream, path)
-            fps = _frame_rate(stream, len(frame_pts), path)
+            stream, frame_pts, keyframe_pts, fps = _index_video(container, path)
             indices = sample_frame_indices(len(frame_pts), fps, max_num_frame=max_num_frame, max_fps=max_fps)
             if None not in frame_pts:
                 targets = [frame_pts[index] for index in indices]
@@ -154,8 +142,34 @@ def _load_video_file(path: str, to_unit: Callable, *, max_num_frame: int, max_fp
         with av.open(path) as container:
             by_index, _ = _decode_in_order(container, container.streams.video[0], indices, to_unit, path)
             return [by_index[index] for index in indices]
-    except (av.FFmpegError, OSError, EOFError) as error:
-        raise DataError("corrupt_video", f"cannot read video ({type(error).__name__}: {error})", path=path) from None
+    except _VIDEO_READ_ERRORS as error:
+        raise _unreadable(error, path) from None
+
+
+#: what PyAV raises for a file it cannot open, index or decode
+_VIDEO_READ_ERRORS = (av.FFmpegError, OSError, EOFError)
+
+
+def _unreadable(error: BaseException, path: str) -> DataError:
+    return DataError("corrupt_video", f"cannot read video ({type(error).__name__}: {error})", path=path)
+
+
+def _frame_files_or_error(directory: str) -> List[str]:
+    """`list_frame_files`, or the missing_file DataError when the directory has none."""
+    files = list_frame_files(directory)
+    if not files:
+        raise DataError("missing_file", f"frame directory has no {'/'.join(FRAME_EXTENSIONS)} files",
+                        path=directory)
+    return files
+
+
+def _index_video(container, path: str) -> Tuple[Any, List[Optional[int]], List[int], float]:
+    """(first video stream, frame pts, keyframe pts, frame rate) of an open container."""
+    if not container.streams.video:
+        raise DataError("corrupt_video", "no video stream", path=path)
+    stream = container.streams.video[0]
+    frame_pts, keyframe_pts = _index_packets(container, stream, path)
+    return stream, frame_pts, keyframe_pts, _frame_rate(stream, len(frame_pts), path)
 
 
 def _index_packets(container, stream, path: str) -> Tuple[List[Optional[int]], List[int]]:
