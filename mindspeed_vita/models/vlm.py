@@ -21,6 +21,7 @@ from backends.base import Backend
 from mindspeed_vita.config.model import ModelConfig
 from mindspeed_vita.data.types import IGNORE_INDEX
 from mindspeed_vita.errors import UserInputError
+from mindspeed_vita.models.core_attention import RotarySeqParams, packed_attention_params
 from mindspeed_vita.models.language import Qwen2LanguageModel
 from mindspeed_vita.models.lm_head import build_lm_head
 from mindspeed_vita.models.projector import VisionProjector
@@ -43,12 +44,17 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None
     return shifted
 
 
-def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
-    """megatron PackedSeqParams (THD) for cumulative lengths with a leading 0."""
-    cu = cu_seqlens.to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+def packed_seq_params(cu_seqlens: torch.Tensor, device=None) -> PackedSeqParams:
+    """megatron PackedSeqParams (THD) for cumulative lengths with a leading 0, carrying the
+    backend's AttentionParams built once from the host values (`PackedBatch.cu_seqlens` is a CPU
+    tensor, so reading it is no device sync)."""
+    host = cu_seqlens.cpu()
+    device = cu_seqlens.device if device is None else device
+    attention = packed_attention_params(host, device)
+    return RotarySeqParams(qkv_format="thd", cu_seqlens_q=attention.cu_seqlens_q,
+                           cu_seqlens_kv=attention.cu_seqlens_kv,
+                           max_seqlen_q=attention.max_seqlen_q,
+                           max_seqlen_kv=attention.max_seqlen_kv, attention=attention)
 
 
 class LongVitaModel(torch.nn.Module):
@@ -141,7 +147,8 @@ class LongVitaModel(torch.nn.Module):
         states `[s, b, h]`.
         """
         decoder_input = self.embed(input_ids, pixel_values)
-        params = packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
+        params = (packed_seq_params(cu_seqlens, input_ids.device) if cu_seqlens is not None
+                  else None)
         hidden = self.language(decoder_input, position_ids, params)
         if labels is None:
             return hidden
