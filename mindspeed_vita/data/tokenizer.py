@@ -84,10 +84,12 @@ class VitaTokenizer:
 
     def token_to_id(self, token: str) -> int:
         """Id of one vocabulary entry (a special token such as "<box>"); errors when absent."""
-        vocab = self.hf.get_vocab()
-        if token not in vocab:
+        # convert_tokens_to_ids, not get_vocab(): the latter copies all 152K entries per call
+        found = self.hf.convert_tokens_to_ids(token)
+        unk = self.hf.unk_token_id
+        if found is None or (unk is not None and found == unk and token != self.hf.unk_token):
             raise TokenizerError(f"tokenizer at {self.path!r} has no token {token!r}")
-        return int(vocab[token])
+        return int(found)
 
     def save(self, out_dir: str) -> None:
         """Write the tokenizer, Long-VITA tokens included, as a HF tokenizer directory."""
