@@ -74,10 +74,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 def _expected_errors() -> tuple:
     from backends.base import BackendUnavailableError
-    from mindspeed_vita.config.schema import ConfigError
     from mindspeed_vita.errors import UserInputError
 
-    return (BackendUnavailableError, ConfigError, UserInputError, FileNotFoundError)
+    errors = (BackendUnavailableError, UserInputError, FileNotFoundError)
+    try:  # needs pydantic; a torch-only host (the GPU job's) must still get the one-line error
+        from mindspeed_vita.config.schema import ConfigError
+    except ImportError:
+        return errors
+    return errors + (ConfigError,)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,6 +17,7 @@ from mindspeed_vita.data.types import Message, Sample
 from mindspeed_vita.errors import UserInputError
 from mindspeed_vita.inference.kv_cache import KVCache
 from mindspeed_vita.inference.sampling import SamplingParams, choose_next_token
+from mindspeed_vita.models.inputs import batch_from_tensors
 
 
 @dataclass
@@ -76,6 +77,13 @@ def visual_token_ids(tokenizer) -> FrozenSet[int]:
     return frozenset(int(i) for i in ids)
 
 
+def _embed(model, input_ids: torch.Tensor, positions: torch.Tensor,
+           pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Embeddings (visual rows included) of this step's tokens through the model's inputs seam."""
+    batch = batch_from_tensors(input_ids, positions, pixel_values)
+    return model.embed(model.build_inputs(batch, with_labels=False))
+
+
 class Generator:
     """Generates from a `LongVitaModel` (tp=1 or tp>1 with every rank calling in step)."""
 
@@ -126,7 +134,8 @@ class Generator:
         cache = KVCache(model.cfg.language.num_layers, prompt_len + max_new_tokens)
         generator = torch.Generator(device=device).manual_seed(seed)
         positions = torch.arange(prompt_len, device=device)[None]
-        hidden = _cached_forward(model, model.embed(input_ids, pixel_values), positions, cache)
+        hidden = _cached_forward(model, _embed(model, input_ids, positions, pixel_values),
+                                 positions, cache)
         result = GenerationResult(text="", prompt_tokens=prompt_len)
         for step in range(max_new_tokens):
             logits = model.last_logits(hidden)
@@ -145,7 +154,7 @@ class Generator:
                 break
             new = token.view(1, 1)
             pos = torch.full((1, 1), prompt_len + step, device=device, dtype=torch.long)
-            hidden = _cached_forward(model, model.embed(new), pos, cache)
+            hidden = _cached_forward(model, _embed(model, new, pos), pos, cache)
         shown = [t for t in result.token_ids if t not in self.stop_ids]
         result.text = self.tokenizer.decode(shown, skip_special_tokens=True)
         return result
