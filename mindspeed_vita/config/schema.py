@@ -175,6 +175,20 @@ class InferenceConfig(Section):
     """Sampling seed."""
     system_prompt: Optional[str] = None
     """System message; None = none, as in training."""
+    max_num_frame: int = Field(64, ge=1)
+    """Frames sampled from one video of a request."""
+    max_prompt_tokens: int = Field(131072, ge=1)
+    """serve: longest prompt (rendered tokens, visual context included) a request may have."""
+    max_images: int = Field(16, ge=0)
+    """serve: most images in one request."""
+    max_videos: int = Field(2, ge=0)
+    """serve: most videos in one request."""
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    """serve: largest request body (inline base64 media included)."""
+    request_timeout: float = Field(600.0, gt=0)
+    """serve: seconds a request may wait in the queue and generate before it gets a 504."""
+    allow_local_media: Optional[str] = None
+    """serve: directory whose files requests may name by path (None: inline data: URIs only)."""
 
 
 class BackendOptions(Section):
