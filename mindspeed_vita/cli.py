@@ -36,6 +36,8 @@ COMMANDS: List[Tuple] = [
         ("inspect", "mindspeed_vita.commands.data_inspect",
          "count samples, tokens, tiles, rejections, packing"),
         ("synth", "mindspeed_vita.data.synth_cli", "write the synthetic demo dataset"),
+        ("convert-mixture", "mindspeed_vita.data.release_mixture",
+         "the Long-VITA release's mixture YAML -> a mixture YAML"),
     ], "data tools"),
     ("bench", [
         ("attention", "mindspeed_vita.commands.bench_attention", "backend attention vs naive PyTorch"),
