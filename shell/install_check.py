@@ -8,6 +8,7 @@ dependency added there is noticed at once, and checks each against the installed
 another clone would run other code) and that the `mindspeed-vita` command is on PATH. Prints one
 line per thing missing. Standard library plus `packaging` (pip's own dependency) only.
 """
+
 from __future__ import annotations
 
 import ast
@@ -51,7 +52,9 @@ def unmet(requirements: Iterable[str]) -> List[str]:
             missing.append(f"{requirement.name}: not installed")
             continue
         if not requirement.specifier.contains(installed, prereleases=True):
-            missing.append(f"{requirement.name}: {installed} installed, {requirement.specifier} needed")
+            missing.append(
+                f"{requirement.name}: {installed} installed, {requirement.specifier} needed"
+            )
     return missing
 
 
@@ -64,8 +67,10 @@ def installed_from(repo: str) -> List[str]:
     spec = importlib.util.find_spec("mindspeed_vita")
     origin = os.path.realpath(spec.origin) if spec and spec.origin else ""
     if not origin.startswith(os.path.realpath(repo) + os.sep):
-        return [f"mindspeed-vita: installed from {os.path.dirname(os.path.dirname(origin)) or '?'}, "
-                f"not from {repo}"]
+        return [
+            f"mindspeed-vita: installed from {os.path.dirname(os.path.dirname(origin)) or '?'}, "
+            f"not from {repo}"
+        ]
     if shutil.which("mindspeed-vita") is None:
         return ["mindspeed-vita: the command is not on PATH"]
     return []
@@ -74,8 +79,9 @@ def installed_from(repo: str) -> List[str]:
 def main(extras: List[str]) -> int:
     """Print what is missing; 0 when nothing is."""
     try:
-        problems = installed_from(REPO) + unmet(declared_requirements(os.path.join(REPO, "setup.py"),
-                                                                      extras))
+        problems = installed_from(REPO) + unmet(
+            declared_requirements(os.path.join(REPO, "setup.py"), extras)
+        )
     except ImportError as error:  # no `packaging`: let pip decide
         problems = [f"cannot check the installation ({error})"]
     for problem in problems:

@@ -1,9 +1,12 @@
 """shell/install_check.py, which lets shell/demo.sh skip pip when nothing is missing."""
+
 import importlib.util
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("install_check", os.path.join(REPO, "shell", "install_check.py"))
+_spec = importlib.util.spec_from_file_location(
+    "install_check", os.path.join(REPO, "shell", "install_check.py")
+)
 install_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(install_check)
 
@@ -17,8 +20,9 @@ def test_requirements_are_read_from_setup_py_with_extras():
 
 def test_unmet_names_missing_and_out_of_range_packages():
     assert install_check.unmet(["pip>=1", "pytest>=1"]) == []
-    problems = install_check.unmet(["surely-not-an-installed-package>=1", "pytest<1",
-                                    "pip>=1; python_version < '3'"])
+    problems = install_check.unmet(
+        ["surely-not-an-installed-package>=1", "pytest<1", "pip>=1; python_version < '3'"]
+    )
     assert problems[0] == "surely-not-an-installed-package: not installed"
     assert problems[1].startswith("pytest: ") and "<1 needed" in problems[1]
     assert len(problems) == 2  # a requirement whose marker does not apply is skipped
