@@ -30,6 +30,7 @@ COMMANDS: List[Tuple] = [
         ("attention", "mindspeed_vita.bench.attention", "backend attention vs naive PyTorch"),
         ("lm-head", "mindspeed_vita.bench.lm_head", "full vs chunked vs logits-masked LM head"),
         ("data", "mindspeed_vita.bench.data", "render + pack throughput and packing utilisation"),
+        ("ring", "mindspeed_vita.bench.ring", "zigzag ring attention: balance, memory, overlap"),
     ], "benchmarks that print ratios against a baseline measured in the same run"),
 ]
 
