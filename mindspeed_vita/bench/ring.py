@@ -1,6 +1,6 @@
 """`mindspeed-vita bench ring`: zigzag ring attention in CP gloo processes on the CPU.
 
-One causal GQA sequence of `--seq-len` tokens (joint mode, dense `[1, s, n, d]`) is split over
+One causal GQA sequence of `--seq-length` tokens (joint mode, dense `[1, s, n, d]`) is split over
 each CP size of `--cp-sizes`, which run as that many spawned processes; every number below is
 forward + backward and is measured in this run:
 
@@ -30,21 +30,7 @@ from typing import Dict, List
 import torch
 
 from mindspeed_vita.bench.common import format_bytes, format_table, measure, print_json
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--seq-len", type=int, default=8192,
-                        help="total tokens of the sequence, split over CP ranks (default 8192)")
-    parser.add_argument("--cp-sizes", default="1,2,4",
-                        help="comma-separated CP sizes, each run as that many processes")
-    parser.add_argument("--heads", type=int, default=4, help="query heads (default 4)")
-    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
-    parser.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed repeats (rounds) per measurement; the fastest counts")
-    parser.add_argument("--timeout", type=float, default=1800.0,
-                        help="seconds to wait for one CP size's processes")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+from mindspeed_vita.errors import UserInputError
 
 
 # --------------------------------------------------------------------- worker side
@@ -244,17 +230,17 @@ def _summarise(cp: int, ranks: List[Dict], base_peak: int) -> Dict:
 
 
 def run(args) -> int:
-    cp_sizes = sorted({int(x) for x in args.cp_sizes.split(",") if x})
-    if not cp_sizes or cp_sizes[0] < 1:
-        raise ValueError(f"--cp-sizes must list positive CP sizes, got {args.cp_sizes!r}")
+    cp_sizes = sorted(set(args.cp_sizes))
     if 1 not in cp_sizes:
         cp_sizes.insert(0, 1)  # the memory baseline
     for cp in cp_sizes:
-        if args.seq_len % (2 * cp):
-            raise ValueError(f"--seq-len {args.seq_len} is not a multiple of 2 * cp = {2 * cp}")
+        if args.seq_length % (2 * cp):
+            raise UserInputError(f"--seq-length {args.seq_length} is not a multiple of "
+                                 f"2 * cp = {2 * cp} (zigzag cuts it into 2 * cp chunks)")
     if args.heads % args.kv_heads:
-        raise ValueError(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
-    cfg = dict(seq_len=args.seq_len, heads=args.heads, kv_heads=args.kv_heads,
+        raise UserInputError(f"--heads {args.heads} is not a multiple of --kv-heads "
+                             f"{args.kv_heads}")
+    cfg = dict(seq_len=args.seq_length, heads=args.heads, kv_heads=args.kv_heads,
                head_dim=args.head_dim, repeats=args.repeats)
     rows, base_peak = [], 0
     for cp in cp_sizes:
@@ -262,7 +248,7 @@ def run(args) -> int:
         if cp == 1:
             base_peak = ranks[0]["peak_bytes"]
         row = _summarise(cp, ranks, base_peak)
-        row["tokens_per_rank"] = args.seq_len // cp
+        row["tokens_per_rank"] = args.seq_length // cp
         rows.append(row)
     summary = dict(cfg, backend="cpu", dtype="float32", results=rows)
     summary["pass"] = "forward+backward"
@@ -270,7 +256,7 @@ def run(args) -> int:
         print_json(summary)
         return 0
     print(f"ring attention on CPU gloo processes (float32, forward+backward, causal, "
-          f"{args.seq_len} tokens, {args.heads} q heads / {args.kv_heads} kv heads, "
+          f"{args.seq_length} tokens, {args.heads} q heads / {args.kv_heads} kv heads, "
           f"head dim {args.head_dim})")
     print(format_table(
         ["CP", "tokens/rank", "peak/rank", "peak vs CP1", "ideal 1/CP"],

@@ -127,7 +127,7 @@ def test_demo_configs_inspect_cleanly_on_the_synthetic_data(capsys, tmp_path):
     # the documented layout: <repo>/configs/demo/stageN.yaml -> <repo>/demo_out/data/stageN.yaml
     for part in ("demo", "model"):
         shutil.copytree(os.path.join(CONFIGS, part), tmp_path / "configs" / part)
-    assert main(["data", "synth", str(tmp_path / "demo_out" / "data"), "--tokenizer"]) == 0
+    assert main(["data", "synth", str(tmp_path / "demo_out" / "data"), "--write-tokenizer"]) == 0
     tokenizer = str(tmp_path / "demo_out" / "data" / "tokenizer")
     capsys.readouterr()
     for stage in STAGES:
