@@ -14,7 +14,7 @@ from mindspeed_vita.data.synth import STAGE_RATIOS
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(REPO, "configs")
 
-# Paper Table 1 (docs/long-vita-facts.md, "Data mixture"): source -> (placeholder directory,
+# Paper Table 1 (docs/long-vita.md, section 4): source -> (placeholder directory,
 # ratio in stages 1..4)
 PAPER_MIXTURE = {
     "llava-recap": ("LLaVA-ReCap", (1.0, 1.0, 0.1, 0.1)),
