@@ -26,6 +26,8 @@ COMMANDS: List[Tuple] = [
     ("data", [
         ("inspect", "mindspeed_vita.data.inspect", "count samples, tokens, tiles, rejections, packing"),
         ("synth", "mindspeed_vita.data.synth_cli", "write the synthetic demo dataset"),
+        ("convert-mixture", "mindspeed_vita.data.release_mixture",
+         "the Long-VITA release's mixture YAML -> a mixture YAML"),
     ], "data tools"),
     ("bench", [
         ("attention", "mindspeed_vita.bench.attention", "backend attention vs naive PyTorch"),
