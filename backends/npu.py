@@ -4,7 +4,7 @@ torch_npu is imported lazily (in `probe()` and the constructor), never at module
 file can be imported on any machine. Tests pass `torch_npu_module=FakeTorchNPU()` (a CPU fake
 with the same op contracts, backends/fakes/torch_npu_fake.py).
 
-How the protocol of `backends.base` maps onto `npu_fusion_attention` (facts: docs npu-api-facts.md):
+How the protocol of `backends.base` maps onto `npu_fusion_attention` (docs/npu-op-contract.md):
 
 * dense [b, s, n, d] is layout "BSND"; packed [t, n, d] is "TND" with `actual_seq_qlen/kvlen` =
   cumulative ends WITHOUT the leading 0, as Python ints taken from the params' host tuples
@@ -52,9 +52,9 @@ _FLT_MAX = torch.finfo(torch.float32).max
 _MASKED_LSE = -1e30
 _STAT_LANES = 8
 #: where the CANN environment script lives: CANN <= 8.x installs under ascend-toolkit, CANN 9.x
-#: under cann (facts 4.3)
+#: under cann (docs/npu-op-contract.md 4.2)
 _CANN_ENV_SCRIPTS = ("/usr/local/Ascend/ascend-toolkit/set_env.sh", "/usr/local/Ascend/cann/set_env.sh")
-#: the only megatron-core every MindSpeed release branch pairs with (facts 5.3: core_v0.12.1)
+#: the only megatron-core every MindSpeed release branch pairs with (docs/npu-op-contract.md 5: core_v0.12.1)
 MINDSPEED_MEGATRON_CORE = "0.12.1"
 _MINDSPEED_INSTALL_DOC = ("MindSpeed's install guide (https://gitcode.com/Ascend/MindSpeed, "
                           "docs/zh/user-guide/install_guide.md; the PyPI package 'mindspeed' is a placeholder)")
