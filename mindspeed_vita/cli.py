@@ -47,6 +47,8 @@ COMMANDS: List[Tuple] = [
          "full vs chunked vs logits-masked LM head"),
         ("data", "mindspeed_vita.commands.bench_data",
          "render + pack throughput and packing utilisation"),
+        ("ring", "mindspeed_vita.commands.bench_ring",
+         "zigzag ring attention: balance, memory, overlap"),
     ], "benchmarks that print ratios against a baseline measured in the same run"),
 ]
 
