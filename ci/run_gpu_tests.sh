@@ -127,7 +127,7 @@ for impl in $IMPLS; do
   step "bench-$impl-qwen2-json" 90 "$OUT/bench-$impl-qwen2.json" "${bench[@]}" "${qwen[@]}" --json
 done
 
-step audit 200 "$OUT/audit.txt" "$PY" ci/gpu_audit.py --out "$OUT/audit.json"
+step audit 240 "$OUT/audit.txt" "$PY" ci/gpu_audit.py --out "$OUT/audit.json"
 
 if [ "${#FAILED[@]}" -eq 0 ]; then
   note "all steps passed in $((SECONDS - START)) s; results in $OUT/"
