@@ -33,6 +33,7 @@ from mindspeed_vita.config.loader import build_config, load_config
 from mindspeed_vita.config.schema import StageConfig
 from mindspeed_vita.data.errors import DataError
 from mindspeed_vita.data.loader import parse_record
+from mindspeed_vita.data.release_mixture import is_release_mixture
 from mindspeed_vita.data.mixture import MixtureConfig, MixtureStream
 from mindspeed_vita.data.packing import Packer, row_multiple, segment_multiple_for
 from mindspeed_vita.data.render import render_sample
@@ -107,7 +108,7 @@ def resolve_target(path: str, *, model_config: Optional[str] = None,
         raise UserInputError(f"{path}: no such file")
     if path.endswith(_YAML_SUFFIXES):
         raw = _read_yaml(path)
-        if isinstance(raw, dict) and "sources" in raw:
+        if isinstance(raw, dict) and ("sources" in raw or is_release_mixture(raw)):
             kind, mixture = "mixture", _load_mixture(path)
             stage_raw = {"name": "inspect", "data": {"mixture": os.path.abspath(path)}}
         else:
