@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from backends.base import Backend
@@ -25,6 +25,7 @@ from mindspeed_vita.models.language import Qwen2LanguageModel
 from mindspeed_vita.models.lm_head import build_lm_head
 from mindspeed_vita.models.projector import VisionProjector
 from mindspeed_vita.models.vision import InternViT
+from mindspeed_vita.parallel.groups import ParallelGroups
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -55,17 +56,19 @@ class LongVitaModel(torch.nn.Module):
     """InternViT + projector + Qwen2 decoder + LM head.
 
     `context_token_ids`: token ids whose embedding rows receive visual features (from the
-    tokenizer). Needs megatron's parallel state (`parallel.process_groups.initialize_parallel`).
+    tokenizer). `groups`: the `ParallelGroups` from `parallel.process_groups.initialize_parallel`
+    (tensor-parallel split, sequence parallelism via `groups.layout`).
     `recompute`: "none" | "vision" (ViT + projector) | "full" (ViT, projector and every decoder
     layer).
     """
 
-    def __init__(self, cfg: ModelConfig, backend: Backend, *, context_token_ids: Sequence[int],
-                 sequence_parallel: bool = False, recompute: str = "none"):
+    def __init__(self, cfg: ModelConfig, backend: Backend, *, groups: ParallelGroups,
+                 context_token_ids: Sequence[int], recompute: str = "none"):
         super().__init__()
         self.cfg = cfg
         self.backend = backend
-        self.sequence_parallel = sequence_parallel
+        self.groups = groups
+        self.sequence_parallel = groups.sequence_parallel
         dtype = getattr(torch, cfg.params_dtype)
         device = backend.device()
         recompute_visual = recompute in ("vision", "full")
@@ -74,8 +77,7 @@ class LongVitaModel(torch.nn.Module):
         self.projector = VisionProjector(cfg.projector, cfg.vision.hidden_size,
                                          cfg.language.hidden_size, recompute=recompute_visual
                                          ).to(device=device, dtype=dtype)
-        self.language = Qwen2LanguageModel(cfg.language, backend, dtype,
-                                           sequence_parallel=sequence_parallel,
+        self.language = Qwen2LanguageModel(cfg.language, backend, dtype, groups=groups,
                                            recompute=recompute == "full")
         # the real vocabulary size: the head masks the TP padding ids out of loss and logits
         self.head = build_lm_head(cfg.lm_head, cfg.lm_head_chunk_size,
@@ -121,10 +123,9 @@ class LongVitaModel(torch.nn.Module):
         # gradient on every TP rank, as at TP=1), not just that of its own slice.
         visual = features.new_zeros(mask.shape + (features.shape[-1],))
         visual[mask] = rows
-        visual = tensor_parallel.scatter_to_sequence_parallel_region(
-            visual, group=parallel_state.get_tensor_model_parallel_group())
+        visual = tensor_parallel.scatter_to_sequence_parallel_region(visual, group=self.groups.tp)
         s_local = embeddings.shape[0]
-        start = parallel_state.get_tensor_model_parallel_rank() * s_local
+        start = self.groups.tp_rank * s_local
         local_mask = mask[start:start + s_local].unsqueeze(-1)  # [s/tp, b, 1]
         return torch.where(local_mask, visual, embeddings)
 
@@ -151,7 +152,8 @@ class LongVitaModel(torch.nn.Module):
 
     def gather_vocab(self, local_logits: torch.Tensor) -> torch.Tensor:
         """Local vocabulary shards `[..., V_pad/tp]` -> full logits `[..., vocab_size]`."""
-        full = tensor_parallel.gather_from_tensor_model_parallel_region(local_logits)
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(local_logits,
+                                                                 group=self.groups.tp)
         return full[..., : self.cfg.language.vocab_size]
 
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
