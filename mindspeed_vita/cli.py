@@ -18,6 +18,7 @@ COMMANDS: List[Tuple] = [
     ("config", "mindspeed_vita.commands.config", "validate a stage config and print it resolved"),
     ("demo", "mindspeed_vita.demo.run", "build the tiny demo (data, tokenizer, model) and run it"),
     ("infer", "mindspeed_vita.inference.cli", "generate from a checkpoint (native or HF directory)"),
+    ("serve", "mindspeed_vita.inference.serve_cli", "OpenAI-compatible HTTP server for a checkpoint"),
     ("convert", [
         ("import-hf", "mindspeed_vita.convert.cli_import", "HF checkpoint -> native checkpoint"),
         ("export-hf", "mindspeed_vita.convert.cli_export", "native checkpoint -> HF InternVL directory"),
@@ -73,10 +74,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 def _expected_errors() -> tuple:
     from backends.base import BackendUnavailableError
-    from mindspeed_vita.config.schema import ConfigError
     from mindspeed_vita.errors import UserInputError
 
-    return (BackendUnavailableError, ConfigError, UserInputError, FileNotFoundError)
+    errors = (BackendUnavailableError, UserInputError, FileNotFoundError)
+    try:  # needs pydantic; a torch-only host (the GPU job's) must still get the one-line error
+        from mindspeed_vita.config.schema import ConfigError
+    except ImportError:
+        return errors
+    return errors + (ConfigError,)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from mindspeed_vita.config.base import Section
 
@@ -61,6 +61,30 @@ class ProjectorConfig(Section):
     """LayerNorm epsilon of the projector (torch default, as InternVL)."""
 
 
+class RopeScalingConfig(Section):
+    """RoPE scaling beyond the trained length (transformers' `rope_scaling` names and values)."""
+
+    rope_type: Literal["linear", "dynamic", "yarn"]
+    """linear: position interpolation; dynamic: NTK-aware base growth with the sequence length;
+    yarn: per-frequency interpolation ramp plus an attention factor."""
+    factor: float = Field(..., ge=1.0)
+    """How many times the trained length the model should read."""
+    original_max_position_embeddings: Optional[int] = Field(None, gt=0)
+    """yarn: the length the model was trained at (default: language.max_position_embeddings)."""
+    beta_fast: float = Field(32.0, gt=0)
+    """yarn: rotations above which frequencies are kept (extrapolated)."""
+    beta_slow: float = Field(1.0, gt=0)
+    """yarn: rotations below which frequencies are fully interpolated."""
+    attention_factor: Optional[float] = Field(None, gt=0)
+    """yarn: cos/sin multiplier (default 0.1 * ln(factor) + 1)."""
+    mscale: Optional[float] = None
+    """yarn (DeepSeek form): numerator mscale of the attention factor."""
+    mscale_all_dim: Optional[float] = None
+    """yarn (DeepSeek form): denominator mscale of the attention factor."""
+    truncate: bool = True
+    """yarn: round the correction range to whole dims."""
+
+
 class LanguageConfig(Section):
     """Qwen2 decoder (Qwen2.5-14B-Instruct at full size)."""
 
@@ -81,7 +105,9 @@ class LanguageConfig(Section):
     rotary_base: float = 1_000_000.0
     """RoPE base (theta)."""
     max_position_embeddings: int = 1_310_720
-    """Longest position the rotary table is built for."""
+    """Longest position the rotary table is built for (the trained length for RoPE scaling)."""
+    rope_scaling: Optional[RopeScalingConfig] = None
+    """RoPE scaling to read beyond the trained length (None: plain RoPE)."""
     qkv_bias: bool = True
     """q/k/v projections carry a bias (o_proj and MLP do not)."""
     tie_word_embeddings: bool = False

@@ -442,7 +442,7 @@ def _tp_rank_and_size(model: torch.nn.Module) -> Tuple[int, int]:
 
 
 def _check_context_ids(model: torch.nn.Module, meta: CheckpointMetadata, path: str) -> None:
-    mine = sorted(int(i) for i in model.context_token_ids.tolist())
+    mine = sorted(model.context_ids)
     theirs = sorted(set(meta.context_token_ids.values()))
     if mine != theirs:
         raise CheckpointError(

@@ -99,16 +99,12 @@ def run(args) -> int:
         print(f"[demo] 3/4 {args.steps} steps on packed {args.seq_length}-token batches "
               f"(reset mode)", flush=True)
         losses = []
-        device = backend.device()
         with open(os.path.join(out, "metrics.jsonl"), "w") as metrics:
             batches = iter(pipeline)
             for step in range(1, args.steps + 1):
                 batch = next(batches)
                 start = time.perf_counter()
-                loss_sum, count = model(batch.tokens.to(device), batch.position_ids.to(device),
-                                        batch.pixel_values.to(device) if batch.pixel_values.numel() else None,
-                                        labels=batch.labels.to(device),
-                                        cu_seqlens=None if batch.cu_seqlens is None else batch.cu_seqlens.to(device))
+                loss_sum, count = model(model.build_inputs(batch))
                 loss = loss_sum / count.clamp(min=1)
                 optimizer.zero_grad()
                 loss.backward()

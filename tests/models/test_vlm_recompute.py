@@ -9,6 +9,7 @@ import yaml
 
 from backends import get_backend
 from mindspeed_vita.config.model import ModelConfig
+from mindspeed_vita.models.inputs import batch_from_tensors
 from mindspeed_vita.models.vlm import LongVitaModel
 from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
@@ -48,7 +49,7 @@ def batch():
 
 def loss_of(model):
     ids, positions, pixels, labels = batch()
-    loss_sum, count = model(ids, positions, pixels, labels=labels)
+    loss_sum, count = model(model.build_inputs(batch_from_tensors(ids, positions, pixels, labels)))
     return loss_sum / count
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from mindspeed_vita.models.inputs import batch_from_tensors
 from tests.dist_utils import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,7 +53,7 @@ def make_batch():
 def loss_and_grads(model, batch):
     """Mean loss over label tokens, backward; (loss, {name: grad})."""
     ids, positions, labels, pixels = batch
-    loss_sum, count = model(ids, positions, pixels, labels=labels)
+    loss_sum, count = model(model.build_inputs(batch_from_tensors(ids, positions, pixels, labels)))
     loss = loss_sum / count
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}

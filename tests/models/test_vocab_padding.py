@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 from backends import get_backend
+from mindspeed_vita.models.inputs import batch_from_tensors
 from mindspeed_vita.models.language import padded_vocab_size
 from mindspeed_vita.models.lm_head import (
     IGNORE_INDEX, ChunkedHead, FullHead, LogitsMaskedHead, build_lm_head)
@@ -206,9 +207,11 @@ def test_model_loss_ignores_padding_rows(tp1, lm_head):
         with torch.no_grad():
             weight[1000:] = scale * torch.randn(24, weight.shape[1], generator=gen)
             logits = model.logits(ids, positions)  # [b, s, 1000]
-            loss_sum, count = model(ids, positions, labels=labels)
+            loss_sum, count = model(model.build_inputs(batch_from_tensors(ids, positions,
+                                                                          labels=labels)))
         assert logits.shape == (2, 10, 1000)
-        assert model.last_logits(model(ids, positions)).shape == (2, 1000)
+        inputs = model.build_inputs(batch_from_tensors(ids, positions), with_labels=False)
+        assert model.last_logits(model.hidden_states(inputs)).shape == (2, 1000)
         expected = F.cross_entropy(logits.double().reshape(-1, 1000), shifted.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         assert int(count) == int((shifted != IGNORE_INDEX).sum())
