@@ -16,8 +16,8 @@ def _config(*args):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--world-size", "0"], "world size 0: must be an integer >= 1"),
-    (["--world-size", "-8"], "world size -8: must be an integer >= 1"),
+    (["--world-size", "0"], "--world-size: must be a positive integer, got 0"),
+    (["--world-size=-8"], "--world-size: must be a positive integer, got -8"),
     (["--world-size", "48"], "'parallel.tp' * 'parallel.pp' * 'parallel.cp' = 8 * 1 * 8 = 64 does "
                              "not divide the world size 48"),
     (["parallel.pp=2", "--world-size", "128"], "'parallel.pp' = 2"),
