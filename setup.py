@@ -34,7 +34,10 @@ setup(
         # MindSpeed and its matching Megatron-LM come from their source repositories (README).
         "npu": ["torch_npu"],
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "scikit-image>=0.22", "ruff>=0.5,<1"],
+        # the OpenAI-compatible server (`mindspeed-vita serve`)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "scikit-image>=0.22", "ruff>=0.5,<1",
+                "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30"],
     },
     entry_points={"console_scripts": ["mindspeed-vita=mindspeed_vita.cli:main"]},
 )

@@ -17,9 +17,10 @@ How the protocol of `backends.base` maps onto the flash kernels:
 * Both kernels are called in their varlen (THD) form, the only one whose backward takes
   cumulative lengths from Python: dense `[b, s, n, d]` becomes `[b * s, n, d]` with uniform
   `cu_seqlens`. Our `cu_seqlens` (int32, leading 0) are exactly the kernels' convention.
-* causal: the flash kernels align the causal mask bottom-right in each sequence (key j is
-  visible to query i iff `j <= i + s_kv - s_q`); ours is top-left (`j <= i`). They agree when
-  `s_q == s_kv`, the common case, which costs nothing extra. Otherwise the call is split (see
+* masks: the flash kernels align the causal mask bottom-right in each sequence (key j is
+  visible to query i iff `j <= i + s_kv - s_q`): that is the mask kind "causal_bottom_right"
+  as is. "causal" is top-left (`j <= i`); the two agree when `s_q == s_kv`, the common case,
+  which costs nothing extra. Otherwise a top-left call is split (see
   `_top_left_causal_pieces`): the first `min(s_q, s_kv)` queries against as many keys with the
   causal mask, and the queries beyond `s_kv` against all keys without a mask.
 * lse: fp32 `[n, total_q]` from current kernels (PyTorch 2.13, flash-attn >= 2.6); older
@@ -47,6 +48,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 import torch
 
 from backends import reference
+from backends.attention_params import AttentionParams, lengths_from_cu
 from backends.base import Backend, BackendUnavailableError, default_scale
 
 #: values of the backend option `attention_impl`
@@ -94,12 +96,16 @@ def _flash_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 # ------------------------------------------------------------------ lengths and packing (THD)
 def _host_lengths(cu_seqlens: torch.Tensor, name: str) -> List[int]:
-    """Per-sequence lengths from cumulative lengths with a leading 0 (a device sync)."""
+    """Per-sequence lengths from a cumulative-lengths TENSOR (a device sync; only for params
+    that carry no host tuple)."""
     values = [int(x) for x in cu_seqlens.tolist()]
-    if len(values) < 2 or values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError(f"{name} must start with 0, hold at least one sequence and be "
-                         f"non-decreasing (megatron convention), got {values[:8]}")
-    return [b - a for a, b in zip(values, values[1:])]
+    if len(values) < 2:
+        raise ValueError(f"{name} must hold at least one sequence (megatron convention), "
+                         f"got {values}")
+    try:
+        return list(lengths_from_cu(values))
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def _cumulative(lengths: Sequence[int], device) -> torch.Tensor:
@@ -125,13 +131,13 @@ class _Varlen(NamedTuple):
     dense: Optional[Tuple[int, int]]  # (b, s_q) when the input was dense [b, s, n, d]
 
 
-def _to_varlen(q, k, v, cu_q, cu_kv, max_q, max_kv, causal: bool) -> _Varlen:
+def _to_varlen(q, k, v, params: AttentionParams) -> _Varlen:
     """Dense [b, s, n, d] -> packed [b * s, n, d] with uniform lengths; packed input as given,
-    with cu_seqlens as int32 on q's device. Host lengths are read (one device sync) only when
-    they are needed: a missing max_seqlen, or causal attention with distinct q / kv cumulative
-    lengths (the top-left split needs them). Passing the same tensor for both, as megatron's
-    PackedSeqParams does, and max_seqlen_q/kv, keeps the call free of syncs."""
-    if cu_q is None:
+    with cu_seqlens as int32 on q's device. Lengths come from the params' host tuples (no
+    sync). Params with tensors only are read (one device sync) when the lengths are needed: a
+    missing max_seqlen, or top-left causal attention with distinct q / kv cumulative lengths
+    (the top-left split needs them)."""
+    if not params.is_packed:
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ValueError(f"dense attention expects [b, s, n, d] q/k/v, got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -143,16 +149,19 @@ def _to_varlen(q, k, v, cu_q, cu_kv, max_q, max_kv, causal: bool) -> _Varlen:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"packed attention expects [t, n, d] q/k/v, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    cu_q, cu_kv = params.cu_seqlens_q, params.cu_seqlens_kv
     same = cu_kv is None or cu_kv is cu_q
-    cu_q_dev = cu_q.to(device=q.device, dtype=torch.int32).contiguous()
-    cu_kv_dev = cu_q_dev if same else cu_kv.to(device=q.device, dtype=torch.int32).contiguous()
+    cu_q_dev, cu_kv_dev = params.device_cu_seqlens(q.device)
     lq = lk = None
-    if (causal and not same) or max_q is None or max_kv is None:
+    max_q, max_kv = params.max_seqlen_q, params.max_seqlen_kv
+    if params.cu_seqlens_q_host is not None:
+        lq, lk = list(params.seqlens_q()), list(params.seqlens_kv())
+    elif (params.mask == "causal" and not same) or max_q is None or max_kv is None:
         lq = _host_lengths(cu_q, "cu_seqlens_q")
         lk = lq if same else _host_lengths(cu_kv, "cu_seqlens_kv")
-        if len(lq) != len(lk):
-            raise ValueError(f"cu_seqlens_q and cu_seqlens_kv describe {len(lq)} and {len(lk)} "
-                             "sequences; they must describe the same sequences")
+    if lq is not None and len(lq) != len(lk):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_kv describe {len(lq)} and {len(lk)} "
+                         "sequences; they must describe the same sequences")
     max_q = max(lq, default=0) if max_q is None else int(max_q)
     max_kv = max(lk, default=0) if max_kv is None else int(max_kv)
     return _Varlen(q, k, v, cu_q_dev, cu_kv_dev, max_q, max_kv, lq, lk, None)
@@ -534,14 +543,14 @@ class CUDABackend(reference.ReferenceFusedLayers, Backend):
                                 max_q, max_kv, causal, scale)
 
     @staticmethod
-    def _needs_split(p: _Varlen, causal: bool) -> bool:
-        # the kernels' bottom-right causal equals ours only where s_q == s_kv per sequence
-        return causal and p.lengths_q is not None and p.lengths_q != p.lengths_kv
+    def _needs_split(p: _Varlen, mask: str) -> bool:
+        # the kernels' causal is bottom-right; top-left equals it only where s_q == s_kv
+        return mask == "causal" and p.lengths_q is not None and p.lengths_q != p.lengths_kv
 
-    def _varlen_forward(self, kernels, p: _Varlen, causal: bool, scale: float):
-        if not self._needs_split(p, causal):
+    def _varlen_forward(self, kernels, p: _Varlen, mask: str, scale: float):
+        if not self._needs_split(p, mask):
             return self._kernel_forward(kernels, p.q, p.k, p.v, p.cu_q, p.cu_kv, p.max_q,
-                                        p.max_kv, causal, scale)
+                                        p.max_kv, mask != "none", scale)
         t_q, n = p.q.shape[0], p.q.shape[1]
         out = p.q.new_zeros((t_q, n, p.v.shape[-1]))
         lse = p.q.new_full((n, t_q), -math.inf, dtype=torch.float32)
@@ -553,10 +562,10 @@ class CUDABackend(reference.ReferenceFusedLayers, Backend):
             lse[:, piece.q_rows] = l
         return out, lse
 
-    def _varlen_backward(self, kernels, p: _Varlen, dout, out, lse, causal: bool, scale: float):
-        if not self._needs_split(p, causal):
+    def _varlen_backward(self, kernels, p: _Varlen, dout, out, lse, mask: str, scale: float):
+        if not self._needs_split(p, mask):
             return self._kernel_backward(kernels, dout, p.q, p.k, p.v, out, lse, p.cu_q, p.cu_kv,
-                                         p.max_q, p.max_kv, causal, scale)
+                                         p.max_q, p.max_kv, mask != "none", scale)
         dq = torch.zeros_like(p.q)
         # pieces share keys (s_q > s_kv): accumulate their dk / dv in fp32
         dk = torch.zeros(p.k.shape, dtype=torch.float32, device=p.k.device)
@@ -579,17 +588,14 @@ class CUDABackend(reference.ReferenceFusedLayers, Backend):
                             "reference attention (exact, memory O(s^2))")
         return reason
 
-    def attention_forward(self, q, k, v, *, causal, scale=None, cu_seqlens_q=None,
-                          cu_seqlens_kv=None, max_seqlen_q=None, max_seqlen_kv=None
+    def attention_forward(self, q, k, v, params: AttentionParams
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
-        scale = default_scale(q.shape[-1], scale)
+        scale = default_scale(q.shape[-1], params.scale)
         if self._fallback_reason(q, k, v) is not None:
-            return reference.attention_reference(q, k, v, causal=causal, scale=scale,
-                                                 cu_seqlens_q=cu_seqlens_q,
-                                                 cu_seqlens_kv=cu_seqlens_kv)
+            return reference.attention_reference(q, k, v, params)
         kernels = self._kernels()
-        p = _to_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, causal)
-        out, lse = self._varlen_forward(kernels, p, causal, scale)
+        p = _to_varlen(q, k, v, params)
+        out, lse = self._varlen_forward(kernels, p, params.mask, scale)
         if p.dense is None:
             return out, lse
         b, s_q = p.dense
@@ -597,21 +603,17 @@ class CUDABackend(reference.ReferenceFusedLayers, Backend):
         return (out.view(b, s_q, *out.shape[1:]),
                 lse.view(lse.shape[0], b, s_q).transpose(0, 1).contiguous())
 
-    def attention_backward(self, dout, q, k, v, out, lse, *, causal, scale=None,
-                           cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
-                           max_seqlen_kv=None):
-        scale = default_scale(q.shape[-1], scale)
+    def attention_backward(self, dout, q, k, v, out, lse, params: AttentionParams):
+        scale = default_scale(q.shape[-1], params.scale)
         if self._fallback_reason(q, k, v) is not None:
-            return reference.attention_backward_reference(
-                dout, q, k, v, out, lse, causal=causal, scale=scale, cu_seqlens_q=cu_seqlens_q,
-                cu_seqlens_kv=cu_seqlens_kv)
+            return reference.attention_backward_reference(dout, q, k, v, out, lse, params)
         kernels = self._kernels()
-        p = _to_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, causal)
+        p = _to_varlen(q, k, v, params)
         if p.dense is not None:
             dout, out = dout.reshape(p.q.shape[:-1] + dout.shape[-1:]), out.reshape(
                 p.q.shape[:-1] + out.shape[-1:])
             lse = lse.transpose(0, 1).reshape(lse.shape[1], -1)  # [b, n, s] -> [n, b*s]
-        dq, dk, dv = self._varlen_backward(kernels, p, dout, out, lse, causal, scale)
+        dq, dk, dv = self._varlen_backward(kernels, p, dout, out, lse, params.mask, scale)
         if p.dense is not None:
             return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
         return dq, dk, dv

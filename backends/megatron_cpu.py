@@ -29,10 +29,27 @@ Shims:
   default generator, so ``CPURNGStatesTracker`` keeps the named streams as host generator
   states and swaps those in, and ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read and
   write the host generator. Recompute then replays dropout masks exactly as on GPU.
+* ``device='cuda'`` literals in the optimizer path. megatron's ``MixedPrecisionOptimizer`` /
+  ``FP32Optimizer`` (found-inf flag, unit scale), ``clip_grads`` (norm accumulators) and the grad
+  scalers build small tensors with a hard-coded ``device='cuda'``, and the grad buffer warms up
+  its stream with one. Those modules get a ``torch`` stand-in (``_HostTorch``) whose ``tensor``
+  and ``zeros`` put a 'cuda' request on the host; every other attribute is the real torch. The
+  distributed optimizer and ``DistributedDataParallel`` then run unchanged on gloo (the trainer's
+  tests check both against the single-process run).
+* ``clip_grad_by_total_norm_fp32`` asserts that every gradient is a ``torch.cuda.FloatTensor``;
+  the optimizer module gets ``_clip_grads_by_total_norm``, the same scaling (coefficient
+  ``max_norm / (total_norm + 1e-6)``, applied only when below 1) for host fp32 gradients.
+* The mixed-precision and distributed optimizers sort parameters by ``param.type()`` strings
+  (``'torch.cuda.BFloat16Tensor'`` -> fp32 master copy, ``'torch.cuda.FloatTensor'`` -> as is)
+  in their constructors and raise on anything else. While those two constructors run (and only
+  then), ``Tensor.type()`` without arguments names a host tensor as its CUDA twin, so host
+  bf16 parameters get fp32 master weights exactly as on a GPU.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import types
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -155,6 +172,101 @@ def _patch_rng_tracker() -> None:
         "named RNG streams and recompute RNG replay use the host generator")
 
 
+class _HostTorch(types.ModuleType):
+    """`torch` for megatron modules that write `device='cuda'` literally: `tensor(...)` and
+    `zeros(...)` asked for 'cuda' are made on the host; everything else is torch itself."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _host(kwargs):
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    def tensor(self, *args, **kwargs):
+        return torch.tensor(*args, **self._host(kwargs))
+
+    def zeros(self, *args, **kwargs):
+        return torch.zeros(*args, **self._host(kwargs))
+
+
+#: megatron modules with `device='cuda'` literals on the training path
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (the grad norm without apex / TE)
+)
+
+
+def _clip_grads_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's `clip_grad_by_total_norm_fp32` without its CUDA-tensor assertion."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    for grad in grads:
+        if grad.dtype != torch.float32:
+            raise TypeError(f"gradient clipping expects fp32 main grads, got {grad.dtype}")
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+_HOST_TO_CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor",
+                      "torch.HalfTensor": "torch.cuda.HalfTensor",
+                      "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def _host_tensors_typed_as_cuda():
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if args or kwargs:
+            return name
+        return _HOST_TO_CUDA_TYPE.get(name, name)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _wrap_init(cls) -> None:
+    init = _ORIGINALS.get((cls, "__init__"), cls.__init__)
+
+    def __init__(self, *args, **kwargs):
+        with _host_tensors_typed_as_cuda():
+            init(self, *args, **kwargs)
+
+    _patch(cls, "__init__", __init__)
+
+
+def _patch_cuda_literals() -> None:
+    host_torch = _HostTorch()
+    for name in _CUDA_LITERAL_MODULES:
+        _patch(importlib.import_module(name), "torch", host_torch)
+    optimizer_module = importlib.import_module("megatron.core.optimizer.optimizer")
+    _patch(optimizer_module, "clip_grad_by_total_norm_fp32", _clip_grads_by_total_norm)
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for cls in (DistributedOptimizer, optimizer_module.Float16OptimizerWithFloat16Params):
+        if (cls, "__init__") not in _ORIGINALS:  # idempotent: wrap the original once
+            _wrap_init(cls)
+    _APPLIED["megatron optimizer device='cuda' literals"] = (
+        "found-inf flags, scales and grad-norm accumulators live on the host")
+
+
 def apply_megatron_cpu_adaptations() -> None:
     """Make megatron-core 0.16.1 run on the CPU with gloo (see module doc for each shim).
 
@@ -162,6 +274,7 @@ def apply_megatron_cpu_adaptations() -> None:
     """
     _patch_torch_cuda()
     _patch_rng_tracker()
+    _patch_cuda_literals()
 
 
 def revert_megatron_cpu_adaptations() -> None:

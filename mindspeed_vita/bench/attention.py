@@ -74,6 +74,7 @@ def _step(attn, q, k, v, backward: bool):
 
 def run(args) -> int:
     from backends import get_backend
+    from backends.attention_params import AttentionParams
 
     options = {} if args.attention_impl is None else {"attention_impl": args.attention_impl}
     backend = get_backend(args.backend, **options)
@@ -87,7 +88,8 @@ def run(args) -> int:
         g = torch.Generator().manual_seed(s)
         mk = lambda n: torch.randn(1, s, n, args.head_dim, generator=g).to(dev, dtype)  # noqa: E731
         q, k, v = mk(args.heads), mk(args.kv_heads), mk(args.kv_heads)
-        fast = measure(_step(lambda a, b, c: backend.attention(a, b, c, causal=True), q, k, v,
+        causal = AttentionParams.dense("causal")
+        fast = measure(_step(lambda a, b, c: backend.attention(a, b, c, causal), q, k, v,
                              backward), backend, repeats=args.repeats)
         row = {"seq_len": s, "backend_time_s": fast["time_s"],
                "backend_peak_bytes": fast["peak_bytes"]}

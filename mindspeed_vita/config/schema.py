@@ -128,8 +128,9 @@ class TrainingConfig(Section):
     """Adam epsilon."""
     clip_grad: float = Field(1.0, ge=0)
     """Global gradient-norm clip (0 = off)."""
-    trainable: List[Literal["vision", "projector", "language"]] = ["projector", "language"]
-    """Modules that receive gradients; the others are frozen."""
+    trainable: List[Literal["vision", "projector", "language"]] = Field(
+        ["projector", "language"], min_length=1)
+    """Modules that receive gradients; the others are frozen (at least one must train)."""
     vision_lr_mult: float = Field(1.0, gt=0)
     """Learning-rate multiplier of the vision encoder."""
     vision_layer_decay: float = Field(1.0, gt=0, le=1)
@@ -144,8 +145,15 @@ class TrainingConfig(Section):
     """Checkpoint directory (None: no checkpoints)."""
     save_interval: int = Field(0, ge=0)
     """Steps between checkpoints (0: only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Training checkpoints kept in `save` (the oldest are deleted after a new one is complete)."""
     load: Optional[str] = None
-    """Checkpoint to start from (native or HF directory)."""
+    """Weights to start from when `save` holds no checkpoint yet: the previous stage's training
+    run directory or training checkpoint, a native checkpoint, or an HF directory. The optimizer,
+    scheduler and data position start fresh."""
+    max_skipped_in_a_row: int = Field(5, ge=1)
+    """Optimizer steps whose loss is NaN/inf are skipped and counted; this many in a row stops
+    the run (after a checkpoint)."""
     log_interval: int = Field(1, ge=1)
     """Steps between log lines."""
     metrics_file: Optional[str] = None
@@ -167,6 +175,20 @@ class InferenceConfig(Section):
     """Sampling seed."""
     system_prompt: Optional[str] = None
     """System message; None = none, as in training."""
+    max_num_frame: int = Field(64, ge=1)
+    """Frames sampled from one video of a request."""
+    max_prompt_tokens: int = Field(131072, ge=1)
+    """serve: longest prompt (rendered tokens, visual context included) a request may have."""
+    max_images: int = Field(16, ge=0)
+    """serve: most images in one request."""
+    max_videos: int = Field(2, ge=0)
+    """serve: most videos in one request."""
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    """serve: largest request body (inline base64 media included)."""
+    request_timeout: float = Field(600.0, gt=0)
+    """serve: seconds a request may wait in the queue and generate before it gets a 504."""
+    allow_local_media: Optional[str] = None
+    """serve: directory whose files requests may name by path (None: inline data: URIs only)."""
 
 
 class BackendOptions(Section):

@@ -1,4 +1,7 @@
-"""`mindspeed-vita convert export-hf SRC DST`: a native checkpoint -> an HF InternVL directory.
+"""`mindspeed-vita convert export-hf SRC DST`: a native checkpoint -> an HF directory.
+
+`--layout internvl` (default) writes transformers' InternVL layout; `--layout long-vita` writes
+the Long-VITA release's `_HF` layout (`convert.long_vita`), which the release's own tools load.
 
 Gathers the language shards (any tp) into full tensors, renames everything to transformers'
 InternVL names and writes config.json, the weights (sharded above 5 GB) and the tokenizer. A
@@ -13,7 +16,11 @@ import os
 def add_arguments(parser) -> None:
     """Arguments of `convert export-hf`."""
     parser.add_argument("src", metavar="SRC", help="native checkpoint directory")
-    parser.add_argument("dst", metavar="DST", help="HF InternVL directory to create")
+    parser.add_argument("dst", metavar="DST", help="HF directory to create")
+    parser.add_argument("--layout", choices=("internvl", "long-vita"), default="internvl",
+                        help="internvl: transformers' InternVLForConditionalGeneration layout; "
+                             "long-vita: the Long-VITA release's _HF layout "
+                             "(LongVITAForCausalLM)")
 
 
 def _progress(step: int, total: int, message: str) -> None:
@@ -24,6 +31,7 @@ def run(args) -> int:
     """Convert; prints one progress line per stage. Returns 0."""
     from mindspeed_vita.convert.checkpoint import NativeModel, TOKENIZER_DIR, read_full_state
     from mindspeed_vita.convert.hf_internvl import export_internvl
+    from mindspeed_vita.convert.long_vita import export_long_vita
     from mindspeed_vita.data.tokenizer import load_tokenizer
     from mindspeed_vita.errors import UserInputError
 
@@ -38,12 +46,14 @@ def run(args) -> int:
                          hf_source_config=meta.hf_source_config,
                          hf_generation_config=meta.hf_generation_config)
     _progress(2, total, f"gathered {len(state)} tensors from tp={meta.tp_size} shards")
-    if native.cfg.projector.variant == "long-vita":
+    layout = getattr(args, "layout", "internvl")
+    if layout == "internvl" and native.cfg.projector.variant == "long-vita":
         print("note: the long-vita projector has no transformers equivalent; it is written as "
               "long_vita_projector.* (config.json: mindspeed_vita.projector_variant) and only "
               "mindspeed-vita can run it", flush=True)
     where = f"checkpoint {args.src!r} (config in its mindspeed_vita.json)"
-    files = export_internvl(native, args.dst, where=where)
+    export = export_long_vita if layout == "long-vita" else export_internvl
+    files = export(native, args.dst, where=where)
     _progress(3, total, f"done: {args.dst} (config.json, generation_config.json, "
                         f"{', '.join(files)}, tokenizer files)")
     return 0

@@ -1,6 +1,7 @@
 """`mindspeed-vita convert import-hf SRC DST`: an HF checkpoint -> a native checkpoint.
 
-SRC is an HF InternVL directory, or a Qwen2 causal-LM directory together with
+SRC is an HF InternVL directory, a Long-VITA release `_HF` directory (model_type long_vita,
+detected from its config.json), or a Qwen2 causal-LM directory together with
 `--vision INTERNVIT_DIR` (the stage-1 starting point: the projector is created fresh, seeded,
 of the `--projector` variant). Runs in one process on the CPU, on state dicts (no model, no
 process group); the checkpoint is written sharded for `--tp` ranks and loads at any tp.
@@ -14,7 +15,8 @@ import sys
 def add_arguments(parser) -> None:
     """Arguments of `convert import-hf`."""
     parser.add_argument("src", metavar="SRC",
-                        help="HF InternVL directory, or a Qwen2 causal-LM directory with --vision")
+                        help="HF InternVL or Long-VITA _HF directory, or a Qwen2 causal-LM "
+                             "directory with --vision")
     parser.add_argument("dst", metavar="DST", help="native checkpoint directory to create")
     parser.add_argument("--vision", metavar="DIR", default=None,
                         help="InternViT directory (original naming) to pair with a Qwen2 SRC")
@@ -44,8 +46,10 @@ def run(args) -> int:
     from mindspeed_vita.convert.checkpoint import check_tp_size, write_checkpoint
     from mindspeed_vita.convert.hf_internvl import import_internvl
     from mindspeed_vita.convert.hf_split import import_split
+    from mindspeed_vita.convert.long_vita import import_long_vita
     from mindspeed_vita.errors import UserInputError
-    from mindspeed_vita.models.build import HF_INTERNVL, HF_QWEN2, INTERNVIT, checkpoint_kind
+    from mindspeed_vita.models.build import (HF_INTERNVL, HF_LONG_VITA, HF_QWEN2, INTERNVIT,
+                                             checkpoint_kind)
 
     _check_destination(args.dst)
     kind = checkpoint_kind(args.src)
@@ -62,9 +66,10 @@ def run(args) -> int:
         _progress(1, total, f"reading Qwen2 {args.src} and InternViT {args.vision}; "
                             f"new {variant} projector (seed {args.seed})")
         native = import_split(args.src, args.vision, projector_variant=variant, seed=args.seed)
-    elif kind == HF_INTERNVL:
-        _progress(1, total, f"reading HF InternVL {args.src}")
-        native = import_internvl(args.src)
+    elif kind in (HF_INTERNVL, HF_LONG_VITA):
+        label = "HF InternVL" if kind == HF_INTERNVL else "Long-VITA release"
+        _progress(1, total, f"reading {label} {args.src}")
+        native = import_internvl(args.src) if kind == HF_INTERNVL else import_long_vita(args.src)
         if args.projector is not None and args.projector != native.cfg.projector.variant:
             raise UserInputError(
                 f"--projector {args.projector}: {args.src!r} holds a "
@@ -75,7 +80,7 @@ def run(args) -> int:
                              f"encoder with --vision INTERNVIT_DIR")
     else:
         raise UserInputError(f"{args.src!r} is a {kind} directory; import-hf reads an HF "
-                             f"InternVL directory or a Qwen2 directory with --vision")
+                             f"InternVL or Long-VITA directory, or a Qwen2 directory with --vision")
     cfg = native.cfg
     check_tp_size(cfg.language, args.tp)
     n_params = sum(t.numel() for t in native.state.values())

@@ -24,6 +24,7 @@ RECOMPUTE_CHOICES = ("none", "vision", "full")
 
 #: what `checkpoint_kind` returns
 NATIVE, HF_INTERNVL, HF_QWEN2, INTERNVIT = "native", "hf-internvl", "hf-qwen2", "internvit"
+HF_LONG_VITA = "hf-long-vita"
 
 
 def build_model(cfg: ModelConfig, backend: Backend, *, tokenizer,
@@ -84,10 +85,12 @@ def parameter_counts(model: torch.nn.Module) -> Dict[str, int]:
 
 def checkpoint_kind(path: str) -> str:
     """What the directory `path` holds: "native" (mindspeed_vita.json), "hf-internvl",
-    "hf-qwen2" or "internvit" (by config.json). CheckpointError naming the path otherwise."""
+    "hf-long-vita" (the Long-VITA release's `_HF` layout), "hf-qwen2" or "internvit" (by
+    config.json). CheckpointError naming the path otherwise."""
     from mindspeed_vita.convert.checkpoint import METADATA_FILE
     from mindspeed_vita.convert.hf_internvl import CONFIG_FILE, read_json
     from mindspeed_vita.convert.hf_split import is_internvit_config
+    from mindspeed_vita.convert.long_vita import is_long_vita_config
 
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
@@ -102,13 +105,15 @@ def checkpoint_kind(path: str) -> str:
     model_type = config.get("model_type")
     if model_type == "internvl":
         return HF_INTERNVL
+    if is_long_vita_config(config):
+        return HF_LONG_VITA
     if model_type == "qwen2":
         return HF_QWEN2
     if is_internvit_config(config):
         return INTERNVIT
     raise CheckpointError(
         f"{config_path}: model_type {model_type!r} is not supported (expected a mindspeed-vita "
-        f"checkpoint, an HF InternVL directory, a Qwen2 causal LM or an InternViT)")
+        f"checkpoint, an HF InternVL or Long-VITA directory, a Qwen2 causal LM or an InternViT)")
 
 
 def _merge(base: dict, update: Mapping[str, Any]) -> dict:
@@ -137,7 +142,8 @@ def load_pretrained(path: str, backend: Backend, *, sequence_parallel: bool = Fa
                     recompute: str = "none",
                     config_update: Optional[Mapping[str, Any]] = None
                     ) -> Tuple[Any, Any, ModelConfig]:
-    """`(model, tokenizer, cfg)` from a native checkpoint or an HF InternVL directory.
+    """`(model, tokenizer, cfg)` from a native checkpoint, an HF InternVL directory or a
+    Long-VITA release `_HF` directory.
 
     The tensor-parallel size and rank come from megatron's parallel state
     (`initialize_parallel` must have run); the checkpoint may have been written at any tp.
@@ -147,6 +153,7 @@ def load_pretrained(path: str, backend: Backend, *, sequence_parallel: bool = Fa
     from mindspeed_vita.convert.checkpoint import (
         TOKENIZER_DIR, load_checkpoint, load_full_state_into_model, read_metadata)
     from mindspeed_vita.convert.hf_internvl import import_internvl
+    from mindspeed_vita.convert.long_vita import import_long_vita
     from mindspeed_vita.data.tokenizer import load_tokenizer
 
     kind = checkpoint_kind(path)
@@ -158,12 +165,13 @@ def load_pretrained(path: str, backend: Backend, *, sequence_parallel: bool = Fa
                             sequence_parallel=sequence_parallel, recompute=recompute)
         load_checkpoint(path, model)
         return model, tokenizer, cfg
-    if kind == HF_INTERNVL:
-        native = import_internvl(path)
+    if kind in (HF_INTERNVL, HF_LONG_VITA):
+        native = import_internvl(path) if kind == HF_INTERNVL else import_long_vita(path)
         cfg = updated_config(native.cfg, config_update)
         model = build_model(cfg, backend, tokenizer=native.tokenizer,
                             sequence_parallel=sequence_parallel, recompute=recompute)
-        load_full_state_into_model(model, native.state, native.cfg, f"HF InternVL {path!r}")
+        label = "HF InternVL" if kind == HF_INTERNVL else "Long-VITA"
+        load_full_state_into_model(model, native.state, native.cfg, f"{label} {path!r}")
         return model, native.tokenizer, cfg
     raise CheckpointError(
         f"{path!r} is a {kind} directory, not a full model: convert it first with "

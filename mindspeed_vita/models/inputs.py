@@ -25,6 +25,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from backends.base import Backend
 from mindspeed_vita.data.types import IGNORE_INDEX, PackedBatch
 from mindspeed_vita.errors import UserInputError
+from mindspeed_vita.models.core_attention import RotarySeqParams, packed_attention_params
 from mindspeed_vita.parallel.visual_exchange import plan_visual_exchange
 
 
@@ -89,12 +90,13 @@ class ModelInputs:
 
 
 def _packed_params(cu_seqlens: Sequence[int], device: torch.device) -> PackedSeqParams:
-    """Packed (THD) attention boundaries with the max length computed on the host."""
-    lengths = [int(b) - int(a) for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
-    cu = torch.tensor([int(c) for c in cu_seqlens], dtype=torch.int32, device=device)
-    max_len = max(lengths) if lengths else 0
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    """Packed (THD) attention boundaries with the max length computed on the host, carrying the
+    backend's AttentionParams (device tensor built once, host tuple for sync-free kernels)."""
+    attention = packed_attention_params(cu_seqlens, device)
+    return RotarySeqParams(qkv_format="thd", cu_seqlens_q=attention.cu_seqlens_q,
+                           cu_seqlens_kv=attention.cu_seqlens_kv,
+                           max_seqlen_q=attention.max_seqlen_q,
+                           max_seqlen_kv=attention.max_seqlen_kv, attention=attention)
 
 
 def _visual_inputs(tokens: torch.Tensor, pixel_values: Optional[torch.Tensor],

@@ -28,7 +28,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from backends.base import Backend
 from mindspeed_vita.config.model import LanguageConfig
-from mindspeed_vita.models.core_attention import RotarySeqParams, rotary_cos_sin
+from mindspeed_vita.models.core_attention import (
+    RotarySeqParams,
+    attention_params_of,
+    rotary_cos_sin,
+)
 from mindspeed_vita.models.layer_spec import qwen2_block_spec
 
 
@@ -149,8 +153,11 @@ class Qwen2LanguageModel(MegatronModule):
                              f"packed batches use 'thd'")
         fields = {f.name: getattr(packed_seq_params, f.name)
                   for f in dataclasses.fields(PackedSeqParams)}
+        # the backend's attention params, once per forward (not per layer)
+        attention = attention_params_of(packed_seq_params, position_ids.device)
         # THD flattens the batch row-major, as cu_seqlens counts tokens: [b, s, d] -> [t, 1, d]
-        return RotarySeqParams(**fields, rotary_cos=cos.reshape(-1, 1, cos.shape[-1]),
+        return RotarySeqParams(**fields, attention=attention,
+                               rotary_cos=cos.reshape(-1, 1, cos.shape[-1]),
                                rotary_sin=sin.reshape(-1, 1, sin.shape[-1]))
 
     # ----------------------------------------------------------------- forward

@@ -17,6 +17,7 @@ probabilities inside the kernel; Transformer Engine's CP tests use 2.5e-2 / 3.5e
 through the fakes; the long multi-block GPU case uses flash-attn's own criterion (error at
 most twice that of naive bf16 attention, against an fp64 result).
 """
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -28,6 +29,7 @@ import torch
 from tests.backends.attention_checks import assert_autograd_matches_reference
 import backends.cuda as cuda_module
 from backends import backend_options_for, reference
+from backends.attention_params import AttentionParams
 from backends.base import BackendUnavailableError
 from backends.cpu import CPUBackend
 from backends.cuda import CUDABackend
@@ -71,22 +73,31 @@ def _case_tensors(case, dtype, head_dim=None):
     q = _randn(*q_shape, seed=1, dtype=dtype)
     k, v = _randn(*kv_shape, seed=2, dtype=dtype), _randn(*kv_shape, seed=3, dtype=dtype)
     dout = _randn(*q_shape, seed=4, dtype=dtype)
-    kwargs = dict(causal=causal)
-    if lengths_q is not None:
-        cu_q = _cu(lengths_q)
-        cu_kv = cu_q if lengths_kv is None else _cu(lengths_kv)
-        kwargs.update(cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
-    return q, k, v, dout, kwargs
+    mask = "causal" if causal else "none"
+    if lengths_q is None:
+        return q, k, v, dout, AttentionParams.dense(mask)
+    cu_q = _cu(lengths_q).tolist()
+    cu_kv = None if lengths_kv is None else _cu(lengths_kv).tolist()
+    return q, k, v, dout, AttentionParams.packed(cu_q, cu_kv, mask=mask)
 
 
-def _check_parity(backend, reference_backend, q, k, v, dout, kwargs, tol, grad_tol, to_device):
+def _params_to(params, to_device):
+    """`params` with its cumulative-length tensors moved by `to_device` (host tuples kept)."""
+    if not params.is_packed:
+        return params
+    cu_q = to_device(params.cu_seqlens_q)
+    same = params.cu_seqlens_kv is params.cu_seqlens_q
+    return dataclasses.replace(params, cu_seqlens_q=cu_q,
+                               cu_seqlens_kv=cu_q if same else to_device(params.cu_seqlens_kv))
+
+
+def _check_parity(backend, reference_backend, q, k, v, dout, params, tol, grad_tol, to_device):
     """Forward vs the reference backend, then backward for the reference (out, lse) and for a
     perturbed pair, as a ring merge hands it over (the backward must use the GIVEN stats)."""
     dev = [to_device(t) for t in (q, k, v, dout)]
-    dev_kwargs = {key: to_device(val) if isinstance(val, torch.Tensor) else val
-                  for key, val in kwargs.items()}
-    out, lse = backend.attention_forward(*dev[:3], **dev_kwargs)
-    ref_out, ref_lse = reference_backend.attention_forward(q, k, v, **kwargs)
+    dev_params = _params_to(params, to_device)
+    out, lse = backend.attention_forward(*dev[:3], dev_params)
+    ref_out, ref_lse = reference_backend.attention_forward(q, k, v, params)
     assert out.dtype == q.dtype and out.shape == ref_out.shape
     assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
     torch.testing.assert_close(out.float().cpu(), ref_out.float(), **tol)
@@ -96,9 +107,9 @@ def _check_parity(backend, reference_backend, q, k, v, dout, kwargs, tol, grad_t
     merged_out = (0.8 * ref_out.float() + 0.1 * _randn(*ref_out.shape, seed=6)).to(q.dtype)
     for given_out, given_lse in ((ref_out, ref_lse), (merged_out, ref_lse + shift)):
         grads = backend.attention_backward(dev[3], *dev[:3], to_device(given_out),
-                                           to_device(given_lse), **dev_kwargs)
+                                           to_device(given_lse), dev_params)
         ref_grads = reference_backend.attention_backward(dout, q, k, v, given_out, given_lse,
-                                                         **kwargs)
+                                                         params)
         for got, expected, like in zip(grads, ref_grads, (q, k, v)):
             assert got.shape == like.shape and got.dtype == like.dtype
             torch.testing.assert_close(got.float().cpu(), expected.float(), **grad_tol)
@@ -122,10 +133,9 @@ def test_fake_kernel_is_flash_attention_bottom_right_causal():
     with s_q = 5 and s_kv = 2, rows 0..2 see nothing (output 0, lse +inf)."""
     q, k, v = _randn(2, 1, 8, seed=0), _randn(5, 1, 8, seed=1), _randn(5, 1, 8, seed=2)
     out, lse = varlen_forward(q, k, v, _cu([2]), _cu([5]), 2, 5, 0.5, True, allow_fp32=True)
-    row0, lse0 = reference.attention_reference(q[None, :1], k[None, :4], v[None, :4], causal=False,
-                                               scale=0.5)
-    row1, lse1 = reference.attention_reference(q[None, 1:], k[None], v[None], causal=False,
-                                               scale=0.5)
+    full = AttentionParams.dense("none", scale=0.5)
+    row0, lse0 = reference.attention_reference(q[None, :1], k[None, :4], v[None, :4], full)
+    row1, lse1 = reference.attention_reference(q[None, 1:], k[None], v[None], full)
     torch.testing.assert_close(out, torch.cat([row0[0], row1[0]]), **FP32_TOL)
     torch.testing.assert_close(lse, torch.cat([lse0[0], lse1[0]], dim=-1), **FP32_TOL)
 
@@ -174,7 +184,7 @@ def test_flash_fallback_on_device(monkeypatch):
 
 def test_dense_input_becomes_uniform_varlen():
     q, k = _randn(3, 5, 2, 8, seed=0), _randn(3, 7, 1, 8, seed=1)
-    p = cuda_module._to_varlen(q, k, k, None, None, None, None, causal=True)
+    p = cuda_module._to_varlen(q, k, k, AttentionParams.dense("causal"))
     assert p.q.shape == (15, 2, 8) and p.k.shape == (21, 1, 8) and torch.equal(p.q[5:10], q[1])
     assert p.cu_q.dtype == p.cu_kv.dtype == torch.int32
     assert p.cu_q.tolist() == [0, 5, 10, 15] and p.cu_kv.tolist() == [0, 7, 14, 21]
@@ -182,10 +192,16 @@ def test_dense_input_becomes_uniform_varlen():
     assert (p.lengths_q, p.lengths_kv) == ([5] * 3, [7] * 3)
 
 
+def _tensor_params(mask, cu_q, cu_kv=None, max_q=None, max_kv=None):
+    """Params carrying device tensors only (no host tuples), as a caller without them passes."""
+    return AttentionParams(mask=mask, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv, max_seqlen_q=max_q,
+                           max_seqlen_kv=max_kv)
+
+
 def test_packed_cu_seqlens_conversion_and_when_lengths_are_read(monkeypatch):
     q = _randn(9, 2, 8, seed=0)
     cu64 = torch.tensor([0, 4, 4, 9], dtype=torch.int64)
-    p = cuda_module._to_varlen(q, q, q, cu64, None, None, None, causal=True)
+    p = cuda_module._to_varlen(q, q, q, _tensor_params("causal", cu64))
     assert p.cu_q.dtype == torch.int32 and p.cu_q.tolist() == [0, 4, 4, 9] and p.cu_kv is p.cu_q
     assert (p.max_q, p.max_kv, p.lengths_q) == (5, 5, [4, 0, 5]) and p.dense is None
 
@@ -195,20 +211,25 @@ def test_packed_cu_seqlens_conversion_and_when_lengths_are_read(monkeypatch):
                         lambda cu, name: calls.append(name) or real(cu, name))
     cu = _cu([4, 5])
     # megatron's case: one cu_seqlens tensor for q and kv, max_seqlen given -> no device sync
-    p = cuda_module._to_varlen(q, q, q, cu, cu, 5, 5, causal=True)
+    p = cuda_module._to_varlen(q, q, q, _tensor_params("causal", cu, cu, 5, 5))
     assert calls == [] and p.lengths_q is None and (p.max_q, p.max_kv) == (5, 5)
-    # distinct tensors: non-causal needs no lengths, causal reads them (top-left split check)
-    cuda_module._to_varlen(q, q, q, cu, cu.clone(), 5, 5, causal=False)
+    # distinct tensors: non-causal and bottom-right need no lengths, top-left causal reads them
+    cuda_module._to_varlen(q, q, q, _tensor_params("none", cu, cu.clone(), 5, 5))
+    cuda_module._to_varlen(q, q, q, _tensor_params("causal_bottom_right", cu, cu.clone(), 5, 5))
     assert calls == []
-    p = cuda_module._to_varlen(q, q, q, cu, cu.clone(), 5, 5, causal=True)
+    p = cuda_module._to_varlen(q, q, q, _tensor_params("causal", cu, cu.clone(), 5, 5))
     assert calls == ["cu_seqlens_q", "cu_seqlens_kv"] and p.lengths_q == p.lengths_kv == [4, 5]
+    # host tuples given: lengths known without reading any tensor
+    p = cuda_module._to_varlen(q, q, q, AttentionParams.packed([0, 4, 9], [0, 5, 9], mask="causal"))
+    assert calls == ["cu_seqlens_q", "cu_seqlens_kv"]  # unchanged: nothing read
+    assert (p.lengths_q, p.lengths_kv) == ([4, 5], [5, 4])
 
-    with pytest.raises(ValueError, match="start with 0"):
-        cuda_module._to_varlen(q, q, q, torch.tensor([4, 9]), None, None, None, causal=False)
-    with pytest.raises(ValueError, match="same sequences"):
-        cuda_module._to_varlen(q, q, q, cu, _cu([9]), None, None, causal=False)
+    with pytest.raises(ValueError, match="start at 0"):
+        cuda_module._to_varlen(q, q, q, _tensor_params("none", torch.tensor([4, 9])))
+    with pytest.raises(ValueError, match="same"):
+        cuda_module._to_varlen(q, q, q, _tensor_params("none", cu, _cu([9])))
     with pytest.raises(ValueError, match=r"packed attention expects \[t, n, d\]"):
-        cuda_module._to_varlen(q[None], q, q, cu, None, None, None, causal=False)
+        cuda_module._to_varlen(q[None], q, q, _tensor_params("none", cu))
 
 
 def test_top_left_causal_pieces_rows():
@@ -309,8 +330,8 @@ def _fake_backend(lse_layout="packed", impl="torch"):
 @pytest.mark.parametrize("case", list(CASES))
 def test_backend_on_fake_kernels_matches_cpu_backend(kernel_path, case, dtype, tol, lse_layout):
     backend = _fake_backend(lse_layout)
-    q, k, v, dout, kwargs = _case_tensors(case, dtype)
-    _check_parity(backend, CPUBackend(), q, k, v, dout, kwargs, tol, tol, lambda t: t)
+    q, k, v, dout, params = _case_tensors(case, dtype)
+    _check_parity(backend, CPUBackend(), q, k, v, dout, params, tol, tol, lambda t: t)
     fake = backend._aten
     assert fake.forward_calls and fake.backward_calls  # the kernels ran, not the fallback
     for call in fake.forward_calls + fake.backward_calls:
@@ -320,11 +341,11 @@ def test_backend_on_fake_kernels_matches_cpu_backend(kernel_path, case, dtype, t
 
 def test_fully_masked_rows_are_zero_with_lse_minus_inf(kernel_path):
     backend = _fake_backend()
-    q, k, v, dout, kwargs = _case_tensors("packed_full_unequal", torch.float32)
-    out, lse = backend.attention_forward(q, k, v, **kwargs)
+    q, k, v, dout, params = _case_tensors("packed_full_unequal", torch.float32)
+    out, lse = backend.attention_forward(q, k, v, params)
     assert torch.equal(out[:3], torch.zeros_like(out[:3]))  # sequence 0 has no keys
     assert torch.all(lse[:, :3] == -math.inf) and torch.isfinite(lse[:, 3:]).all()
-    dq, dk, dv = backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    dq, dk, dv = backend.attention_backward(dout, q, k, v, out, lse, params)
     assert torch.equal(dq[:3], torch.zeros_like(dq[:3])) and torch.isfinite(dq).all()
 
 
@@ -332,19 +353,19 @@ def test_packed_causal_with_one_cu_seqlens_tensor_never_syncs(kernel_path, monke
     monkeypatch.setattr(cuda_module, "_host_lengths",
                         lambda *args: pytest.fail("host lengths read (device sync)"))
     backend = _fake_backend()
-    q, k, v, dout, kwargs = _case_tensors("packed_causal_gqa", torch.float32)
-    kwargs.update(max_seqlen_q=17, max_seqlen_kv=17)
-    out, lse = backend.attention_forward(q, k, v, **kwargs)
-    backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    q, k, v, dout, params = _case_tensors("packed_causal_gqa", torch.float32)
+    params = _tensor_params("causal", params.cu_seqlens_q, params.cu_seqlens_q, 17, 17)
+    out, lse = backend.attention_forward(q, k, v, params)
+    backend.attention_backward(dout, q, k, v, out, lse, params)
 
 
 def test_backward_first_probes_the_lse_layout(kernel_path):
     """A ring backward can come before any forward in the process: the lse layout is probed."""
     backend = _fake_backend("padded")
-    q, k, v, dout, kwargs = _case_tensors("packed_causal_gqa", torch.float32)
-    ref_out, ref_lse = CPUBackend().attention_forward(q, k, v, **kwargs)
-    grads = backend.attention_backward(dout, q, k, v, ref_out, ref_lse, **kwargs)
-    ref_grads = CPUBackend().attention_backward(dout, q, k, v, ref_out, ref_lse, **kwargs)
+    q, k, v, dout, params = _case_tensors("packed_causal_gqa", torch.float32)
+    ref_out, ref_lse = CPUBackend().attention_forward(q, k, v, params)
+    grads = backend.attention_backward(dout, q, k, v, ref_out, ref_lse, params)
+    ref_grads = CPUBackend().attention_backward(dout, q, k, v, ref_out, ref_lse, params)
     assert backend._kernels().lse_padded is True and len(backend._aten.forward_calls) == 1
     for got, expected in zip(grads, ref_grads):
         torch.testing.assert_close(got, expected, **FP32_TOL)
@@ -353,24 +374,24 @@ def test_backward_first_probes_the_lse_layout(kernel_path):
 @pytest.mark.parametrize("case", ["dense_causal_q_longer", "packed_causal_unequal", "gqa_causal"])
 def test_autograd_through_fake_kernels_matches_reference_autograd(kernel_path, case):
     backend = _fake_backend()
-    q, k, v, dout, kwargs = _case_tensors(case, torch.float32)
-    assert_autograd_matches_reference(backend, q, k, v, dout, kwargs, FP32_TOL)
+    q, k, v, dout, params = _case_tensors(case, torch.float32)
+    assert_autograd_matches_reference(backend, q, k, v, dout, params, FP32_TOL)
 
 
 def test_unsupported_inputs_use_the_reference_with_one_warning(monkeypatch):
     monkeypatch.setattr(cuda_module, "_device_reason", lambda device: None)
     backend = _fake_backend()
-    q, k, v, dout, kwargs = _case_tensors("gqa_causal", torch.float32)
+    q, k, v, dout, params = _case_tensors("gqa_causal", torch.float32)
     with pytest.warns(UserWarning, match="flash kernels cannot take dtype torch.float32"):
-        out, lse = backend.attention_forward(q, k, v, **kwargs)
+        out, lse = backend.attention_forward(q, k, v, params)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same reason does not warn twice
-        grads = backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
+        grads = backend.attention_backward(dout, q, k, v, out, lse, params)
     assert backend._aten.forward_calls == [] and backend._aten.backward_calls == []
-    ref_out, ref_lse = reference.attention_reference(q, k, v, **kwargs)
+    ref_out, ref_lse = reference.attention_reference(q, k, v, params)
     torch.testing.assert_close(out, ref_out, **FP32_TOL)
     for got, expected in zip(grads, reference.attention_backward_reference(
-            dout, q, k, v, out, lse, **kwargs)):
+            dout, q, k, v, out, lse, params)):
         torch.testing.assert_close(got, expected, **FP32_TOL)
 
 
@@ -388,10 +409,10 @@ def _install_flash_attn(monkeypatch, style, extra=None):
 def test_flash_attn_package_signatures_bind_and_match(kernel_path, monkeypatch, style, impl, case):
     interface = _install_flash_attn(monkeypatch, style)
     backend = _fake_backend(impl=impl)
-    q, k, v, dout, kwargs = _case_tensors(case, torch.float32)
+    q, k, v, dout, params = _case_tensors(case, torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _check_parity(backend, CPUBackend(), q, k, v, dout, kwargs, FP32_TOL, FP32_TOL,
+        _check_parity(backend, CPUBackend(), q, k, v, dout, params, FP32_TOL, FP32_TOL,
                       lambda t: t)
     assert backend._kernels().name == "flash_attn"
     assert "forward" in interface.calls and "backward" in interface.calls
@@ -401,36 +422,36 @@ def test_flash_attn_package_signatures_bind_and_match(kernel_path, monkeypatch, 
 def test_flash_attn_with_an_extra_optional_parameter_still_binds(kernel_path, monkeypatch):
     _install_flash_attn(monkeypatch, "2.7", extra="optional")
     backend = _fake_backend(impl="flash_attn")
-    q, k, v, dout, kwargs = _case_tensors("gqa_causal", torch.float32)
-    _check_parity(backend, CPUBackend(), q, k, v, dout, kwargs, FP32_TOL, FP32_TOL, lambda t: t)
+    q, k, v, dout, params = _case_tensors("gqa_causal", torch.float32)
+    _check_parity(backend, CPUBackend(), q, k, v, dout, params, FP32_TOL, FP32_TOL, lambda t: t)
 
 
 def test_flash_attn_signature_drift(kernel_path, monkeypatch):
     _install_flash_attn(monkeypatch, "2.7", extra="required")
-    q, k, v, dout, kwargs = _case_tensors("gqa_causal", torch.float32)
+    q, k, v, dout, params = _case_tensors("gqa_causal", torch.float32)
     with pytest.raises(BackendUnavailableError, match="needs parameter 'sink_tokens'"):
-        _fake_backend(impl="flash_attn").attention_forward(q, k, v, **kwargs)
+        _fake_backend(impl="flash_attn").attention_forward(q, k, v, params)
     backend = _fake_backend(impl="auto")
     with pytest.warns(UserWarning, match="flash-attn 9.9.9.*'sink_tokens'.*PyTorch's own flash"):
-        out, lse = backend.attention_forward(q, k, v, **kwargs)
+        out, lse = backend.attention_forward(q, k, v, params)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        backend.attention_forward(q, k, v, **kwargs)  # warned once
+        backend.attention_forward(q, k, v, params)  # warned once
     assert backend._kernels().name == "torch" and len(backend._aten.forward_calls) == 2
-    torch.testing.assert_close(out, CPUBackend().attention_forward(q, k, v, **kwargs)[0],
+    torch.testing.assert_close(out, CPUBackend().attention_forward(q, k, v, params)[0],
                                **FP32_TOL)
 
 
 def test_flash_attn_missing(kernel_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails like a missing package
-    q, k, v, dout, kwargs = _case_tensors("dense_causal", torch.float32)
+    q, k, v, dout, params = _case_tensors("dense_causal", torch.float32)
     with pytest.raises(BackendUnavailableError,
                        match=r"not installed; pip install 'mindspeed-vita\[gpu\]'"):
-        _fake_backend(impl="flash_attn").attention_forward(q, k, v, **kwargs)
+        _fake_backend(impl="flash_attn").attention_forward(q, k, v, params)
     backend = _fake_backend(impl="auto")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an optional package that is absent: no warning
-        backend.attention_forward(q, k, v, **kwargs)
+        backend.attention_forward(q, k, v, params)
     assert backend._kernels().name == "torch"
 
 
@@ -442,13 +463,13 @@ def test_flash_attn_broken_build_falls_back_with_one_warning(kernel_path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("flash_attn", "flash_attn.flash_attn_interface"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    q, k, v, dout, kwargs = _case_tensors("dense_causal", torch.float32)
+    q, k, v, dout, params = _case_tensors("dense_causal", torch.float32)
     backend = _fake_backend(impl="auto")
     with pytest.warns(UserWarning, match="installed but does not import.*undefined symbol"):
-        backend.attention_forward(q, k, v, **kwargs)
+        backend.attention_forward(q, k, v, params)
     assert backend._kernels().name == "torch"
     with pytest.raises(BackendUnavailableError, match="undefined symbol"):
-        _fake_backend(impl="flash_attn").attention_forward(q, k, v, **kwargs)
+        _fake_backend(impl="flash_attn").attention_forward(q, k, v, params)
 
 
 # ================================================================= GPU: real CUDA kernels
@@ -476,29 +497,28 @@ def _to_cuda(t):
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpu_attention_forward_and_backward_match_cpu_backend(gpu_backend, case, dtype):
     if dtype == torch.float32:  # the exact reference path, on the GPU
-        q, k, v, dout, kwargs = _case_tensors(case, dtype)
-        _check_parity(gpu_backend, CPUBackend(), q, k, v, dout, kwargs, GPU_FP32_TOL,
+        q, k, v, dout, params = _case_tensors(case, dtype)
+        _check_parity(gpu_backend, CPUBackend(), q, k, v, dout, params, GPU_FP32_TOL,
                       GPU_FP32_TOL, _to_cuda)
         return
-    q, k, v, dout, kwargs = _case_tensors(case, dtype, head_dim=64)
+    q, k, v, dout, params = _case_tensors(case, dtype, head_dim=64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # bf16 with head_dim 64 must take the flash kernels
-        _check_parity(gpu_backend, CPUBackend(), q, k, v, dout, kwargs, BF16_TOL,
+        _check_parity(gpu_backend, CPUBackend(), q, k, v, dout, params, BF16_TOL,
                       GPU_BF16_GRAD_TOL, _to_cuda)
 
 
 @pytest.mark.gpu
 def test_gpu_lse_layout_and_fully_masked_rows(gpu_backend):
-    q, k, v, dout, kwargs = _case_tensors("packed_full_unequal", torch.bfloat16, head_dim=64)
+    q, k, v, dout, params = _case_tensors("packed_full_unequal", torch.bfloat16, head_dim=64)
     q, k, v, dout = (t.cuda() for t in (q, k, v, dout))
-    kwargs = {key: val.cuda() if isinstance(val, torch.Tensor) else val
-              for key, val in kwargs.items()}
-    out, lse = gpu_backend.attention_forward(q, k, v, **kwargs)
+    params = _params_to(params, _to_cuda)
+    out, lse = gpu_backend.attention_forward(q, k, v, params)
     assert gpu_backend._kernels().lse_padded is False  # PyTorch 2.13 / flash-attn >= 2.6: [n, t]
     assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
     assert torch.equal(out[:3], torch.zeros_like(out[:3]))  # sequence 0 has no keys
     assert torch.all(lse[:, :3] == -math.inf) and torch.isfinite(lse[:, 3:]).all()
-    dq, dk, dv = gpu_backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
+    dq, dk, dv = gpu_backend.attention_backward(dout, q, k, v, out, lse, params)
     assert torch.equal(dq[:3], torch.zeros_like(dq[:3]))
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
 
@@ -513,11 +533,9 @@ def test_gpu_long_packed_causal_matches_reference(gpu_backend):
     q, k, v = (_randn(t, n, d, seed=s, dtype=torch.bfloat16)
                for s, n in ((1, n_q), (2, n_kv), (3, n_kv)))
     dout = _randn(t, n_q, d, seed=4, dtype=torch.bfloat16)
-    cu = _cu(lengths)
     leaves = [x.clone().cuda().requires_grad_(True) for x in (q, k, v)]
-    cu = cu.cuda()
-    out = gpu_backend.attention(*leaves, causal=True, cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    params = AttentionParams.packed(_cu(lengths).tolist(), mask="causal", device="cuda")
+    out = gpu_backend.attention(*leaves, params)
     out.backward(dout.cuda())
 
     def naive(q, k, v):  # every op in q's dtype, per sequence

@@ -21,7 +21,8 @@ def test_shims_applied_and_idempotent():
               mp_random.CudaRNGStatesTracker, mp_random._get_cuda_rng_state)
     assert first == second  # nothing re-wrapped
     assert set(first[0]) == {"torch.cuda.current_device", "torch.cuda.synchronize",
-                             "megatron.tensor_parallel.random"}
+                             "megatron.tensor_parallel.random",
+                             "megatron optimizer device='cuda' literals"}
     assert torch.cuda.current_device() == torch.device("cpu")
     torch.cuda.synchronize()  # no-op instead of "Torch not compiled with CUDA enabled"
     assert isinstance(mp_random.get_cuda_rng_tracker(), mp_random.CudaRNGStatesTracker)

@@ -5,6 +5,7 @@ the backend's use of them: layouts, masks, sparse modes, cumulative lengths, sta
 and the lse <-> (softmax_max, softmax_sum) conversion that ring attention relies on.
 Tolerances: fp32 atol 1e-5; bf16 atol/rtol 2e-2 (both sides round to bf16 at different points).
 """
+import dataclasses
 import importlib
 import math
 import subprocess
@@ -16,6 +17,7 @@ import torch
 
 from tests.backends.attention_checks import assert_autograd_matches_reference
 from backends import get_backend
+from backends.attention_params import AttentionParams
 from backends.base import BackendUnavailableError
 from backends.cpu import CPUBackend
 from backends.fakes import FakeTorchNPU
@@ -51,7 +53,10 @@ def _randn(*shape, seed, dtype=torch.float32):
 
 
 def _cu(lengths):
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+    cu = [0]
+    for length in lengths:
+        cu.append(cu[-1] + length)
+    return cu
 
 
 # case id -> (q shape, kv shape, causal, packed lengths or None)
@@ -70,17 +75,19 @@ def _case_tensors(case, dtype):
     q = _randn(*q_shape, seed=1, dtype=dtype)
     k, v = _randn(*kv_shape, seed=2, dtype=dtype), _randn(*kv_shape, seed=3, dtype=dtype)
     dout = _randn(*q_shape, seed=4, dtype=dtype)
-    cu = None if lengths is None else _cu(lengths)
-    return q, k, v, dout, dict(causal=causal, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    mask = "causal" if causal else "none"
+    params = (AttentionParams.dense(mask) if lengths is None
+              else AttentionParams.packed(_cu(lengths), mask=mask))
+    return q, k, v, dout, params
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_forward_and_backward_match_cpu_backend(npu_backend, case, dtype, tol):
-    q, k, v, dout, kwargs = _case_tensors(case, dtype)
+    q, k, v, dout, params = _case_tensors(case, dtype)
     cpu = CPUBackend()
-    out, lse = npu_backend.attention_forward(q, k, v, **kwargs)
-    ref_out, ref_lse = cpu.attention_forward(q, k, v, **kwargs)
+    out, lse = npu_backend.attention_forward(q, k, v, params)
+    ref_out, ref_lse = cpu.attention_forward(q, k, v, params)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == ref_lse.shape
     torch.testing.assert_close(out.float(), ref_out.float(), **tol)
     torch.testing.assert_close(lse, ref_lse, **tol)
@@ -89,8 +96,8 @@ def test_attention_forward_and_backward_match_cpu_backend(npu_backend, case, dty
     shift = 0.3 * _randn(*lse.shape, seed=5)
     merged_out = (0.8 * ref_out.float() + 0.1 * _randn(*ref_out.shape, seed=6)).to(dtype)
     for given_out, given_lse in ((ref_out, ref_lse), (merged_out, ref_lse + shift)):
-        grads = npu_backend.attention_backward(dout, q, k, v, given_out, given_lse, **kwargs)
-        ref_grads = cpu.attention_backward(dout, q, k, v, given_out, given_lse, **kwargs)
+        grads = npu_backend.attention_backward(dout, q, k, v, given_out, given_lse, params)
+        ref_grads = cpu.attention_backward(dout, q, k, v, given_out, given_lse, params)
         for got, expected, like in zip(grads, ref_grads, (q, k, v)):
             assert got.shape == like.shape and got.dtype == like.dtype
             torch.testing.assert_close(got.float(), expected.float(), **tol)
@@ -98,16 +105,16 @@ def test_attention_forward_and_backward_match_cpu_backend(npu_backend, case, dty
 
 @pytest.mark.parametrize("case", ["gqa_causal", "packed_causal_gqa", "packed_full"])
 def test_attention_autograd_matches_reference_autograd(npu_backend, case):
-    q, k, v, dout, kwargs = _case_tensors(case, torch.float32)
-    assert_autograd_matches_reference(npu_backend, q, k, v, dout, kwargs, FP32_TOL)
+    q, k, v, dout, params = _case_tensors(case, torch.float32)
+    assert_autograd_matches_reference(npu_backend, q, k, v, dout, params, FP32_TOL)
 
 
 def test_attention_calls_the_op_as_the_fact_sheet_requires(npu_backend):
     fake = npu_backend._ops
-    q, k, v, dout, kwargs = _case_tensors("dense_causal", torch.float32)
-    out, lse = npu_backend.attention_forward(q, k, v, **kwargs)
-    npu_backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
-    npu_backend.attention_forward(q, k, v, **kwargs)
+    q, k, v, dout, params = _case_tensors("dense_causal", torch.float32)
+    out, lse = npu_backend.attention_forward(q, k, v, params)
+    npu_backend.attention_backward(dout, q, k, v, out, lse, params)
+    npu_backend.attention_forward(q, k, v, params)
     dense_fwd, dense_grad, dense_again = fake.forward_calls[0], fake.grad_calls[0], fake.forward_calls[1]
     assert dense_fwd["input_layout"] == "BSND" and dense_fwd["head_num"] == 2
     assert dense_fwd["sparse_mode"] == 2 and dense_fwd["scale"] == pytest.approx(1 / math.sqrt(16))
@@ -115,32 +122,34 @@ def test_attention_calls_the_op_as_the_fact_sheet_requires(npu_backend):
     assert dense_fwd["atten_mask"].shape == (2048, 2048)
     assert dense_again["atten_mask"] is dense_fwd["atten_mask"] is dense_grad["atten_mask"]  # built once
 
-    q, k, v, dout, kwargs = _case_tensors("packed_causal_gqa", torch.float32)
-    npu_backend.attention_forward(q, k, v, scale=0.5, **kwargs)
+    q, k, v, dout, params = _case_tensors("packed_causal_gqa", torch.float32)
+    npu_backend.attention_forward(q, k, v, dataclasses.replace(params, scale=0.5))
     packed = fake.forward_calls[-1]
-    assert packed["input_layout"] == "TND" and packed["sparse_mode"] == 3 and packed["scale"] == 0.5
+    # "causal" is top-left: sparse_mode 2 (mode 3 is bottom-right and refuses s_q > s_kv in TND)
+    assert packed["input_layout"] == "TND" and packed["sparse_mode"] == 2 and packed["scale"] == 0.5
     assert packed["actual_seq_qlen"] == [5, 22, 23, 39] and all(type(x) is int for x in packed["actual_seq_qlen"])
     assert packed["atten_mask"] is dense_fwd["atten_mask"]
 
-    q, k, v, dout, kwargs = _case_tensors("dense_full", torch.float32)
-    npu_backend.attention_forward(q, k, v, **kwargs)
+    q, k, v, dout, params = _case_tensors("dense_full", torch.float32)
+    npu_backend.attention_forward(q, k, v, params)
     assert fake.forward_calls[-1]["atten_mask"] is None and fake.forward_calls[-1]["sparse_mode"] == 0
 
 
-def test_packed_causal_needs_equal_query_and_key_lengths(npu_backend):
+def test_packed_rows_must_match_the_cumulative_lengths(npu_backend):
+    """The kernel takes T > the sum of lengths and leaves the tail uninitialised: refused here."""
     q = _randn(10, 2, 16, seed=0)
-    with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_kv"):
-        npu_backend.attention_forward(q, q, q, causal=True, cu_seqlens_q=_cu([4, 6]), cu_seqlens_kv=_cu([6, 4]))
-    with pytest.raises(ValueError, match="start with 0"):
-        npu_backend.attention_forward(q, q, q, causal=False, cu_seqlens_q=torch.tensor([4, 10]))
+    with pytest.raises(ValueError, match="10 rows but its cumulative lengths end at 9"):
+        npu_backend.attention_forward(q, q, q, AttentionParams.packed([0, 4, 9], mask="causal"))
+    with pytest.raises(ValueError, match="start at 0"):
+        npu_backend.attention_forward(q, q, q, AttentionParams.packed([4, 10], mask="none"))
 
 
 def test_backward_works_with_a_torch_npu_that_returns_dsink(npu_backend):
     backend = NPUBackend(torch_npu_module=FakeTorchNPU(release="7.3.0"))
-    q, k, v, dout, kwargs = _case_tensors("gqa_causal", torch.float32)
-    out, lse = backend.attention_forward(q, k, v, **kwargs)
-    grads = backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
-    ref = CPUBackend().attention_backward(dout, q, k, v, out, lse, **kwargs)
+    q, k, v, dout, params = _case_tensors("gqa_causal", torch.float32)
+    out, lse = backend.attention_forward(q, k, v, params)
+    grads = backend.attention_backward(dout, q, k, v, out, lse, params)
+    ref = CPUBackend().attention_backward(dout, q, k, v, out, lse, params)
     for got, expected in zip(grads, ref):
         torch.testing.assert_close(got, expected, **FP32_TOL)
 
