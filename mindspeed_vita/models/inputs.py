@@ -17,16 +17,21 @@ The batch is expected on the host, as the data loader yields it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
+from backends.attention_params import AttentionParams
 from backends.base import Backend
 from mindspeed_vita.data.types import IGNORE_INDEX, PackedBatch
 from mindspeed_vita.errors import UserInputError
-from mindspeed_vita.models.core_attention import RotarySeqParams, packed_attention_params
+from mindspeed_vita.models.core_attention import packed_attention_params
+from mindspeed_vita.parallel.ring_attention import RingAttentionParams
 from mindspeed_vita.parallel.visual_exchange import plan_visual_exchange
+from mindspeed_vita.parallel.zigzag import ZigzagShard
+
+if TYPE_CHECKING:
+    from mindspeed_vita.parallel.groups import ParallelGroups
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: Optional[Sequence[int]] = None
@@ -74,8 +79,9 @@ class ModelInputs:
 
     tokens, position_ids: `[b, s_local]` (this rank's zigzag shard under CP; the whole batch at
     CP 1). labels: `[b, s_local]` SHIFTED (row i's target), IGNORE_INDEX = no loss, or None.
-    attention: the attention parameters every decoder layer gets (packed boundaries of the
-    local shard with host max lengths), None for a dense causal batch.
+    attention: what every decoder layer's core attention gets: None for a dense causal batch,
+    packed `AttentionParams` (cumulative lengths with host max lengths) in reset mode, and
+    under context parallelism the ring's `RingAttentionParams` of the local shard.
     visual: None when the batch has no visual units.
     cp_rank / cp_size: this rank's place in the context-parallel group.
     """
@@ -83,20 +89,10 @@ class ModelInputs:
     tokens: torch.Tensor
     position_ids: torch.Tensor
     labels: Optional[torch.Tensor]
-    attention: Optional[PackedSeqParams]
+    attention: Union[None, AttentionParams, RingAttentionParams]
     visual: Optional[VisualInputs]
     cp_rank: int = 0
     cp_size: int = 1
-
-
-def _packed_params(cu_seqlens: Sequence[int], device: torch.device) -> PackedSeqParams:
-    """Packed (THD) attention boundaries with the max length computed on the host, carrying the
-    backend's AttentionParams (device tensor built once, host tuple for sync-free kernels)."""
-    attention = packed_attention_params(cu_seqlens, device)
-    return RotarySeqParams(qkv_format="thd", cu_seqlens_q=attention.cu_seqlens_q,
-                           cu_seqlens_kv=attention.cu_seqlens_kv,
-                           max_seqlen_q=attention.max_seqlen_q,
-                           max_seqlen_kv=attention.max_seqlen_kv, attention=attention)
 
 
 def _visual_inputs(tokens: torch.Tensor, pixel_values: Optional[torch.Tensor],
