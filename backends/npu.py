@@ -4,7 +4,7 @@ torch_npu is imported lazily (in `probe()` and the constructor), never at module
 file can be imported on any machine. Tests pass `torch_npu_module=FakeTorchNPU()` (a CPU fake
 with the same op contracts, backends/fakes/torch_npu_fake.py).
 
-How the protocol of `backends.base` maps onto `npu_fusion_attention` (facts: docs npu-api-facts.md):
+How the protocol of `backends.base` maps onto `npu_fusion_attention` (docs/npu-op-contract.md):
 
 * dense [b, s, n, d] is layout "BSND"; packed [t, n, d] is "TND" with `actual_seq_qlen/kvlen` =
   cumulative ends WITHOUT the leading 0, as Python ints taken from the params' host tuples

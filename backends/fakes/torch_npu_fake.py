@@ -11,9 +11,9 @@ what the real ops do with their arguments: layouts BSH/SBH/BSND/BNSD/TND, `atten
 masked, sparse modes 0-8 with the compressed 2048x2048 mask, pre/next token bands, cumulative
 sequence ends without a leading 0, GQA by contiguous head groups, `scale` defaulting to 1.0,
 softmax statistics replicated in 8 fp32 lanes (TND in the kernel's per-sequence N-major order),
-and the wrapper's RuntimeErrors. The rules come from /work/shared/docs/npu-api-facts.md (cited
-below as "facts 1.5" etc.). Where the real behaviour is unknown the fake raises instead of
-guessing: dropout (keep_prob < 1), `sink`, `padding_mask`, pse with TND.
+and the wrapper's RuntimeErrors. The rules are written down in docs/npu-op-contract.md (cited
+below by its section numbers, "contract 1.5" etc.). Where the real behaviour is unknown the
+fake raises instead of guessing: dropout (keep_prob < 1), `sink`, `padding_mask`, pse with TND.
 
 `release` selects the torch_npu release emulated: keyword arguments added in later releases
 (`softmax_layout` 7.2.0, `sink` 7.3.0, `dropout_mask`/`seed`/`offset` 26.0.0, `rotate` 26.0.0)
@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-#: side of the compressed causal mask that sparse modes 2, 3, 4, 7 and 8 require (facts 1.4)
+#: side of the compressed causal mask that sparse modes 2, 3, 4, 7 and 8 require (contract 1.4)
 COMPRESSED_MASK_SIZE = 2048
 #: default of pre_tockens / next_tockens (int32 max): "no band limit"
 MAX_TOCKENS = 2147483647
@@ -109,7 +109,7 @@ def _from_bnsd(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _parse_cumulative(name: str, cum, total: int) -> Tuple[List[int], List[int]]:
-    """(starts, lengths) from cumulative END offsets without a leading 0 (facts 1.6).
+    """(starts, lengths) from cumulative END offsets without a leading 0 (contract 1.6).
 
     A zero-length sequence repeats the previous value; trailing zeros after a positive value
     mark skipped trailing batches. The covered rows must be exactly [0, total).
@@ -136,7 +136,7 @@ def _parse_cumulative(name: str, cum, total: int) -> Tuple[List[int], List[int]]
 
 
 def _check_qkv(query, key, value, head_num: int, layout: str, keep_prob: float, sparse_mode: int):
-    """The wrapper's checks (facts 1.8), in the wrapper's order, plus shape consistency."""
+    """The wrapper's checks (contract 1.8), in the wrapper's order, plus shape consistency."""
     for label, tensor in (("query", query), ("key", key), ("value", value)):
         if tensor.dim() not in (3, 4):
             raise RuntimeError(
@@ -222,7 +222,7 @@ def _geometry(query, key, value, head_num: int, layout: str, seq_qlen, seq_kvlen
 
 
 def _numels(query, key, geometry: _Geometry, seq_qlen, seq_kvlen) -> int:
-    """Dropout-mask element count exactly as the wrapper computes it (facts 1.7)."""
+    """Dropout-mask element count exactly as the wrapper computes it (contract 1.7)."""
     n1 = geometry.head_num
     if geometry.layout == "TND":
         # The wrapper differences the raw cumulative lists (trailing zeros included).
@@ -243,7 +243,7 @@ def _band(sq: int, skv: int, low: int, high: int) -> torch.Tensor:
 
 
 def _check_band_tokens(pre: int, nxt: int, sq: int, skv: int) -> None:
-    """Mode 0 limits on negative pre_tockens/next_tockens (facts 1.5)."""
+    """Mode 0 limits on negative pre_tockens/next_tockens (contract 1.5)."""
     if pre < 0 and nxt < 0:
         raise RuntimeError(f"pre_tockens={pre} and next_tockens={nxt} cannot both be negative")
     if nxt < 0 and (pre < -nxt or -nxt >= skv):
@@ -253,7 +253,7 @@ def _check_band_tokens(pre: int, nxt: int, sq: int, skv: int) -> None:
 
 
 def _mode_region(mode: int, sq: int, skv: int, pre: int, nxt: int, prefix: Optional[int] = None) -> torch.Tensor:
-    """The [sq, skv] kept region of a mask-free sparse mode (facts 1.5 table)."""
+    """The [sq, skv] kept region of a mask-free sparse mode (contract 1.5 table)."""
     off = skv - sq
     if mode == 2:
         return _band(sq, skv, -MAX_TOCKENS - sq, 0)
@@ -310,7 +310,7 @@ def _check_compressed(mask: torch.Tensor, mode: int) -> None:
 def _dense_kept(mask, mode, batch, heads, sq, skv, pre, nxt, prefix) -> Optional[torch.Tensor]:
     """Kept region [B|1, N1|1, Sq, Skv] for BSH/SBH/BSND/BNSD."""
     if mask is None:
-        return None  # facts 1.4: no mask -> full attention, sparse_mode/pre/next ignored
+        return None  # contract 1.4: no mask -> full attention, sparse_mode/pre/next ignored
     mask = _check_mask_dtype(mask)
     if mode in (0, 1):
         allowed = {(batch, heads, sq, skv), (batch, 1, sq, skv), (1, 1, sq, skv), (sq, skv)}
@@ -343,7 +343,7 @@ def _check_prefix(prefix, batch: int) -> List[int]:
 
 
 def _varlen_kept(mask, mode, geometry: _Geometry, pre, nxt, prefix) -> List[Optional[torch.Tensor]]:
-    """Per-sequence kept regions [1, 1, sq_b, skv_b] for TND (facts 1.5, modes 7/8 included)."""
+    """Per-sequence kept regions [1, 1, sq_b, skv_b] for TND (contract 1.5, modes 7/8 included)."""
     count = geometry.batch
     if mask is None:
         return [None] * count
@@ -411,7 +411,7 @@ def _reduce_kv(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def _scores(seg: _Segment, scale: float) -> torch.Tensor:
-    """fp32 scale * (pse + Q K^T) with -inf where not kept (pse before scaling, facts 1.2)."""
+    """fp32 scale * (pse + Q K^T) with -inf where not kept (pse before scaling, contract 1.2)."""
     heads = seg.q.shape[1]
     logits = seg.q.float() @ _expand_kv(seg.k, heads).float().transpose(-1, -2)
     if seg.pse is not None:
@@ -439,7 +439,7 @@ def _forward_segment(seg: _Segment, scale: float):
 
 
 def _backward_segment(seg: _Segment, dy, out, row_max, row_sum, scale: float):
-    """Gradients with the GIVEN statistics and output (facts 2): P = exp(S - m) / l on kept."""
+    """Gradients with the GIVEN statistics and output (contract 2): P = exp(S - m) / l on kept."""
     heads, kv_heads = seg.q.shape[1], seg.k.shape[1]
     scores = _scores(seg, scale)
     probs = torch.exp(scores - row_max.unsqueeze(-1)) / row_sum.unsqueeze(-1)
@@ -467,7 +467,7 @@ def _pack_stats(per_segment: List[torch.Tensor], geometry: _Geometry, softmax_la
     total = sum(geometry.seq_q)
     if softmax_layout == "TND":  # truly token-major [T, N, 8]
         flat = torch.cat([s[0].transpose(0, 1) for s in per_segment], dim=0) if per_segment else torch.empty(0, heads)
-    else:  # kernel default: per sequence an [N, s_b, 8] block, blocks in batch order (facts 1.7)
+    else:  # kernel default: per sequence an [N, s_b, 8] block, blocks in batch order (contract 1.7)
         flat = torch.cat([s[0].reshape(-1) for s in per_segment]) if per_segment else torch.empty(0)
     flat = flat.reshape(-1, 1).expand(-1, _STAT_LANES)
     return flat.reshape(total, heads, _STAT_LANES).contiguous()
@@ -585,7 +585,7 @@ class _FusionAttentionAutograd(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- device module
 class FakeNPUDeviceModule:
-    """A `torch.npu` look-alike that runs on CPU (facts 4.1).
+    """A `torch.npu` look-alike that runs on CPU (contract 4.1).
 
     Device indices are checked against `device_count`; seeds go to a CPU generator
     (`generator`); memory statistics are the host's peak resident set size (VmHWM), reset
@@ -762,7 +762,7 @@ class FakeTorchNPU:
                                   offset=0, numels=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
                                   sparse_mode=0, gen_mask_parallel=True, sync=False, softmax_layout=_UNSET,
                                   sink=_UNSET):
-        """(dq, dk, dv, dpse[, dsink]) from the GIVEN softmax_max/softmax_sum/attention_in (facts 2)."""
+        """(dq, dk, dv, dpse[, dsink]) from the GIVEN softmax_max/softmax_sum/attention_in (contract 2)."""
         op = "npu_fusion_attention_grad"
         softmax_layout = self._gate(op, "softmax_layout", softmax_layout, (7, 2, 0))
         sink = self._gate(op, "sink", sink, (7, 3, 0))
@@ -797,7 +797,7 @@ class FakeTorchNPU:
 
     # ----------------------------------------------------------- fused layers
     def npu_rms_norm(self, x, gamma, epsilon: float = 1e-6):
-        """(y, rstd): normalise over the last gamma.dim() axes; rstd fp32 with keep-dims shape (facts 3.1)."""
+        """(y, rstd): normalise over the last gamma.dim() axes; rstd fp32 with keep-dims shape (contract 3.1)."""
         if not 2 <= x.dim() <= 8:
             raise RuntimeError(f"npu_rms_norm: x must have 2 to 8 dims, got {x.dim()}")
         allowed_gamma = {torch.float16: (torch.float16, torch.float32), torch.bfloat16: (torch.bfloat16, torch.float32),
@@ -814,7 +814,7 @@ class FakeTorchNPU:
         return y, rstd.detach()
 
     def npu_rotary_mul(self, x, r1, r2, rotary_mode: str = "half", rotate=_UNSET):
-        """x * r1 + rot(x) * r2 with rot = half (cat(-x2, x1)) or interleave pairs (facts 3.2)."""
+        """x * r1 + rot(x) * r2 with rot = half (cat(-x2, x1)) or interleave pairs (contract 3.2)."""
         if self._release < (7, 0, 0) and rotary_mode != "half":
             raise TypeError(f"npu_rotary_mul() has no rotary_mode before 7.0.0 (emulating {self.release})")
         rotate = self._gate("npu_rotary_mul", "rotate", rotate, (26, 0, 0))
@@ -855,7 +855,7 @@ class FakeTorchNPU:
         return (x32 * r1.float() + rotated * r2.float()).to(x.dtype)
 
     def npu_swiglu(self, x, dim: int = -1):
-        """silu(first half) * second half along `dim` (gate first, facts 3.3)."""
+        """silu(first half) * second half along `dim` (gate first, contract 3.3)."""
         if x.numel() == 0 or not 1 <= x.dim() <= 8:
             raise RuntimeError(f"npu_swiglu: input must be non-empty with 1 to 8 dims, got shape {tuple(x.shape)}")
         if not x.is_contiguous():

@@ -26,12 +26,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from backends.base import Backend
 from mindspeed_vita.config.model import LanguageConfig
-from mindspeed_vita.models.core_attention import (
-    RotarySeqParams,
-    attention_params_of,
-    rotary_cos_sin,
-)
+from mindspeed_vita.models.core_attention import RotarySeqParams, attention_params_of
 from mindspeed_vita.models.layer_spec import qwen2_block_spec
+from mindspeed_vita.models.rope import rotary_cos_sin
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: int) -> int:
@@ -141,8 +138,12 @@ class Qwen2LanguageModel(MegatronModule):
         """The per-batch attention inputs every layer gets: cos/sin of `position_ids [b, s]` in
         megatron's layout and the attention parameters (`attention`, see `forward`); packed
         parameters (`attention.is_packed`) select megatron's THD layout."""
+        # NOTE: dynamic-NTK scaling reads the sequence length from the largest position here
+        # (one host sync per forward); under CP each rank sees only its shard's positions
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rotary_base,
-                                  self.config.params_dtype)  # [b, s, d]
+                                  self.config.params_dtype, self.cfg.rope_scaling,
+                                  max_position_embeddings=self.cfg.max_position_embeddings
+                                  )  # [b, s, d]
         if isinstance(attention, PackedSeqParams):
             if attention.qkv_format != "thd":
                 raise ValueError(f"packed_seq_params.qkv_format={attention.qkv_format!r}: "

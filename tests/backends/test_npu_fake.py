@@ -1,4 +1,5 @@
-"""The CPU fake of torch_npu against independent oracles and the fact sheet's worked examples.
+"""The CPU fake of torch_npu against independent oracles and the worked examples of
+docs/npu-op-contract.md.
 
 Oracles: torch's own CPU flash attention (`aten._scaled_dot_product_flash_attention_for_cpu` and
 its backward) for plain causal / full attention, and fp64 autograd over an explicitly masked
