@@ -43,6 +43,8 @@ COMMANDS: List[Tuple] = [
         ("attention", "mindspeed_vita.commands.bench_attention", "backend attention vs naive PyTorch"),
         ("lm-head", "mindspeed_vita.commands.bench_lm_head", "full vs chunked vs logits-masked LM head"),
         ("data", "mindspeed_vita.commands.bench_data", "render + pack throughput and packing utilisation"),
+        ("ring", "mindspeed_vita.commands.bench_ring",
+         "zigzag ring attention: balance, memory, overlap"),
     ], "benchmarks that print ratios against a baseline measured in the same run"),
 ]
 
