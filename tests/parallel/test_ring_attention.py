@@ -16,6 +16,7 @@ from backends.attention_params import AttentionParams
 from backends.cpu import CPUBackend
 from backends.fakes import FakeTorchNPU
 from backends.npu import NPUBackend
+from mindspeed_vita.parallel import ring_attention as ring_module
 from mindspeed_vita.parallel.ring_attention import (RingAttentionParams, RingGroup,
                                                     merge_partial, ring_attention)
 from mindspeed_vita.parallel.zigzag import ZigzagShard
@@ -177,3 +178,61 @@ def test_packed_params_halve_every_sample():
 def test_packed_params_refuse_odd_local_lengths():
     with pytest.raises(ValueError, match="local sample 1 has 3 tokens"):
         RingAttentionParams.packed([0, 2, 5])
+
+
+def test_single_rank_ring_is_full_attention():
+    # CP 1: the ring is its diagonal step alone (no transfer, no process group needed)
+    case = dict(backend="cpu", layout="packed", dtype=torch.float32)
+    (q, k, v, dout), _, _, cu = _case_inputs(case, 1)
+    ref = _reference(case, 1)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = ring_attention(*leaves, RingAttentionParams.packed(cu), CPUBackend(),
+                         RingGroup(group=None, ranks=(0,), rank=0))
+    out.backward(dout)
+    for name, got in zip(("out", "dq", "dk", "dv"), (out, *(x.grad for x in leaves))):
+        torch.testing.assert_close(got, ref[name], atol=1e-5, rtol=0, msg=name)
+
+
+class _RecordingExchange:
+    """Stands in for the P2P exchange in one process: 'receives' what it sends (as a ring of
+    one would) and records when transfers are posted and awaited."""
+
+    events = []
+
+    def __init__(self, ring, tensors, tag):
+        self.kind = "kv" if tag == ring_module._KV_TAG else "grad"
+        self.tensors = [t.clone() for t in tensors]
+        self.events.append(f"post {self.kind}")
+
+    def wait(self):
+        self.events.append(f"wait {self.kind}")
+        return self.tensors
+
+
+class _RecordingBackend(CPUBackend):
+    def attention_forward(self, q, k, v, params):
+        _RecordingExchange.events.append("compute")
+        return super().attention_forward(q, k, v, params)
+
+    def attention_backward(self, *args):
+        _RecordingExchange.events.append("compute")
+        return super().attention_backward(*args)
+
+
+def test_transfers_are_posted_before_the_block_they_overlap(monkeypatch):
+    monkeypatch.setattr(ring_module, "_Exchange", _RecordingExchange)
+    _RecordingExchange.events = []
+    backend, ring = _RecordingBackend(), RingGroup(group=None, ranks=(0, 1, 2), rank=1)
+    q, k, v = (torch.randn(1, 8, 2, 4) for _ in range(3))
+    params = RingAttentionParams.dense()
+    out, lse = ring_module.ring_forward(q, k, v, params, backend, ring)
+    # every step but the last posts the next kv before computing, and waits for it after
+    assert _RecordingExchange.events == ["post kv", "compute", "wait kv"] * 2 + ["compute"]
+    _RecordingExchange.events = []
+    ring_module.ring_backward(torch.ones_like(out), q, k, v, out, lse, params, backend, ring)
+    # dk/dv go one hop behind kv: posted after each block, awaited after the next block;
+    # the last hop (home) is awaited at the end
+    assert _RecordingExchange.events == (
+        ["post kv", "compute", "post grad", "wait kv",
+         "post kv", "compute", "wait grad", "post grad", "wait kv",
+         "compute", "wait grad", "post grad", "wait grad"])
