@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-num-frame", type=positive_int, default=64,
                         help="frames sampled per video (data.max_num_frame)")
     parser.add_argument("--system-prompt", default=None,
-                        help="system message (inference.system_prompt; default none, as in training)")
+                        help="system message (inference.system_prompt; default none, as in "
+                             "training)")
     add_backend_argument(parser)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with text, token_ids and logprobs")
