@@ -15,7 +15,9 @@ setup(
     python_requires=">=3.10,<3.12",
     packages=find_packages(include=["mindspeed_vita", "mindspeed_vita.*", "backends", "backends.*"]),
     include_package_data=True,
-    package_data={"mindspeed_vita": ["py.typed"]},
+    # the demo's model config ships inside the package, so `mindspeed-vita demo` works from a
+    # regular (non-editable) install too
+    package_data={"mindspeed_vita": ["py.typed"], "mindspeed_vita.demo": ["*.yaml"]},
     install_requires=[
         "torch>=2.6,<2.14",
         "megatron-core>=0.12.1,<0.17",
@@ -28,6 +30,7 @@ setup(
         "safetensors>=0.4,<0.9",
         "tokenizers>=0.19,<0.24",
         "psutil>=5.9,<8",  # megatron-core's dist_checkpointing.save imports it
+        "tqdm>=4.66,<5",  # progress of slow work (mindspeed_vita/progress.py)
     ],
     extras_require={
         # torch_npu must match the installed torch exactly (torch_npu X.Y.Z[.postN] <-> torch X.Y.Z);

@@ -4,7 +4,7 @@ torch_npu is imported lazily (in `probe()` and the constructor), never at module
 file can be imported on any machine. Tests pass `torch_npu_module=FakeTorchNPU()` (a CPU fake
 with the same op contracts, backends/fakes/torch_npu_fake.py).
 
-How the protocol of `backends.base` maps onto `npu_fusion_attention` (facts: docs npu-api-facts.md):
+How the protocol of `backends.base` maps onto `npu_fusion_attention` (docs/npu-op-contract.md):
 
 * dense [b, s, n, d] is layout "BSND"; packed [t, n, d] is "TND" with `actual_seq_qlen/kvlen` =
   cumulative ends WITHOUT the leading 0, as Python ints taken from the params' host tuples
@@ -27,6 +27,10 @@ How the protocol of `backends.base` maps onto `npu_fusion_attention` (facts: doc
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
+import os
+import re
 import sys
 import warnings
 from typing import Dict, Optional, Tuple
@@ -47,7 +51,11 @@ _SPARSE_NONE, _SPARSE_LEFT_UP_CAUSAL, _SPARSE_RIGHT_DOWN_CAUSAL, _SPARSE_BAND = 
 _FLT_MAX = torch.finfo(torch.float32).max
 _MASKED_LSE = -1e30
 _STAT_LANES = 8
-_CANN_ENV_SCRIPT = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
+#: where the CANN environment script lives: CANN <= 8.x installs under ascend-toolkit, CANN 9.x
+#: under cann (docs/npu-op-contract.md 4.2)
+_CANN_ENV_SCRIPTS = ("/usr/local/Ascend/ascend-toolkit/set_env.sh", "/usr/local/Ascend/cann/set_env.sh")
+#: the only megatron-core every MindSpeed release branch pairs with (docs/npu-op-contract.md 5: core_v0.12.1)
+MINDSPEED_MEGATRON_CORE = "0.12.1"
 _MINDSPEED_INSTALL_DOC = ("MindSpeed's install guide (https://gitcode.com/Ascend/MindSpeed, "
                           "docs/zh/user-guide/install_guide.md; the PyPI package 'mindspeed' is a placeholder)")
 
@@ -63,17 +71,58 @@ def _first_clause(exc: BaseException) -> str:
     return text.split(". ")[0].rstrip(".")
 
 
+def _cann_env_hint() -> str:
+    """How to source the CANN environment: the script that exists here, else both locations."""
+    present = [path for path in _CANN_ENV_SCRIPTS if os.path.isfile(path)]
+    if present:
+        return f"'source {present[0]}'"
+    return f"'source {_CANN_ENV_SCRIPTS[0]}' (CANN 8.x) or 'source {_CANN_ENV_SCRIPTS[1]}' (CANN 9.x)"
+
+
 def _import_error_sentence(exc: BaseException) -> str:
     version = _torch_release()
+    # 'torch-npu==X.Y.Z' would not match the X.Y.Z.postN builds, and the .postN picks the CANN release
     return (f"backend 'npu' cannot run: torch_npu failed to import ({type(exc).__name__}: {_first_clause(exc)}); "
-            f"install the CANN toolkit and run 'source {_CANN_ENV_SCRIPT}', then 'pip install torch-npu=={version}' "
-            f"(the torch_npu wheel X.Y.Z[.postN] must match torch {version}), or choose MINDSPEED_VITA_BACKEND=cpu")
+            f"install the CANN toolkit and run {_cann_env_hint()}, then 'pip install torch-npu=={version}.*' "
+            f"(a torch_npu wheel X.Y.Z[.postN] needs torch X.Y.Z, here {version}, and its .postN build fixes "
+            "the CANN release), or choose MINDSPEED_VITA_BACKEND=cpu")
 
 
 def _no_device_sentence() -> str:
     return ("backend 'npu' cannot run: torch_npu imports but no Ascend NPU is visible (torch.npu.is_available() is "
-            f"False); check 'npu-smi info' and ASCEND_RT_VISIBLE_DEVICES, run 'source {_CANN_ENV_SCRIPT}', "
+            f"False); check 'npu-smi info' and ASCEND_RT_VISIBLE_DEVICES, run {_cann_env_hint()}, "
             "or choose MINDSPEED_VITA_BACKEND=cpu")
+
+
+def _megatron_core_version() -> Optional[str]:
+    """The version of the megatron-core that `import megatron.core` would load, read without
+    importing it (MindSpeed must patch megatron before its first import): the package_info.py
+    next to it (Megatron-LM on PYTHONPATH has no distribution metadata), else the installed
+    distribution's metadata; None when neither says."""
+    try:
+        spec = importlib.util.find_spec("megatron")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(location, "core", "package_info.py")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            parts = [re.search(rf"^{key}\s*=\s*(\d+)", text, re.M) for key in ("MAJOR", "MINOR", "PATCH")]
+            if all(parts):
+                return ".".join(part.group(1) for part in parts)
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _mindspeed_version_sentence(found: Optional[str]) -> str:
+    found = f"megatron-core {found} is what imports here" if found else "this megatron-core's version is unknown"
+    return (f"use_mindspeed is set but MindSpeed pairs only with megatron-core {MINDSPEED_MEGATRON_CORE} "
+            f"(Megatron-LM tag core_v{MINDSPEED_MEGATRON_CORE}) and {found}; install "
+            f"megatron-core=={MINDSPEED_MEGATRON_CORE} (or put Megatron-LM core_v{MINDSPEED_MEGATRON_CORE} on "
+            "PYTHONPATH), or run without use_mindspeed")
 
 
 def _tnd_stat_index(cu_seqlens: torch.Tensor, total: int, heads: int) -> torch.Tensor:
@@ -260,21 +309,26 @@ class NPUBackend(Backend):
     def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """`npu_rotary_mul` (half mode) for 2-D to 4-D x ([s,b,n,d], [b,s,n,d], [t,n,d], ...).
 
-        The kernel wants cos/sin with x's rank and dtype and only some broadcast patterns
-        (11SD/B1SD/BNSD-style, read for any 4-D layout; T1D/TND for 3-D); others are expanded.
+        The kernel takes 4-D input only up to torch_npu 7.2.0 (3-D from 7.3.0), so lower ranks
+        are viewed as 4-D by inserting axes after the first: packed [t, n, d] becomes
+        [t, 1, n, d] and its cos/sin [t, 1, d] become [t, 1, 1, d] (SBND with the S11D
+        broadcast), which every release accepts. The kernel casts cos/sin to x's dtype; when
+        they are wider than x, x is computed in their dtype instead, so the result is the
+        reference's `x * cos + rotate_half(x) * sin` in the promoted dtype. cos/sin patterns the
+        kernel does not broadcast are expanded.
         """
         if not 2 <= x.dim() <= 4:
             raise ValueError(f"apply_rotary expects x with 2 to 4 dims, got shape {tuple(x.shape)}")
         if cos.dim() > x.dim() or sin.dim() > x.dim():
             raise ValueError(f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)} have more dims than x {tuple(x.shape)}")
-        result_dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
-        cos, sin = (t.to(x.dtype).reshape((1,) * (x.dim() - t.dim()) + tuple(t.shape)) for t in (cos, sin))
-        squeeze = x.dim() == 2
-        if squeeze:  # [t, d] -> [t, 1, d]
-            x, cos, sin = x.unsqueeze(-2), cos.unsqueeze(-2), sin.unsqueeze(-2)
-        cos, sin = self._rotary_operand(cos, x), self._rotary_operand(sin, x)
-        out = self._ops.npu_rotary_mul(x, cos, sin)
-        return (out.squeeze(-2) if squeeze else out).to(result_dtype)
+        dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+        shape = x.shape
+        x4 = x.to(dtype)
+        cos, sin = (t.to(dtype).reshape((1,) * (x.dim() - t.dim()) + tuple(t.shape)) for t in (cos, sin))
+        while x4.dim() < 4:
+            x4, cos, sin = x4.unsqueeze(1), cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = self._rotary_operand(cos, x4), self._rotary_operand(sin, x4)
+        return self._ops.npu_rotary_mul(x4, cos, sin).reshape(shape)
 
     @staticmethod
     def _rotary_operand(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -286,12 +340,8 @@ class NPUBackend(Backend):
             raise ValueError(f"cos/sin {tuple(r.shape)} do not broadcast against x {tuple(x.shape)}") from exc
         if r.shape[-1] != x.shape[-1]:
             return r.expand(x.shape).contiguous()
-        if x.dim() == 4:
-            a, b, c = lead
-            allowed = {(1, 1, c), (a, 1, c), (a, b, c), (1, b, 1), (a, b, 1), (a, 1, 1)}
-        else:
-            t, n = lead
-            allowed = {(t, 1), (t, n)}
+        a, b, c = lead  # x is 4-D here
+        allowed = {(1, 1, c), (a, 1, c), (a, b, c), (1, b, 1), (a, b, 1), (a, 1, 1)}
         if tuple(r.shape[:-1]) in allowed:
             return r
         return r.expand(x.shape).contiguous()
@@ -309,6 +359,10 @@ class NPUBackend(Backend):
         """
         if not self._use_mindspeed or self._megatron_adapted:
             return
+        version = _megatron_core_version()
+        release = None if version is None else re.match(r"\d+\.\d+\.\d+", version)
+        if version is not None and (release is None or release.group(0) != MINDSPEED_MEGATRON_CORE):
+            raise BackendUnavailableError(_mindspeed_version_sentence(version))
         if any(name == "megatron" or name.startswith("megatron.") for name in sys.modules):
             warnings.warn("mindspeed.megatron_adaptor is applied after megatron was imported; names bound "
                           "earlier with 'from megatron... import' keep their unpatched versions")
@@ -319,4 +373,8 @@ class NPUBackend(Backend):
                 f"use_mindspeed is set but mindspeed.megatron_adaptor does not import ({_first_clause(exc)}); "
                 f"install MindSpeed and its matching Megatron-LM as {_MINDSPEED_INSTALL_DOC} describes, "
                 "or run without use_mindspeed") from exc
+        except RuntimeError as exc:
+            # MindSpeed raises RuntimeError('no exist ...') when a megatron object it patches is
+            # missing: a megatron-core other than the one it pairs with
+            raise BackendUnavailableError(_mindspeed_version_sentence(version)) from exc
         self._megatron_adapted = True

@@ -29,8 +29,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 
+from mindspeed_vita.convert.safetensors_file import save_safetensors
 from mindspeed_vita.config.model import LanguageConfig, ModelConfig
 from mindspeed_vita.errors import CheckpointError
 
@@ -515,8 +516,8 @@ def _write_weight_file(state: Mapping[str, torch.Tensor], file: str, tp_rank: in
     # clone views: safetensors refuses tensors that share storage
     tensors = {k: _to_storable(v).clone() if v._base is not None else _to_storable(v)
                for k, v in state.items()}
-    save_file(tensors, file, metadata={"format": "pt", "tp_rank": str(tp_rank),
-                                       "tp_size": str(tp_size)})
+    save_safetensors(tensors, file, metadata={"format": "pt", "tp_rank": str(tp_rank),
+                                              "tp_size": str(tp_size)})
 
 
 def _write_metadata(directory: str, meta: CheckpointMetadata) -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 
+from mindspeed_vita.commands.argtypes import existing_dir
+
 
 def add_arguments(parser) -> None:
     """Arguments of `convert export-hf`."""
-    parser.add_argument("src", metavar="SRC", help="native checkpoint directory")
+    parser.add_argument("src", metavar="SRC", type=existing_dir, help="native checkpoint directory")
     parser.add_argument("dst", metavar="DST", help="HF directory to create")
     parser.add_argument("--layout", choices=("internvl", "long-vita"), default="internvl",
                         help="internvl: transformers' InternVLForConditionalGeneration layout; "
@@ -28,18 +30,20 @@ def _progress(step: int, total: int, message: str) -> None:
 
 
 def run(args) -> int:
-    """Convert; prints one progress line per stage. Returns 0."""
-    from mindspeed_vita.convert.checkpoint import NativeModel, TOKENIZER_DIR, read_full_state
-    from mindspeed_vita.convert.hf_internvl import export_internvl
-    from mindspeed_vita.convert.long_vita import export_long_vita
-    from mindspeed_vita.data.tokenizer import load_tokenizer
+    """Convert; prints one progress line per stage, the first before the slow imports."""
     from mindspeed_vita.errors import UserInputError
 
     if os.path.exists(args.dst) and (not os.path.isdir(args.dst) or os.listdir(args.dst)):
         raise UserInputError(f"destination {args.dst!r} already exists and is not an empty "
                              f"directory; choose a new path")
     total = 3
-    _progress(1, total, f"reading native checkpoint {args.src}")
+    _progress(1, total, f"reading native checkpoint {args.src} (importing torch and "
+                        f"transformers first)")
+    from mindspeed_vita.convert.checkpoint import NativeModel, TOKENIZER_DIR, read_full_state
+    from mindspeed_vita.convert.hf_internvl import export_internvl
+    from mindspeed_vita.convert.long_vita import export_long_vita
+    from mindspeed_vita.data.tokenizer import load_tokenizer
+
     meta, state = read_full_state(args.src)
     tokenizer = load_tokenizer(os.path.join(args.src, TOKENIZER_DIR))
     native = NativeModel(cfg=meta.model_config, state=state, tokenizer=tokenizer,

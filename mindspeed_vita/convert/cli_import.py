@@ -11,20 +11,23 @@ from __future__ import annotations
 import os
 import sys
 
+from mindspeed_vita.commands.argtypes import existing_dir, positive_int
+
 
 def add_arguments(parser) -> None:
     """Arguments of `convert import-hf`."""
-    parser.add_argument("src", metavar="SRC",
+    parser.add_argument("src", metavar="SRC", type=existing_dir,
                         help="HF InternVL or Long-VITA _HF directory, or a Qwen2 causal-LM "
                              "directory with --vision")
     parser.add_argument("dst", metavar="DST", help="native checkpoint directory to create")
-    parser.add_argument("--vision", metavar="DIR", default=None,
+    parser.add_argument("--vision", metavar="DIR", default=None, type=existing_dir,
                         help="InternViT directory (original naming) to pair with a Qwen2 SRC")
     parser.add_argument("--projector", choices=("long-vita", "internvl"), default=None,
                         help="projector variant created for a Qwen2 + InternViT import "
                              "(default long-vita)")
-    parser.add_argument("--tp", type=int, default=1,
-                        help="tensor-parallel size to shard the written checkpoint for")
+    parser.add_argument("--tp", type=positive_int, default=1,
+                        help="tensor-parallel size to shard the written checkpoint for "
+                             "(parallel.tp)")
     parser.add_argument("--seed", type=int, default=42,
                         help="seed of the fresh projector of a Qwen2 + InternViT import")
 
@@ -42,7 +45,11 @@ def _check_destination(dst: str) -> None:
 
 
 def run(args) -> int:
-    """Convert; prints one progress line per stage. Returns 0."""
+    """Convert; prints one progress line per stage, the first before the slow imports."""
+    _check_destination(args.dst)
+    total = 4
+    pair = f" and InternViT {args.vision}" if args.vision is not None else ""
+    _progress(1, total, f"reading {args.src}{pair} (importing torch and transformers first)")
     from mindspeed_vita.convert.checkpoint import check_tp_size, write_checkpoint
     from mindspeed_vita.convert.hf_internvl import import_internvl
     from mindspeed_vita.convert.hf_split import import_split
@@ -51,9 +58,7 @@ def run(args) -> int:
     from mindspeed_vita.models.build import (HF_INTERNVL, HF_LONG_VITA, HF_QWEN2, INTERNVIT,
                                              checkpoint_kind)
 
-    _check_destination(args.dst)
     kind = checkpoint_kind(args.src)
-    total = 4
     if args.vision is not None:
         if kind != HF_QWEN2:
             raise UserInputError(f"--vision pairs a vision encoder with a Qwen2 causal-LM SRC, "
@@ -63,12 +68,10 @@ def run(args) -> int:
             raise UserInputError(f"--vision {args.vision!r} is a {vision_kind} directory, not "
                                  f"an InternViT directory")
         variant = args.projector or "long-vita"
-        _progress(1, total, f"reading Qwen2 {args.src} and InternViT {args.vision}; "
-                            f"new {variant} projector (seed {args.seed})")
         native = import_split(args.src, args.vision, projector_variant=variant, seed=args.seed)
+        detail = f"Qwen2 + InternViT with a new {variant} projector (seed {args.seed}): "
     elif kind in (HF_INTERNVL, HF_LONG_VITA):
-        label = "HF InternVL" if kind == HF_INTERNVL else "Long-VITA release"
-        _progress(1, total, f"reading {label} {args.src}")
+        detail = ("HF InternVL" if kind == HF_INTERNVL else "Long-VITA release") + ": "
         native = import_internvl(args.src) if kind == HF_INTERNVL else import_long_vita(args.src)
         if args.projector is not None and args.projector != native.cfg.projector.variant:
             raise UserInputError(
@@ -84,7 +87,7 @@ def run(args) -> int:
     cfg = native.cfg
     check_tp_size(cfg.language, args.tp)
     n_params = sum(t.numel() for t in native.state.values())
-    _progress(2, total, f"converted {len(native.state)} tensors ({n_params:,} parameters, "
+    _progress(2, total, f"{detail}converted {len(native.state)} tensors ({n_params:,} parameters, "
                         f"{cfg.params_dtype}); vocabulary {cfg.language.vocab_size}, tokenizer "
                         f"{len(native.tokenizer)} ids")
     _progress(3, total, f"writing {args.dst} sharded for tp={args.tp}")

@@ -9,12 +9,12 @@ and the whole state (finished-but-unread rows, the open row, the window) is a li
 positions: `state_dict()` is small, and `load_state_dict()` rebuilds it exactly by asking for
 those positions again (rendering is deterministic).
 
-Modes (long-vita-facts, stages table):
+Modes (docs/long-vita.md, section 3, the stage table):
 * ``reset`` (stages 1-2): each sample is its own attention segment; it is padded to a multiple
   of `segment_multiple` (default `pad_multiple`, i.e. 2*cp*tp, so zigzag context parallelism can
-  split every sample, reference-algorithms section 2); positions restart at 0 per segment; the
-  row's tail padding is a final segment of its own; `cu_seqlens` = int32 boundaries with a
-  leading 0.
+  split every sample: docs/architecture.md, "Why the zigzag split"); positions restart at 0 per
+  segment; the row's tail padding is a final segment of its own; `cu_seqlens` = int32
+  boundaries with a leading 0.
 * ``joint`` (stages 3-4): samples are laid back to back and attend across; positions run
   0..seq_length-1 over the row; `cu_seqlens` is None.
 Padding tokens are `pad_id` with label -100. A sample longer than a row is dropped, or with

@@ -84,20 +84,6 @@ def attention_params_of(packed_seq_params: PackedSeqParams, device) -> Attention
     return AttentionParams.packed(cu_q, cu_kv, mask="causal", device=device)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float,
-                   dtype: torch.dtype) -> "tuple[torch.Tensor, torch.Tensor]":
-    """cos/sin `[..., head_dim]` for integer `position_ids [...]` (half-rotation RoPE).
-
-    Angles are computed in fp32 (inv_freq = base^(-2i/d), duplicated over both halves) and the
-    result is cast to `dtype`, matching transformers' Qwen2 rotary embedding bit for bit.
-    """
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
-    inv_freq = 1.0 / (base ** (exponent / head_dim))
-    angles = position_ids.float()[..., None] * inv_freq  # [..., d/2]
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
 class BackendCoreAttention(MegatronModule):
     """Causal (GQA) self-attention core computed by `backend`, RoPE included.
 

@@ -28,12 +28,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from backends.base import Backend
 from mindspeed_vita.config.model import LanguageConfig
-from mindspeed_vita.models.core_attention import (
-    RotarySeqParams,
-    attention_params_of,
-    rotary_cos_sin,
-)
+from mindspeed_vita.models.core_attention import RotarySeqParams, attention_params_of
 from mindspeed_vita.models.layer_spec import qwen2_block_spec
+from mindspeed_vita.models.rope import rotary_cos_sin
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: int) -> int:
@@ -143,8 +140,12 @@ class Qwen2LanguageModel(MegatronModule):
                       packed_seq_params: Optional[PackedSeqParams] = None) -> RotarySeqParams:
         """The per-batch attention inputs every layer gets: cos/sin of `position_ids [b, s]`
         in megatron's layout, plus the packed-sequence boundaries when given (THD)."""
+        # NOTE: dynamic-NTK scaling reads the sequence length from the largest position here
+        # (one host sync per forward); under CP each rank sees only its shard's positions
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rotary_base,
-                                  self.config.params_dtype)  # [b, s, d]
+                                  self.config.params_dtype, self.cfg.rope_scaling,
+                                  max_position_embeddings=self.cfg.max_position_embeddings
+                                  )  # [b, s, d]
         if packed_seq_params is None:
             return RotarySeqParams(qkv_format="sbhd", rotary_cos=cos.transpose(0, 1)[:, :, None],
                                    rotary_sin=sin.transpose(0, 1)[:, :, None])

@@ -169,7 +169,7 @@ def test_bad_invocations_give_one_clear_line(dirs, tmp_path, capsys):
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert f"{llama}/config.json: model_type 'llama' is not supported" in error_of(
         capsys, "import-hf", str(llama), dst)
-    assert "does not exist" in error_of(capsys, "export-hf", str(tmp_path / "missing"), dst)
+    assert "missing: no such directory" in error_of(capsys, "export-hf", str(tmp_path / "missing"), dst)
     assert f"destination {str(llama)!r} already exists" in error_of(
         capsys, "import-hf", dirs["internvl"], str(llama))
 

@@ -1,7 +1,7 @@
 """The Long-VITA-14B config builds on the meta device with the published parameter count.
 
 The expected numbers are computed here from the published dimensions of InternViT-300M-448px,
-the Long-VITA projector and Qwen2.5-14B-Instruct (shared docs, long-vita-facts.md), not from our
+the Long-VITA projector and Qwen2.5-14B-Instruct (docs/long-vita.md, section 1), not from our
 model. The 14B build runs in a subprocess whose address space is capped, so a regression that
 materialised the weights (~30 GB in bf16) fails with an error instead of exhausting the host.
 """
