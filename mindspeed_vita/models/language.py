@@ -13,8 +13,6 @@ GPTModel's: `embedding.word_embeddings.weight`, `decoder.layers.{i}.input_layern
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -136,41 +134,44 @@ class Qwen2LanguageModel(MegatronModule):
             raise ValueError(f"input_ids must be [b, s], got shape {tuple(input_ids.shape)}")
         return self.embedding(input_ids, position_ids=None)
 
-    def rotary_params(self, position_ids: torch.Tensor,
-                      packed_seq_params: Optional[PackedSeqParams] = None) -> RotarySeqParams:
-        """The per-batch attention inputs every layer gets: cos/sin of `position_ids [b, s]`
-        in megatron's layout, plus the packed-sequence boundaries when given (THD)."""
+    def rotary_params(self, position_ids: torch.Tensor, attention=None) -> RotarySeqParams:
+        """The per-batch attention inputs every layer gets: cos/sin of `position_ids [b, s]` in
+        megatron's layout and the attention parameters (`attention`, see `forward`); packed
+        parameters (`attention.is_packed`) select megatron's THD layout."""
         # NOTE: dynamic-NTK scaling reads the sequence length from the largest position here
         # (one host sync per forward); under CP each rank sees only its shard's positions
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rotary_base,
                                   self.config.params_dtype, self.cfg.rope_scaling,
                                   max_position_embeddings=self.cfg.max_position_embeddings
                                   )  # [b, s, d]
-        if packed_seq_params is None:
-            return RotarySeqParams(qkv_format="sbhd", rotary_cos=cos.transpose(0, 1)[:, :, None],
+        if isinstance(attention, PackedSeqParams):
+            if attention.qkv_format != "thd":
+                raise ValueError(f"packed_seq_params.qkv_format={attention.qkv_format!r}: "
+                                 f"packed batches use 'thd'")
+            # the backend's attention params, once per forward (not per layer)
+            attention = attention_params_of(attention, position_ids.device)
+        if attention is None or not attention.is_packed:
+            return RotarySeqParams(qkv_format="sbhd", attention=attention,
+                                   rotary_cos=cos.transpose(0, 1)[:, :, None],
                                    rotary_sin=sin.transpose(0, 1)[:, :, None])
-        if packed_seq_params.qkv_format != "thd":
-            raise ValueError(f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r}: "
-                             f"packed batches use 'thd'")
-        fields = {f.name: getattr(packed_seq_params, f.name)
-                  for f in dataclasses.fields(PackedSeqParams)}
-        # the backend's attention params, once per forward (not per layer)
-        attention = attention_params_of(packed_seq_params, position_ids.device)
         # THD flattens the batch row-major, as cu_seqlens counts tokens: [b, s, d] -> [t, 1, d]
-        return RotarySeqParams(**fields, attention=attention,
+        return RotarySeqParams(qkv_format="thd", attention=attention,
                                rotary_cos=cos.reshape(-1, 1, cos.shape[-1]),
                                rotary_sin=sin.reshape(-1, 1, sin.shape[-1]))
 
     # ----------------------------------------------------------------- forward
     def forward(self, decoder_input: torch.Tensor, position_ids: torch.Tensor,
-                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+                attention=None) -> torch.Tensor:
         """Decoder layers and final norm: `[s, b, h]` -> `[s, b, h]` (`[s / tp, b, h]` in and
         out under sequence parallel).
 
-        `position_ids [b, s]` (full sequence) drive RoPE, so packed reset-mode batches restart
-        positions per sample. `packed_seq_params` (megatron's, `qkv_format="thd"`,
-        `cu_seqlens_q/kv` over the row-major flattened `b * s` tokens with a leading 0) keeps
-        attention inside each sample.
+        `position_ids [b, s]` drive RoPE, so packed reset-mode batches restart positions per
+        sample and a context-parallel shard rotates with its own positions. `attention`: None
+        for a dense causal batch; the batch's packed `AttentionParams` (cumulative lengths over
+        the row-major flattened `b * s` tokens, leading 0), which keep attention inside each
+        sample; under context parallelism the `RingAttentionParams` the spec's ring core takes
+        (`models.inputs.build_model_inputs` builds each once per batch). A megatron
+        `PackedSeqParams` (`qkv_format="thd"`) is accepted too.
         """
         if decoder_input.dim() != 3 or decoder_input.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"decoder_input must be [s, b, {self.cfg.hidden_size}], "
@@ -178,8 +179,8 @@ class Qwen2LanguageModel(MegatronModule):
         b = decoder_input.shape[1]
         if position_ids.dim() != 2 or position_ids.shape[0] != b:
             raise ValueError(f"position_ids must be [b={b}, s], got {tuple(position_ids.shape)}")
-        params = self.rotary_params(position_ids, packed_seq_params)
-        if packed_seq_params is None or b == 1:
+        params = self.rotary_params(position_ids, attention)
+        if params.qkv_format != "thd" or b == 1:
             return self.decoder(decoder_input, attention_mask=None, packed_seq_params=params)
         if self.sequence_parallel:
             raise ValueError("packed batches with b > 1 rows cannot be sequence-parallel "

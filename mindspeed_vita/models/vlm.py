@@ -68,7 +68,7 @@ class LongVitaModel(torch.nn.Module):
     # ----------------------------------------------------------------- inputs
     def build_inputs(self, batch: PackedBatch, *, with_labels: bool = True) -> ModelInputs:
         """`build_model_inputs` with this model's backend, context tokens and tile size."""
-        return build_model_inputs(batch, backend=self.backend,
+        return build_model_inputs(batch, groups=None, backend=self.backend,
                                   context_token_ids=self.context_ids,
                                   tokens_per_tile=self.cfg.tokens_per_tile,
                                   with_labels=with_labels)
