@@ -29,6 +29,7 @@ COMMANDS: List[Tuple] = [
      "build the tiny demo (data, tokenizer, model) and run it"),
     ("infer", "mindspeed_vita.inference.cli", "generate from a checkpoint (native or HF directory)"),
     ("serve", "mindspeed_vita.inference.serve_cli", "OpenAI-compatible HTTP server for a checkpoint"),
+    ("eval", "mindspeed_vita.eval.cli", "run lmms-eval tasks on a checkpoint (extra [eval])"),
     ("convert", [
         ("import-hf", "mindspeed_vita.convert.cli_import", "HF checkpoint -> native checkpoint"),
         ("export-hf", "mindspeed_vita.convert.cli_export", "native checkpoint -> HF InternVL directory"),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -29,6 +28,8 @@ from mindspeed_vita.config.model import LanguageConfig
 from mindspeed_vita.models.core_attention import RotarySeqParams, attention_params_of
 from mindspeed_vita.models.layer_spec import qwen2_block_spec
 from mindspeed_vita.models.rope import rotary_cos_sin
+from mindspeed_vita.parallel.groups import ParallelGroups
+from mindspeed_vita.parallel.layout import ParallelLayout
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: int) -> int:
@@ -38,11 +39,11 @@ def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: in
     return -(-vocab_size // multiple) * multiple
 
 
-def qwen2_transformer_config(cfg: LanguageConfig, dtype: torch.dtype, *, tp: int,
-                             sequence_parallel: bool, recompute: bool) -> TransformerConfig:
-    """megatron TransformerConfig for a Qwen2 decoder (no dropout, no fusions needing CUDA)."""
-    if sequence_parallel and tp == 1:
-        raise ValueError("sequence_parallel needs tensor parallel size > 1 (tp=1 here)")
+def qwen2_transformer_config(cfg: LanguageConfig, dtype: torch.dtype, *, layout: ParallelLayout,
+                             recompute: bool) -> TransformerConfig:
+    """megatron TransformerConfig for a Qwen2 decoder (no dropout, no fusions needing CUDA)
+    split as `layout` says (its constructor and `check_language` hold the parallel rules)."""
+    layout.check_language(cfg)
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -69,8 +70,8 @@ def qwen2_transformer_config(cfg: LanguageConfig, dtype: torch.dtype, *, tp: int
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
-        tensor_model_parallel_size=tp,
-        sequence_parallel=sequence_parallel,
+        tensor_model_parallel_size=layout.tp,
+        sequence_parallel=layout.sequence_parallel,
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
@@ -80,32 +81,25 @@ def qwen2_transformer_config(cfg: LanguageConfig, dtype: torch.dtype, *, tp: int
 class Qwen2LanguageModel(MegatronModule):
     """Qwen2 decoder (embedding -> layers -> final RMSNorm) with a vocab-parallel output layer.
 
-    Needs megatron's parallel state (`parallel.process_groups.initialize_parallel`) and a single
-    pipeline stage. `recompute=True` checkpoints every layer (megatron full/uniform, 1 layer per
-    chunk), as Long-VITA stages 3-4 do. Being a `MegatronModule`, it has megatron's
-    `sharded_state_dict()` for distributed checkpointing and a `.config` for megatron's DDP.
+    `groups` (from `parallel.process_groups.initialize_parallel`) gives the tensor-parallel
+    split and sequence parallelism (`groups.layout`, which refuses pipeline parallelism);
+    megatron's layers inside read the same groups from its parallel state. `recompute=True`
+    checkpoints every layer (megatron full/uniform, 1 layer per chunk), as Long-VITA stages 3-4
+    do. Being a `MegatronModule`, it has megatron's `sharded_state_dict()` for distributed
+    checkpointing and a `.config` for megatron's DDP.
     """
 
     def __init__(self, cfg: LanguageConfig, backend: Backend, dtype: torch.dtype = torch.bfloat16,
-                 *, sequence_parallel: bool = False, recompute: bool = False):
-        if parallel_state.get_pipeline_model_parallel_world_size() != 1:
-            raise ValueError("Qwen2LanguageModel runs as one pipeline stage; "
-                             "pipeline parallel size must be 1")
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if cfg.num_attention_heads % tp:
-            raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not divisible "
-                             f"by tensor parallel size {tp}")
-        if cfg.num_query_groups % tp and tp % cfg.num_query_groups:
-            raise ValueError(f"num_query_groups={cfg.num_query_groups} and tensor parallel size "
-                             f"{tp}: one must divide the other")
-        super().__init__(config=qwen2_transformer_config(
-            cfg, dtype, tp=tp, sequence_parallel=sequence_parallel, recompute=recompute))
+                 *, groups: ParallelGroups, recompute: bool = False):
+        super().__init__(config=qwen2_transformer_config(cfg, dtype, layout=groups.layout,
+                                                         recompute=recompute))
         self.cfg = cfg
         self.backend = backend
-        self.sequence_parallel = sequence_parallel
+        self.groups = groups
+        self.sequence_parallel = groups.sequence_parallel
         self.vocab_size = cfg.vocab_size
         self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
-                                                   tp)
+                                                   groups.tp_size)
         self.embedding = LanguageModelEmbedding(
             config=self.config, vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings, position_embedding_type="none")
