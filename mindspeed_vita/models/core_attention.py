@@ -56,18 +56,13 @@ class RotarySeqParams(PackedSeqParams):
 _DENSE_CAUSAL = AttentionParams.dense("causal")
 
 
-def packed_attention_params(cu_seqlens: Sequence[int], device, *,
-                            max_seqlen: Optional[int] = None) -> AttentionParams:
+def packed_attention_params(cu_seqlens: Sequence[int], device) -> AttentionParams:
     """Causal `AttentionParams` of a packed batch from HOST cumulative lengths (leading 0).
 
     `cu_seqlens`: a list/tuple or a CPU tensor (PackedBatch's; `.tolist()` on a host tensor is
     no device sync). The device tensors are built once here, for every layer to share.
     """
-    params = AttentionParams.packed(cu_seqlens, mask="causal", device=device)
-    if max_seqlen is not None and max_seqlen < params.max_seqlen_q:
-        raise ValueError(f"max_seqlen={max_seqlen} is below the longest packed sequence "
-                         f"({params.max_seqlen_q})")
-    return params
+    return AttentionParams.packed(cu_seqlens, mask="causal", device=device)
 
 
 def attention_params_of(packed_seq_params: PackedSeqParams, device) -> AttentionParams:
