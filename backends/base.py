@@ -8,12 +8,13 @@ Attention conventions shared by every backend (so ring attention and decode can 
 * Dense input is `[b, s, n, d]` (BSND). `q` has `n_q` heads, `k`/`v` have `n_kv` heads with
   `n_q % n_kv == 0`; query head `h` uses kv head `h // (n_q // n_kv)` (grouped, like
   `repeat_interleave`).
-* Packed variable-length input is `[t, n, d]` (THD) with `cu_seqlens_q` / `cu_seqlens_kv`:
-  int32 tensors of cumulative lengths WITH a leading 0 (megatron / flash-attn convention),
-  e.g. lengths [3, 5] -> [0, 3, 8]. Backends that need another convention convert inside.
-* `causal=True` is top-left aligned: query row i sees keys j <= i (per sequence when packed).
-  Ring attention only uses it on diagonal blocks where s_q == s_kv.
-* `scale` defaults to `1 / sqrt(d)`.
+* Every call takes one `AttentionParams` (backends/attention_params.py): the mask kind
+  ("none", "causal" = top-left, "causal_bottom_right"), the scale (default `1 / sqrt(d)`) and,
+  for packed input, the cumulative lengths.
+* Packed variable-length input is `[t, n, d]` (THD) with cumulative lengths WITH a leading 0
+  (megatron / flash-attn convention), e.g. lengths [3, 5] -> [0, 3, 8], as int32 device
+  tensors and host tuples. Backends that need another convention convert inside. A call makes
+  no host-device sync when the params carry the host tuples.
 * Log-sum-exp is fp32, natural log of the scaled, masked scores: `[b, n_q, s_q]` dense,
   `[n_q, t_q]` packed. A query row that sees no key has lse = -inf and output 0.
 * `attention_backward` takes the (possibly merged) `out` and `lse` it is given and returns the
@@ -26,6 +27,8 @@ import math
 from typing import Optional, Tuple
 
 import torch
+
+from backends.attention_params import AttentionParams
 
 
 class BackendUnavailableError(RuntimeError):
@@ -85,57 +88,23 @@ class Backend(abc.ABC):
 
     # ---------------------------------------------------------------- attention
     @abc.abstractmethod
-    def attention_forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool,
-        scale: Optional[float] = None,
-        cu_seqlens_q: Optional[torch.Tensor] = None,
-        cu_seqlens_kv: Optional[torch.Tensor] = None,
-        max_seqlen_q: Optional[int] = None,
-        max_seqlen_kv: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def attention_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          params: AttentionParams) -> Tuple[torch.Tensor, torch.Tensor]:
         """Attention output (q's dtype, q's layout) and fp32 log-sum-exp (see module doc)."""
 
     @abc.abstractmethod
-    def attention_backward(
-        self,
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        *,
-        causal: bool,
-        scale: Optional[float] = None,
-        cu_seqlens_q: Optional[torch.Tensor] = None,
-        cu_seqlens_kv: Optional[torch.Tensor] = None,
-        max_seqlen_q: Optional[int] = None,
-        max_seqlen_kv: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def attention_backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           params: AttentionParams
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq, dk, dv) for the given out/lse; dk/dv summed over each GQA group."""
 
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool,
-        scale: Optional[float] = None,
-        cu_seqlens_q: Optional[torch.Tensor] = None,
-        cu_seqlens_kv: Optional[torch.Tensor] = None,
-        max_seqlen_q: Optional[int] = None,
-        max_seqlen_kv: Optional[int] = None,
-    ) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  params: AttentionParams) -> torch.Tensor:
         """Differentiable attention built from `attention_forward` / `attention_backward`."""
-        return _BackendAttention.apply(
-            self, q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv
-        )
+        if not isinstance(params, AttentionParams):
+            raise TypeError(f"attention takes an AttentionParams, got {type(params).__name__}")
+        return _BackendAttention.apply(self, q, k, v, params)
 
     # ------------------------------------------------------------ fused layers
     @abc.abstractmethod
@@ -175,22 +144,16 @@ class _BackendAttention(torch.autograd.Function):
     `attention_backward`, so every backend gets a memory-lean differentiable attention."""
 
     @staticmethod
-    def forward(ctx, backend, q, k, v, causal, scale, cu_q, cu_kv, max_q, max_kv):
-        out, lse = backend.attention_forward(
-            q, k, v, causal=causal, scale=scale, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv,
-            max_seqlen_q=max_q, max_seqlen_kv=max_kv,
-        )
+    def forward(ctx, backend, q, k, v, params):
+        out, lse = backend.attention_forward(q, k, v, params)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.backend = backend
-        ctx.args = (causal, scale, cu_q, cu_kv, max_q, max_kv)
+        ctx.params = params
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, cu_q, cu_kv, max_q, max_kv = ctx.args
-        dq, dk, dv = ctx.backend.attention_backward(
-            dout.contiguous(), q, k, v, out, lse, causal=causal, scale=scale,
-            cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv, max_seqlen_q=max_q, max_seqlen_kv=max_kv,
-        )
-        return None, dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = ctx.backend.attention_backward(dout.contiguous(), q, k, v, out, lse,
+                                                    ctx.params)
+        return None, dq, dk, dv, None

@@ -2,23 +2,18 @@
 
 Everything here materialises the full score matrix in fp32; it is meant to be obviously right,
 not fast. Conventions are those of `backends.base` (BSND dense, THD packed with leading-0
-cumulative lengths, top-left causal, fp32 lse, fully masked rows -> output 0 and lse -inf).
+cumulative lengths, the mask kinds of `backends.attention_params`, fp32 lse, fully masked rows
+-> output 0 and lse -inf).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from backends.attention_params import AttentionParams
 from backends.base import default_scale
-
-
-def _split_lengths(cu_seqlens: torch.Tensor) -> List[int]:
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    if not cu or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu}")
-    return [b - a for a, b in zip(cu, cu[1:])]
 
 
 def _expand_kv(x: torch.Tensor, n_q: int) -> torch.Tensor:
@@ -29,13 +24,17 @@ def _expand_kv(x: torch.Tensor, n_q: int) -> torch.Tensor:
     return x.repeat_interleave(n_q // n_kv, dim=2)
 
 
-def _keep_mask(s_q: int, s_kv: int, causal: bool, device) -> Optional[torch.Tensor]:
-    """Boolean [s_q, s_kv], True = attend; None when everything is kept."""
-    if not causal:
+def keep_mask(s_q: int, s_kv: int, mask: str, device=None) -> Optional[torch.Tensor]:
+    """Boolean [s_q, s_kv] of the mask kind `mask`, True = attend; None when all is kept.
+
+    "causal": j <= i (top-left); "causal_bottom_right": j <= i + s_kv - s_q.
+    """
+    if mask == "none":
         return None
+    offset = {"causal": 0, "causal_bottom_right": s_kv - s_q}[mask]
     i = torch.arange(s_q, device=device)[:, None]
     j = torch.arange(s_kv, device=device)[None, :]
-    return j <= i
+    return j <= i + offset
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -43,18 +42,18 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _dense_scores(q, k, causal, scale):
+def _dense_scores(q, k, mask, scale):
     """fp32 scaled scores [b, n, s_q, s_kv] with -inf where masked."""
     k = _expand_kv(k, q.shape[2])
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(_acc(q)), k.to(_acc(q))) * scale
-    keep = _keep_mask(q.shape[1], k.shape[1], causal, q.device)
+    keep = keep_mask(q.shape[1], k.shape[1], mask, q.device)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     return s
 
 
-def _dense_forward(q, k, v, causal, scale):
-    s = _dense_scores(q, k, causal, scale)
+def _dense_forward(q, k, v, mask, scale):
+    s = _dense_scores(q, k, mask, scale)
     lse = torch.logsumexp(s, dim=-1)  # [b, n, s_q]; -inf on fully masked rows
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
     v = _expand_kv(v, q.shape[2]).to(_acc(q))
@@ -62,9 +61,9 @@ def _dense_forward(q, k, v, causal, scale):
     return out.to(q.dtype), lse
 
 
-def _dense_backward(dout, q, k, v, out, lse, causal, scale):
+def _dense_backward(dout, q, k, v, out, lse, mask, scale):
     n_q, n_kv = q.shape[2], k.shape[2]
-    s = _dense_scores(q, k, causal, scale)
+    s = _dense_scores(q, k, mask, scale)
     acc = _acc(q)
     p = torch.exp(s - lse.to(acc).unsqueeze(-1)).nan_to_num(0.0)  # uses the GIVEN lse
     do, o = dout.to(acc), out.to(acc)
@@ -82,20 +81,16 @@ def _dense_backward(dout, q, k, v, out, lse, causal, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-    scale: Optional[float] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-    cu_seqlens_kv: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        params: AttentionParams) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference attention: (out in q's dtype, fp32 lse). Dense [b,s,n,d] or packed [t,n,d]."""
-    scale = default_scale(q.shape[-1], scale)
-    if cu_seqlens_q is None:
-        return _dense_forward(q, k, v, causal, scale)
-    lq = _split_lengths(cu_seqlens_q)
-    lk = _split_lengths(cu_seqlens_kv if cu_seqlens_kv is not None else cu_seqlens_q)
+    scale = default_scale(q.shape[-1], params.scale)
+    if not params.is_packed:
+        return _dense_forward(q, k, v, params.mask, scale)
+    lq, lk = list(params.seqlens_q()), list(params.seqlens_kv())
     outs, lses = [], []
     for qs, ks, vs in zip(q.split(lq), k.split(lk), v.split(lk)):
-        o, l = _dense_forward(qs[None], ks[None], vs[None], causal, scale)
+        o, l = _dense_forward(qs[None], ks[None], vs[None], params.mask, scale)
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs), torch.cat(lses, dim=-1)
@@ -103,20 +98,18 @@ def attention_reference(
 
 def attention_backward_reference(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, *, causal: bool, scale: Optional[float] = None,
-    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_kv: Optional[torch.Tensor] = None,
+    lse: torch.Tensor, params: AttentionParams,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference gradients of attention for the given out / lse (not recomputed ones)."""
-    scale = default_scale(q.shape[-1], scale)
-    if cu_seqlens_q is None:
-        return _dense_backward(dout, q, k, v, out, lse, causal, scale)
-    lq = _split_lengths(cu_seqlens_q)
-    lk = _split_lengths(cu_seqlens_kv if cu_seqlens_kv is not None else cu_seqlens_q)
+    scale = default_scale(q.shape[-1], params.scale)
+    if not params.is_packed:
+        return _dense_backward(dout, q, k, v, out, lse, params.mask, scale)
+    lq, lk = list(params.seqlens_q()), list(params.seqlens_kv())
     grads = [[], [], []]
     for dos, qs, ks, vs, os_, ls in zip(dout.split(lq), q.split(lq), k.split(lk), v.split(lk),
                                         out.split(lq), lse.split(lq, dim=-1)):
-        g = _dense_backward(dos[None], qs[None], ks[None], vs[None], os_[None], ls[None], causal,
-                            scale)
+        g = _dense_backward(dos[None], qs[None], ks[None], vs[None], os_[None], ls[None],
+                            params.mask, scale)
         for acc, t in zip(grads, g):
             acc.append(t[0])
     return tuple(torch.cat(g) for g in grads)

@@ -2,7 +2,7 @@
 # Detect the accelerator stack and export what every launch needs. Source it:
 #   source shell/env.sh
 # Sets MINDSPEED_VITA_BACKEND (unless already set) to npu (CANN found), cuda (nvidia-smi sees a
-# GPU) or cpu, plus the per-stack variables the fact sheets recommend.
+# GPU) or cpu, plus the per-stack variables docs/npu-op-contract.md (section 4.3) describes.
 
 _msv_detect() {
   for f in "${ASCEND_TOOLKIT_SETENV:-}" /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/cann/set_env.sh; do

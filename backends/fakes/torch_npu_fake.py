@@ -11,9 +11,13 @@ what the real ops do with their arguments: layouts BSH/SBH/BSND/BNSD/TND, `atten
 masked, sparse modes 0-8 with the compressed 2048x2048 mask, pre/next token bands, cumulative
 sequence ends without a leading 0, GQA by contiguous head groups, `scale` defaulting to 1.0,
 softmax statistics replicated in 8 fp32 lanes (TND in the kernel's per-sequence N-major order),
-and the wrapper's RuntimeErrors. The rules come from /work/shared/docs/npu-api-facts.md (cited
-below as "facts 1.5" etc.). Where the real behaviour is unknown the fake raises instead of
-guessing: dropout (keep_prob < 1), `sink`, `padding_mask`, pse with TND.
+the kernel's statistics of a fully masked row (max = -FLT_MAX, sum = +FLT_MAX), rows beyond the
+cumulative lengths left uninitialised (NaN), the documented limits (head dim <= 768, heads <=
+256, T <= 1M, <= 2K varlen sequences), `npu_rotary_mul` taking 4-D input only before 7.3.0 and
+casting cos/sin to x's dtype, and the wrapper's RuntimeErrors. The rules are written down in
+docs/npu-op-contract.md (cited below by its section numbers, "contract 1.5" etc.). Where the real
+behaviour is unknown the fake raises instead of guessing: dropout (keep_prob < 1), `sink`,
+`padding_mask`, pse with TND.
 
 `release` selects the torch_npu release emulated: keyword arguments added in later releases
 (`softmax_layout` 7.2.0, `sink` 7.3.0, `dropout_mask`/`seed`/`offset` 26.0.0, `rotate` 26.0.0)
@@ -29,10 +33,19 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-#: side of the compressed causal mask that sparse modes 2, 3, 4, 7 and 8 require (facts 1.4)
+#: side of the compressed causal mask that sparse modes 2, 3, 4, 7 and 8 require (contract 1.4)
 COMPRESSED_MASK_SIZE = 2048
 #: default of pre_tockens / next_tockens (int32 max): "no band limit"
 MAX_TOCKENS = 2147483647
+
+#: documented limits (contract 1.6, 1.8): head dim, query heads,
+#: sequence length / T, and entries of actual_seq_qlen / actual_seq_kvlen
+MAX_HEAD_DIM = 768
+MAX_HEADS = 256
+MAX_TOKENS = 1024 * 1024
+MAX_VARLEN_SEQUENCES = 2048
+#: what the kernel writes for a fully masked row: max = -FLT_MAX, sum = +FLT_MAX (contract 1.5)
+FLT_MAX = torch.finfo(torch.float32).max
 
 _LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -81,6 +94,16 @@ class _Geometry:
     seq_kv: List[int] = field(default_factory=list)
     starts_q: List[int] = field(default_factory=list)
     starts_kv: List[int] = field(default_factory=list)
+    total_q: int = 0  # TND: T of query / key (may exceed the sum of lengths: uninitialised tail)
+    total_kv: int = 0
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` with NaN rows appended up to `rows`: the kernel leaves rows beyond the cumulative
+    lengths uninitialised, and NaN makes a caller that reads them fail loudly."""
+    if x.shape[0] >= rows:
+        return x
+    return torch.cat([x, x.new_full((rows - x.shape[0],) + tuple(x.shape[1:]), float("nan"))])
 
 
 def _to_bnsd(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
@@ -109,10 +132,11 @@ def _from_bnsd(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _parse_cumulative(name: str, cum, total: int) -> Tuple[List[int], List[int]]:
-    """(starts, lengths) from cumulative END offsets without a leading 0 (facts 1.6).
+    """(starts, lengths) from cumulative END offsets without a leading 0 (contract 1.6).
 
     A zero-length sequence repeats the previous value; trailing zeros after a positive value
-    mark skipped trailing batches. The covered rows must be exactly [0, total).
+    mark skipped trailing batches. Like the kernel, T may exceed the covered rows [0, end): the
+    rows beyond are left uninitialised (NaN here); T below the end is an error.
     """
     values = list(cum)
     used = len(values)
@@ -130,13 +154,13 @@ def _parse_cumulative(name: str, cum, total: int) -> Tuple[List[int], List[int]]
         previous = end
     starts += [previous] * (len(values) - used)
     lengths += [0] * (len(values) - used)
-    if previous != total:
-        raise RuntimeError(f"{name} ends at {previous} but the tensor has T={total} tokens: {values}")
+    if previous > total:
+        raise RuntimeError(f"{name} ends at {previous} but the tensor has only T={total} tokens: {values}")
     return starts, lengths
 
 
 def _check_qkv(query, key, value, head_num: int, layout: str, keep_prob: float, sparse_mode: int):
-    """The wrapper's checks (facts 1.8), in the wrapper's order, plus shape consistency."""
+    """The wrapper's checks (contract 1.8), in the wrapper's order, plus shape consistency."""
     for label, tensor in (("query", query), ("key", key), ("value", value)):
         if tensor.dim() not in (3, 4):
             raise RuntimeError(
@@ -199,12 +223,19 @@ def _geometry(query, key, value, head_num: int, layout: str, seq_qlen, seq_kvlen
         if layout != "TND" and key.shape[0] != batch:
             raise RuntimeError(f"query batch {batch} != key batch {key.shape[0]}")
         q_dim, k_dim, v_dim = query.shape[-1], key.shape[-1], value.shape[-1]
-    if not 1 <= head_num <= 256:
-        raise RuntimeError(f"head_num must be in [1, 256], got {head_num}")
+    if not 1 <= head_num <= MAX_HEADS:
+        raise RuntimeError(f"head_num must be in [1, {MAX_HEADS}], got {head_num}")
     if kv_heads <= 0 or head_num % kv_heads:
         raise RuntimeError(f"query heads N1={head_num} must be a multiple of key/value heads N2={kv_heads}")
     if q_dim != k_dim or v_dim > q_dim:
         raise RuntimeError(f"head dims must satisfy Dq == Dk >= Dv, got Dq={q_dim}, Dk={k_dim}, Dv={v_dim}")
+    if not 1 <= q_dim <= MAX_HEAD_DIM:
+        raise RuntimeError(f"head dim D must be in [1, {MAX_HEAD_DIM}], got {q_dim}")
+    seq_axis = {"BSH": 1, "SBH": 0, "BSND": 1, "BNSD": 2, "TND": 0}[layout]
+    for label, tensor in (("query", query), ("key", key)):
+        if tensor.shape[seq_axis] > MAX_TOKENS:
+            raise RuntimeError(f"the sequence length (T for TND) of {label} must be at most {MAX_TOKENS} (1M), "
+                               f"got {tensor.shape[seq_axis]}")
     geometry = _Geometry(layout=layout, head_num=head_num, batch=batch, kv_heads=kv_heads)
     if layout == "TND":
         for name, cum in (("actual_seq_qlen", seq_qlen), ("actual_seq_kvlen", seq_kvlen)):
@@ -215,14 +246,18 @@ def _geometry(query, key, value, head_num: int, layout: str, seq_qlen, seq_kvlen
                                 f"not {type(cum).__name__}")
         if not seq_qlen or not seq_kvlen or len(seq_qlen) != len(seq_kvlen):
             raise RuntimeError("the size of actual_seq_qlen and actual_seq_kvlen must be the same and cannot be empty.")
+        if len(seq_qlen) > MAX_VARLEN_SEQUENCES:
+            raise RuntimeError(f"actual_seq_qlen/actual_seq_kvlen hold {len(seq_qlen)} sequences; at most "
+                               f"{MAX_VARLEN_SEQUENCES} (2K) are supported")
         geometry.starts_q, geometry.seq_q = _parse_cumulative("actual_seq_qlen", seq_qlen, query.shape[0])
         geometry.starts_kv, geometry.seq_kv = _parse_cumulative("actual_seq_kvlen", seq_kvlen, key.shape[0])
         geometry.batch = len(geometry.seq_q)
+        geometry.total_q, geometry.total_kv = query.shape[0], key.shape[0]
     return geometry
 
 
 def _numels(query, key, geometry: _Geometry, seq_qlen, seq_kvlen) -> int:
-    """Dropout-mask element count exactly as the wrapper computes it (facts 1.7)."""
+    """Dropout-mask element count exactly as the wrapper computes it (contract 1.7)."""
     n1 = geometry.head_num
     if geometry.layout == "TND":
         # The wrapper differences the raw cumulative lists (trailing zeros included).
@@ -243,7 +278,7 @@ def _band(sq: int, skv: int, low: int, high: int) -> torch.Tensor:
 
 
 def _check_band_tokens(pre: int, nxt: int, sq: int, skv: int) -> None:
-    """Mode 0 limits on negative pre_tockens/next_tockens (facts 1.5)."""
+    """Mode 0 limits on negative pre_tockens/next_tockens (contract 1.5)."""
     if pre < 0 and nxt < 0:
         raise RuntimeError(f"pre_tockens={pre} and next_tockens={nxt} cannot both be negative")
     if nxt < 0 and (pre < -nxt or -nxt >= skv):
@@ -253,7 +288,7 @@ def _check_band_tokens(pre: int, nxt: int, sq: int, skv: int) -> None:
 
 
 def _mode_region(mode: int, sq: int, skv: int, pre: int, nxt: int, prefix: Optional[int] = None) -> torch.Tensor:
-    """The [sq, skv] kept region of a mask-free sparse mode (facts 1.5 table)."""
+    """The [sq, skv] kept region of a mask-free sparse mode (contract 1.5 table)."""
     off = skv - sq
     if mode == 2:
         return _band(sq, skv, -MAX_TOCKENS - sq, 0)
@@ -310,7 +345,7 @@ def _check_compressed(mask: torch.Tensor, mode: int) -> None:
 def _dense_kept(mask, mode, batch, heads, sq, skv, pre, nxt, prefix) -> Optional[torch.Tensor]:
     """Kept region [B|1, N1|1, Sq, Skv] for BSH/SBH/BSND/BNSD."""
     if mask is None:
-        return None  # facts 1.4: no mask -> full attention, sparse_mode/pre/next ignored
+        return None  # contract 1.4: no mask -> full attention, sparse_mode/pre/next ignored
     mask = _check_mask_dtype(mask)
     if mode in (0, 1):
         allowed = {(batch, heads, sq, skv), (batch, 1, sq, skv), (1, 1, sq, skv), (sq, skv)}
@@ -343,7 +378,7 @@ def _check_prefix(prefix, batch: int) -> List[int]:
 
 
 def _varlen_kept(mask, mode, geometry: _Geometry, pre, nxt, prefix) -> List[Optional[torch.Tensor]]:
-    """Per-sequence kept regions [1, 1, sq_b, skv_b] for TND (facts 1.5, modes 7/8 included)."""
+    """Per-sequence kept regions [1, 1, sq_b, skv_b] for TND (contract 1.5, modes 7/8 included)."""
     count = geometry.batch
     if mask is None:
         return [None] * count
@@ -411,7 +446,7 @@ def _reduce_kv(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def _scores(seg: _Segment, scale: float) -> torch.Tensor:
-    """fp32 scale * (pse + Q K^T) with -inf where not kept (pse before scaling, facts 1.2)."""
+    """fp32 scale * (pse + Q K^T) with -inf where not kept (pse before scaling, contract 1.2)."""
     heads = seg.q.shape[1]
     logits = seg.q.float() @ _expand_kv(seg.k, heads).float().transpose(-1, -2)
     if seg.pse is not None:
@@ -423,23 +458,32 @@ def _scores(seg: _Segment, scale: float) -> torch.Tensor:
 
 
 def _forward_segment(seg: _Segment, scale: float):
-    """(out fp32 [B,N1,Sq,Dv], m [B,N1,Sq], l [B,N1,Sq]); rows that see no key: out 0, m -inf, l 0."""
+    """(out fp32 [B,N1,Sq,Dv], m [B,N1,Sq], l [B,N1,Sq]).
+
+    A row that sees no key gets output 0 and, as the kernel writes it, m = -FLT_MAX and
+    l = +FLT_MAX (a finite lse near -3.4e38, not -inf); a sequence without any key is
+    zero-initialised by the kernel (m = l = 0, output 0).
+    """
     scores = _scores(seg, scale)
-    if scores.shape[-1] == 0:  # a sequence without keys: zero output (kernel zero-initialises it)
-        row_max = scores.new_full(scores.shape[:-1], float("-inf"))
-    else:
-        row_max = scores.amax(dim=-1)
-    safe_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    if scores.shape[-1] == 0:
+        zeros = scores.new_zeros(scores.shape[:-1])
+        out = scores.new_zeros(scores.shape[:-1] + (seg.v.shape[-1],))
+        return out, zeros, zeros.clone()
+    row_max = scores.amax(dim=-1)
+    dead = torch.isneginf(row_max)
+    safe_max = torch.where(dead, torch.zeros_like(row_max), row_max)
     weights = torch.exp(scores - safe_max.unsqueeze(-1))
     row_sum = weights.sum(dim=-1)
     denominator = row_sum.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     out = (weights @ _expand_kv(seg.v, seg.q.shape[1]).float()) / denominator
-    out = torch.where((row_sum > 0).unsqueeze(-1), out, torch.zeros_like(out))
+    out = torch.where(dead.unsqueeze(-1), torch.zeros_like(out), out)
+    row_max = torch.where(dead, torch.full_like(row_max, -FLT_MAX), row_max)
+    row_sum = torch.where(dead, torch.full_like(row_sum, FLT_MAX), row_sum)
     return out, row_max, row_sum
 
 
 def _backward_segment(seg: _Segment, dy, out, row_max, row_sum, scale: float):
-    """Gradients with the GIVEN statistics and output (facts 2): P = exp(S - m) / l on kept."""
+    """Gradients with the GIVEN statistics and output (contract 2): P = exp(S - m) / l on kept."""
     heads, kv_heads = seg.q.shape[1], seg.k.shape[1]
     scores = _scores(seg, scale)
     probs = torch.exp(scores - row_max.unsqueeze(-1)) / row_sum.unsqueeze(-1)
@@ -464,12 +508,12 @@ def _pack_stats(per_segment: List[torch.Tensor], geometry: _Geometry, softmax_la
         stat = per_segment[0]
         return stat.unsqueeze(-1).expand(*stat.shape, _STAT_LANES).contiguous()
     heads = geometry.head_num
-    total = sum(geometry.seq_q)
+    total = geometry.total_q
     if softmax_layout == "TND":  # truly token-major [T, N, 8]
         flat = torch.cat([s[0].transpose(0, 1) for s in per_segment], dim=0) if per_segment else torch.empty(0, heads)
-    else:  # kernel default: per sequence an [N, s_b, 8] block, blocks in batch order (facts 1.7)
+    else:  # kernel default: per sequence an [N, s_b, 8] block, blocks in batch order (contract 1.7)
         flat = torch.cat([s[0].reshape(-1) for s in per_segment]) if per_segment else torch.empty(0)
-    flat = flat.reshape(-1, 1).expand(-1, _STAT_LANES)
+    flat = _pad_rows(flat.reshape(-1, 1), total * heads).expand(-1, _STAT_LANES)
     return flat.reshape(total, heads, _STAT_LANES).contiguous()
 
 
@@ -484,7 +528,7 @@ def _unpack_stats(stat: torch.Tensor, geometry: _Geometry, softmax_layout: str, 
     if geometry.layout != "TND":
         return [lane]
     heads = geometry.head_num
-    total = sum(geometry.seq_q)
+    total = geometry.total_q
     if tuple(stat.shape) != (total, heads, _STAT_LANES):
         raise RuntimeError(f"{name} must have shape [T, N1, 8] = {[total, heads, 8]}, got {tuple(stat.shape)}")
     blocks = []
@@ -530,7 +574,8 @@ class _AttentionCall:
             return _from_bnsd(per_segment[0], self.geometry.layout).to(like.dtype)
         if not per_segment:
             return like.new_zeros(like.shape)
-        return torch.cat([s[0].transpose(0, 1) for s in per_segment], dim=0).to(like.dtype)
+        rows = torch.cat([s[0].transpose(0, 1) for s in per_segment], dim=0).to(like.dtype)
+        return _pad_rows(rows, like.shape[0])
 
     def forward(self, query, key, value, pse):
         outs, maxes, sums = [], [], []
@@ -562,7 +607,7 @@ class _AttentionCall:
             return _from_bnsd(per_segment[0], g.layout)
         if not per_segment:
             return like.new_zeros(like.shape)
-        return torch.cat([s[0].transpose(0, 1) for s in per_segment], dim=0)
+        return _pad_rows(torch.cat([s[0].transpose(0, 1) for s in per_segment], dim=0), like.shape[0])
 
 
 class _FusionAttentionAutograd(torch.autograd.Function):
@@ -585,7 +630,7 @@ class _FusionAttentionAutograd(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- device module
 class FakeNPUDeviceModule:
-    """A `torch.npu` look-alike that runs on CPU (facts 4.1).
+    """A `torch.npu` look-alike that runs on CPU (contract 4.1).
 
     Device indices are checked against `device_count`; seeds go to a CPU generator
     (`generator`); memory statistics are the host's peak resident set size (VmHWM), reset
@@ -762,7 +807,7 @@ class FakeTorchNPU:
                                   offset=0, numels=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
                                   sparse_mode=0, gen_mask_parallel=True, sync=False, softmax_layout=_UNSET,
                                   sink=_UNSET):
-        """(dq, dk, dv, dpse[, dsink]) from the GIVEN softmax_max/softmax_sum/attention_in (facts 2)."""
+        """(dq, dk, dv, dpse[, dsink]) from the GIVEN softmax_max/softmax_sum/attention_in (contract 2)."""
         op = "npu_fusion_attention_grad"
         softmax_layout = self._gate(op, "softmax_layout", softmax_layout, (7, 2, 0))
         sink = self._gate(op, "sink", sink, (7, 3, 0))
@@ -797,7 +842,7 @@ class FakeTorchNPU:
 
     # ----------------------------------------------------------- fused layers
     def npu_rms_norm(self, x, gamma, epsilon: float = 1e-6):
-        """(y, rstd): normalise over the last gamma.dim() axes; rstd fp32 with keep-dims shape (facts 3.1)."""
+        """(y, rstd): normalise over the last gamma.dim() axes; rstd fp32 with keep-dims shape (contract 3.1)."""
         if not 2 <= x.dim() <= 8:
             raise RuntimeError(f"npu_rms_norm: x must have 2 to 8 dims, got {x.dim()}")
         allowed_gamma = {torch.float16: (torch.float16, torch.float32), torch.bfloat16: (torch.bfloat16, torch.float32),
@@ -814,17 +859,23 @@ class FakeTorchNPU:
         return y, rstd.detach()
 
     def npu_rotary_mul(self, x, r1, r2, rotary_mode: str = "half", rotate=_UNSET):
-        """x * r1 + rot(x) * r2 with rot = half (cat(-x2, x1)) or interleave pairs (facts 3.2)."""
+        """x * r1 + rot(x) * r2 with rot = half (cat(-x2, x1)) or interleave pairs (contract 3.2)."""
         if self._release < (7, 0, 0) and rotary_mode != "half":
             raise TypeError(f"npu_rotary_mul() has no rotary_mode before 7.0.0 (emulating {self.release})")
         rotate = self._gate("npu_rotary_mul", "rotate", rotate, (26, 0, 0))
         if rotary_mode not in ("half", "interleave"):
             raise RuntimeError(f"npu_rotary_mul: rotary_mode must be 'half' or 'interleave', got {rotary_mode!r}")
-        if x.dim() not in (3, 4):
-            raise RuntimeError(f"npu_rotary_mul: x must be 3-D or 4-D, got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES or r1.dtype != x.dtype or r2.dtype != x.dtype:
-            raise RuntimeError(f"npu_rotary_mul: x, r1, r2 must share a float16/bfloat16/float32 dtype, got "
+        # contract 3.2: 4-D only up to 7.2.0 (the CANN tiling rejects other ranks); 3-D from 7.3.0
+        ranks = (3, 4) if self._release >= (7, 3, 0) else (4,)
+        if x.dim() not in ranks:
+            raise RuntimeError(f"npu_rotary_mul: x must be {' or '.join(f'{r}-D' for r in ranks)} on torch_npu "
+                               f"{self.release}, got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES or r1.dtype not in _FLOAT_DTYPES or r2.dtype not in _FLOAT_DTYPES:
+            raise RuntimeError(f"npu_rotary_mul: x, r1, r2 must be float16/bfloat16/float32, got "
                                f"{x.dtype}/{r1.dtype}/{r2.dtype}")
+        # the wrapper casts r1/r2 to x's dtype itself (mixed dtypes accepted), so the product is
+        # formed from cos/sin rounded to x's dtype
+        r1, r2 = r1.to(x.dtype), r2.to(x.dtype)
         dim = x.shape[-1]
         if dim % 2 or dim >= 896:
             raise RuntimeError(f"npu_rotary_mul: the last dim must be even and < 896, got {dim}")
@@ -855,7 +906,7 @@ class FakeTorchNPU:
         return (x32 * r1.float() + rotated * r2.float()).to(x.dtype)
 
     def npu_swiglu(self, x, dim: int = -1):
-        """silu(first half) * second half along `dim` (gate first, facts 3.3)."""
+        """silu(first half) * second half along `dim` (gate first, contract 3.3)."""
         if x.numel() == 0 or not 1 <= x.dim() <= 8:
             raise RuntimeError(f"npu_swiglu: input must be non-empty with 1 to 8 dims, got shape {tuple(x.shape)}")
         if not x.is_contiguous():

@@ -21,26 +21,6 @@ import torch
 from mindspeed_vita.bench.common import format_bytes, format_table, measure, print_json
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--seq-lens", default="2048,4096,8192,16384",
-                        help="comma-separated token counts (default 2K-16K)")
-    parser.add_argument("--heads", type=int, default=2, help="query heads (default 2)")
-    parser.add_argument("--kv-heads", type=int, default=1, help="key/value heads (GQA, default 1)")
-    parser.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: float32 on cpu, bfloat16 on accelerators")
-    parser.add_argument("--forward-only", action="store_true", help="time forward passes only")
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per point")
-    parser.add_argument("--naive-max-gb", type=float, default=12.0,
-                        help="skip the naive baseline where its estimated peak exceeds this")
-    parser.add_argument("--backend", default=None, help="auto | npu | cuda | cpu")
-    parser.add_argument("--attention-impl", default=None, choices=["auto", "torch", "flash_attn"],
-                        help="cuda backend kernels: PyTorch's flash kernels or the flash-attn "
-                             "package (default auto: flash-attn when installed); other "
-                             "backends ignore it")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The baseline: causal softmax(q k^T / sqrt(d)) v with the full score matrix, [b,s,n,d]."""
     n_q, n_kv, s = q.shape[2], k.shape[2], q.shape[1]
@@ -74,12 +54,13 @@ def _step(attn, q, k, v, backward: bool):
 
 def run(args) -> int:
     from backends import get_backend
+    from backends.attention_params import AttentionParams
 
     options = {} if args.attention_impl is None else {"attention_impl": args.attention_impl}
     backend = get_backend(args.backend, **options)
     dev = backend.device()
     dtype = getattr(torch, args.dtype) if args.dtype else backend.default_compute_dtype
-    seq_lens = [int(x) for x in args.seq_lens.split(",") if x]
+    seq_lens = args.seq_length
     backward = not args.forward_only
     elem = torch.tensor([], dtype=dtype).element_size()
     results = []
@@ -87,7 +68,8 @@ def run(args) -> int:
         g = torch.Generator().manual_seed(s)
         mk = lambda n: torch.randn(1, s, n, args.head_dim, generator=g).to(dev, dtype)  # noqa: E731
         q, k, v = mk(args.heads), mk(args.kv_heads), mk(args.kv_heads)
-        fast = measure(_step(lambda a, b, c: backend.attention(a, b, c, causal=True), q, k, v,
+        causal = AttentionParams.dense("causal")
+        fast = measure(_step(lambda a, b, c: backend.attention(a, b, c, causal), q, k, v,
                              backward), backend, repeats=args.repeats)
         row = {"seq_len": s, "backend_time_s": fast["time_s"],
                "backend_peak_bytes": fast["peak_bytes"]}

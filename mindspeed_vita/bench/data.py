@@ -2,7 +2,7 @@
 
 The synthetic mixture of one stage (written to a temporary directory, or `--data DIR` from
 `mindspeed-vita data synth DIR`) streams through the real `DataPipeline`: read, parse, full
-render with pixels (tiles and frames decoded, resized and normalised) in `--workers` loader
+render with pixels (tiles and frames decoded, resized and normalised) in `--num-workers` loader
 processes, and packing in this process. Reported: records, samples and tokens per second
 (wall clock from the first record to the last packed row, worker start-up included) and the
 packing utilisation (real tokens / row slots of the finished rows).
@@ -29,35 +29,6 @@ import yaml
 
 from mindspeed_vita.bench.common import format_table, print_json
 from mindspeed_vita.errors import UserInputError
-
-STAGES = (1, 2, 3, 4)
-
-
-def add_arguments(parser) -> None:
-    """Flags of `mindspeed-vita bench data`."""
-    parser.add_argument("--seq-length", type=int, default=16384, help="packed row length (default 16384)")
-    parser.add_argument("--samples", type=int, default=512,
-                        help="records to stream through the pipeline (default 512)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="loader processes that read and render (default 0: this process)")
-    parser.add_argument("--stage", type=int, default=2, choices=STAGES,
-                        help="which synthetic stage mixture (default 2)")
-    parser.add_argument("--data", default=None,
-                        help="a directory written by `mindspeed-vita data synth` (default: write one "
-                             "to a temporary directory)")
-    parser.add_argument("--model-config", default=None,
-                        help="model section YAML (default: Long-VITA-14B geometry, 448-pixel tiles, "
-                             "256 tokens each; configs/model/tiny.yaml renders far less)")
-    parser.add_argument("--packing", choices=("reset", "joint"), default=None,
-                        help="packing mode (default: the paper's for the stage: reset 1-2, joint 3-4)")
-    parser.add_argument("--lookahead", type=int, default=16, help="packer lookahead (default 16)")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="samples per batch of the pad-to-longest baseline (default 8)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="HF tokenizer directory (default: the tiny demo tokenizer)")
-    parser.add_argument("--seed", type=int, default=42, help="mixture order seed (default 42)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
 
 # --------------------------------------------------------------------------- baselines
 
@@ -128,38 +99,45 @@ def _stage_config(mixture: str, args):
     return build_config({
         "name": "bench-data", "model": model,
         "data": {"mixture": mixture, "seq_length": args.seq_length, "packing": packing,
-                 "pack_lookahead": args.lookahead, "seed": args.seed, "num_workers": args.workers},
+                 "pack_lookahead": args.pack_lookahead, "seed": args.seed, "num_workers": args.num_workers},
     }, source="bench data")
 
 
-def measure_pipeline(stage, tokenizer, *, samples: int, batch_size: int) -> Dict[str, Any]:
+def measure_pipeline(stage, tokenizer, *, samples: int, batch_size: int,
+                     show_progress: bool = False) -> Dict[str, Any]:
     """Stream at least `samples` records of `stage`'s mixture through a full-render
-    `DataPipeline`; return throughput, packing utilisation and the two baselines."""
+    `DataPipeline`; return throughput, packing utilisation and the two baselines.
+    `show_progress`: records consumed so far, on stderr (`mindspeed_vita.progress`)."""
+    from mindspeed_vita.progress import progress
+
     from mindspeed_vita.data.loader import DataPipeline, parse_record
     from mindspeed_vita.data.mixture import MixtureConfig, MixtureStream
-    from mindspeed_vita.data.packing import row_multiple, segment_multiple_for
+    from mindspeed_vita.data.packing import packer_for
     from mindspeed_vita.data.render import render_sample
+    from mindspeed_vita.parallel.layout import ParallelLayout
 
-    data, parallel = stage.data, stage.parallel
+    data = stage.data
     stream = MixtureStream(MixtureConfig.from_yaml(data.mixture), seed=data.seed)
     render = functools.partial(render_sample, tokenizer=tokenizer, model_cfg=stage.model,
                                max_num_frame=data.max_num_frame, max_images=data.max_images,
                                max_frames=data.max_frames, max_tiles=data.max_tiles)
-    pad_multiple = row_multiple(tp=parallel.tp, cp=parallel.cp, sequence_parallel=parallel.sequence_parallel)
-    packer = _recording_packer_class()(
-        data.seq_length, mode=data.packing, pad_multiple=pad_multiple,
-        segment_multiple=segment_multiple_for(cp=parallel.cp) if data.packing == "reset" else None,
-        pad_id=tokenizer.pad_id, on_overlong=data.on_overlong, lookahead=data.pack_lookahead,
-        context_token_ids=tokenizer.context_token_ids, tokens_per_unit=stage.model.tokens_per_tile)
+    layout = ParallelLayout.from_config(stage.parallel, world_size=None)
+    packer = packer_for(layout, data, pad_id=tokenizer.pad_id,
+                        context_token_ids=tokenizer.context_token_ids,
+                        tokens_per_unit=stage.model.tokens_per_tile,
+                        packer_class=_recording_packer_class())
     pipeline = DataPipeline(stream, stream.read, parse_record, render, packer, num_workers=data.num_workers,
                             prefetch=data.prefetch, logger=logging.getLogger("mindspeed_vita.bench.data"))
 
     start = time.perf_counter()
     visual_units = 0
-    for batch in pipeline:
-        visual_units += int(batch.pixel_values.shape[0])
-        if pipeline.consumed >= samples:
-            break
+    with progress(total=samples, desc="[bench data] records", unit="records",
+                  enabled=show_progress) as bar:
+        for batch in pipeline:
+            visual_units += int(batch.pixel_values.shape[0])
+            bar.update(min(pipeline.consumed, samples) - bar.n)
+            if pipeline.consumed >= samples:
+                break
     elapsed = time.perf_counter() - start
 
     stats = packer.stats
@@ -168,7 +146,7 @@ def measure_pipeline(stage, tokenizer, *, samples: int, batch_size: int) -> Dict
     utilisation = {
         "packer": stats.utilisation,
         "next_fit": simulated_packing_utilisation(kept, seq_length=data.seq_length, mode=data.packing,
-                                                  lookahead=1, pad_multiple=pad_multiple),
+                                                  lookahead=1, pad_multiple=layout.seq_multiple),
         "pad_to_longest": pad_to_longest_utilisation(kept, batch_size),
     }
     return {
@@ -196,8 +174,8 @@ def run(args) -> int:
     """Entry point of `mindspeed-vita bench data`."""
     from mindspeed_vita.data.tokenizer import load_tokenizer
 
-    for flag, value, least in (("--samples", args.samples, 1), ("--workers", args.workers, 0),
-                               ("--lookahead", args.lookahead, 1), ("--batch-size", args.batch_size, 1),
+    for flag, value, least in (("--samples", args.samples, 1), ("--num-workers", args.num_workers, 0),
+                               ("--pack-lookahead", args.pack_lookahead, 1), ("--batch-size", args.batch_size, 1),
                                ("--seq-length", args.seq_length, 1)):
         if value < least:
             raise UserInputError(f"{flag} {value}: must be >= {least}")
@@ -214,7 +192,8 @@ def run(args) -> int:
             from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
 
             tokenizer = load_tokenizer(build_tiny_tokenizer(os.path.join(scratch, "tokenizer")))
-        result = measure_pipeline(stage, tokenizer, samples=args.samples, batch_size=args.batch_size)
+        result = measure_pipeline(stage, tokenizer, samples=args.samples, batch_size=args.batch_size,
+                                  show_progress=True)
     report = {
         "data": args.data or "written to a temporary directory",
         "stage": args.stage,

@@ -15,11 +15,11 @@ Sizes: the defaults are the representative ones (8K and 32K tokens, Qwen2.5 voca
 152,064) with a small hidden size (256), since the cost of every head grows with tokens x
 vocabulary; set `--hidden 5120` (Qwen2.5-14B) on a device. A head whose estimated peak exceeds
 `--max-estimate-gb` is skipped and its estimate printed (on a small CPU host the full head at
-32K tokens needs ~20 GB in fp32). Quick CPU run: `--seq-lens 1024,4096`.
+32K tokens needs ~20 GB in fp32). Quick CPU run: `--seq-length 1024,4096`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -27,36 +27,6 @@ from mindspeed_vita.bench.common import format_bytes, format_table, measure, pri
 from mindspeed_vita.errors import UserInputError
 from mindspeed_vita.models.lm_head import (
     IGNORE_INDEX, HEAD_NAMES, LMHead, LogitsMaskedHead, build_lm_head)
-
-
-def add_arguments(parser) -> None:
-    """Flags of `mindspeed-vita bench lm-head`."""
-    parser.add_argument("--seq-lens", default="8192,32768",
-                        help="comma-separated token counts (default 8192,32768)")
-    parser.add_argument("--vocab", type=int, default=152064,
-                        help="vocabulary size (default 152064, padded Qwen2.5)")
-    parser.add_argument("--hidden", type=int, default=256,
-                        help="hidden size (default 256 so a CPU host finishes; 5120 = Qwen2.5-14B)")
-    parser.add_argument("--label-fraction", type=float, default=0.25,
-                        help="fraction of rows that predict a label, in spans (default 0.25)")
-    parser.add_argument("--span-tokens", type=int, default=512,
-                        help="typical length of one supervised answer span (default 512)")
-    parser.add_argument("--chunk-size", type=int, default=4096,
-                        help="rows per chunk of the chunked head (default 4096 = "
-                             "model.lm_head_chunk_size)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="compute dtype (default: float32 on cpu, bfloat16 on accelerators)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="timed repeats per point (default 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per point (default 1)")
-    parser.add_argument("--memory-budget-gb", type=float, default=64.0,
-                        help="memory budget for the longest-sequence estimate (default 64 GB, "
-                             "one Ascend 910B)")
-    parser.add_argument("--max-estimate-gb", type=float, default=16.0,
-                        help="skip a head at a length whose estimated peak exceeds this "
-                             "(default 16)")
-    parser.add_argument("--backend", default=None, help="auto | npu | cuda | cpu")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -124,16 +94,6 @@ def longest_within(line: Dict[str, float], budget_bytes: float) -> Optional[int]
 
 
 # --------------------------------------------------------------------------------- run
-def _parse_seq_lens(text: str) -> List[int]:
-    try:
-        lens = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserInputError(f"--seq-lens {text!r}: expected comma-separated integers") from None
-    if not lens or min(lens) <= 0:
-        raise UserInputError(f"--seq-lens {text!r}: expected positive token counts")
-    return lens
-
-
 def _check_args(args) -> None:
     if not 0.0 < args.label_fraction <= 1.0:
         raise UserInputError(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
@@ -151,15 +111,17 @@ def run(args) -> int:
     from megatron.core import parallel_state
 
     from backends import get_backend
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
     _check_args(args)
-    seq_lens = _parse_seq_lens(args.seq_lens)
+    seq_lens = args.seq_length
     backend = get_backend(args.backend)
     dtype = getattr(torch, args.dtype) if args.dtype else backend.default_compute_dtype
     owns_parallel_state = not parallel_state.model_parallel_is_initialized()
     if owns_parallel_state:
-        initialize_parallel(backend, tp=1, seed=1234)
+        # the heads are measured in this one process: the one-process layout
+        initialize_parallel(backend, ParallelLayout(), seed=1234)
     try:
         summary = _measure_all(args, backend, dtype, seq_lens)
     finally:

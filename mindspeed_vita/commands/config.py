@@ -11,13 +11,17 @@ import os
 
 import yaml
 
+from mindspeed_vita.commands.argtypes import existing_file, positive_int
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("config", help="stage YAML, or a model YAML (the model section alone)")
+    """Flags of `mindspeed-vita config`."""
+    parser.add_argument("config", type=existing_file,
+                        help="stage YAML, or a model YAML (the model section alone)")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides, e.g. parallel.tp=2 (in a model YAML: "
                              "language.num_layers=2)")
-    parser.add_argument("--world-size", type=int, default=None,
+    parser.add_argument("--world-size", type=positive_int, default=None,
                         help="also check the parallel layout against this many processes")
     parser.add_argument("--params", action="store_true",
                         help="build the model on the meta device and print its parameter count "
@@ -52,20 +56,22 @@ def load_model_config(path: str, overrides):
     try:
         return ModelConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, path)) from None
+        raise ConfigError(format_validation_error(err, path, ModelConfig)) from None
 
 
 def print_parameter_counts(model_cfg, *, as_json: bool) -> None:
-    """Build `model_cfg` on the meta device (tp=1) and print its parameters per part."""
+    """Build `model_cfg` on the meta device in this one process and print its parameters per
+    part (the whole model: a one-process layout holds every shard)."""
     from backends import get_backend
     from mindspeed_vita.models.build import PARTS, build_meta_model, parameter_counts
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
     # NOTE: the meta build allocates nothing, so the CPU backend serves whatever the hardware
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1)
+    groups = initialize_parallel(backend, ParallelLayout())
     try:
-        counts = parameter_counts(build_meta_model(model_cfg, backend))
+        counts = parameter_counts(build_meta_model(model_cfg, backend, groups=groups))
     finally:
         destroy_parallel()
     if as_json:

@@ -113,20 +113,59 @@ def apply_overrides(raw: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, 
     return raw
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: `<source>: config key 'a.b' = <value>: <reason>`."""
+#: longest value (as repr) an error message shows before cutting it
+_SHOWN_VALUE_CHARS = 60
+
+
+def _shown(value: Any) -> str:
+    """`repr(value)`, cut to `_SHOWN_VALUE_CHARS` (an unknown section can be kilobytes)."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_VALUE_CHARS else text[:_SHOWN_VALUE_CHARS - 3] + "..."
+
+
+def _known_keys(model: Optional[type], loc: tuple) -> list:
+    """The field names of the section of `model` at `loc` (a pydantic error location)."""
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        model = fields[part].annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _unknown_key_message(key: str, loc: tuple, value: Any, model: Optional[type]) -> str:
+    """`unknown config key 'a.b' (value ...)` plus a "did you mean" from the section's keys."""
+    import difflib
+
+    text = f"unknown config key {key!r} (value {_shown(value)})"
+    parent = ".".join(str(p) for p in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(model, loc[:-1]), n=1, cutoff=0.6)
+    if close:
+        text += f"; did you mean {'.'.join(filter(None, (parent, close[0])))!r}?"
+    elif loc == ("sources",):
+        text += "; a data mixture file? Name it in data.mixture (or pass it to `data inspect`)"
+    return text
+
+
+def format_validation_error(err: ValidationError, source: str, model: Optional[type] = None) -> str:
+    """One line per problem: `<source>: config key 'a.b' = <value>: <reason>`.
+
+    `model` (default: StageConfig) is the validated class; it names the keys that an unknown
+    key is compared with for a "did you mean" suggestion. Values are shown cut short."""
+    model = model or StageConfig
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown config key {key!r} (value {e['input']!r})")
+            unknown = _unknown_key_message(key, tuple(e["loc"]), e["input"], model)
+            lines.append(f"{source}: {unknown}")
         elif e["type"] == "value_error" and "config key" in msg:
             lines.append(f"{source}: {msg}")
         else:
             where = f"config key {key!r}" if key else "config"
             value = e.get("input")
-            shown = f" = {value!r}" if not isinstance(value, dict) else ""
+            shown = f" = {_shown(value)}" if not isinstance(value, dict) else ""
             lines.append(f"{source}: {where}{shown}: {msg}")
     return "\n".join(lines)
 

@@ -123,7 +123,7 @@ def write_hf_weights(state: Mapping[str, torch.Tensor], path: str,
                      max_shard_bytes: int = MAX_SHARD_BYTES) -> List[str]:
     """Write `state` as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards
     plus `model.safetensors.index.json` when larger than `max_shard_bytes`. Returns the files."""
-    from safetensors.torch import save_file
+    from mindspeed_vita.convert.safetensors_file import save_safetensors
 
     os.makedirs(path, exist_ok=True)
     shards: List[Dict[str, torch.Tensor]] = [{}]
@@ -137,12 +137,12 @@ def write_hf_weights(state: Mapping[str, torch.Tensor], path: str,
         shards[-1][name] = tensor
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, SAFETENSORS_FILE), metadata={"format": "pt"})
+        save_safetensors(shards[0], os.path.join(path, SAFETENSORS_FILE), metadata={"format": "pt"})
         return [SAFETENSORS_FILE]
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file, shard in zip(files, shards):
-        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        save_safetensors(shard, os.path.join(path, file), metadata={"format": "pt"})
         weight_map.update({name: file for name in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(path, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:

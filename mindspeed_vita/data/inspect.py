@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, TextIO
@@ -33,54 +31,20 @@ from mindspeed_vita.config.loader import build_config, load_config
 from mindspeed_vita.config.schema import StageConfig
 from mindspeed_vita.data.errors import DataError
 from mindspeed_vita.data.loader import parse_record
+from mindspeed_vita.data.release_mixture import is_release_mixture
 from mindspeed_vita.data.mixture import MixtureConfig, MixtureStream
-from mindspeed_vita.data.packing import Packer, row_multiple, segment_multiple_for
+from mindspeed_vita.data.packing import packer_for
 from mindspeed_vita.data.render import render_sample
 from mindspeed_vita.data.template import image_units
-from mindspeed_vita.data.tokenizer import VitaTokenizer, load_tokenizer
+from mindspeed_vita.data.tokenizer import VitaTokenizer
 from mindspeed_vita.data.types import IGNORE_INDEX, RenderedSample
 from mindspeed_vita.errors import UserInputError
+from mindspeed_vita.parallel.layout import ParallelLayout
+from mindspeed_vita.progress import progress
 
 #: file:line examples kept per rejection reason
 EXAMPLES_PER_REASON = 3
 _YAML_SUFFIXES = (".yaml", ".yml")
-#: data-section keys the command line may override (flag --max-images sets data.max_images)
-_DATA_OVERRIDES = ("seq_length", "packing", "seed", "max_images", "max_frames", "max_num_frame", "max_tiles")
-
-
-def add_arguments(parser) -> None:
-    """Flags of `mindspeed-vita data inspect`."""
-    parser.add_argument("input", metavar="CONFIG_OR_JSONL",
-                        help="a stage YAML, a mixture YAML (key 'sources') or one JSONL file")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object, with a per-sample list")
-    parser.add_argument("--tokenizer", default=None,
-                        help="HF tokenizer directory, e.g. your Qwen2.5 copy (default: the stage's "
-                             "model.tokenizer, else the tiny demo tokenizer built in a temporary "
-                             "directory, whose token counts differ from Qwen2.5's)")
-    parser.add_argument("--model-config", default=None,
-                        help="model section YAML, e.g. configs/model/tiny.yaml (default: the stage's "
-                             "model, else Long-VITA-14B: 448-pixel tiles, 256 tokens each, 1..12 tiles)")
-    parser.add_argument("--seq-length", type=int, default=None, help="override data.seq_length")
-    parser.add_argument("--packing", choices=("reset", "joint"), default=None, help="override data.packing")
-    parser.add_argument("--seed", type=int, default=None, help="override data.seed (the stream order)")
-    parser.add_argument("--max-images", type=int, default=None, help="override data.max_images")
-    parser.add_argument("--max-frames", type=int, default=None, help="override data.max_frames")
-    parser.add_argument("--max-num-frame", type=int, default=None, help="override data.max_num_frame")
-    parser.add_argument("--max-tiles", type=int, default=None, help="override data.max_tiles")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="inspect only the first N records of the epoch's stream")
-    parser.add_argument("--strict", action="store_true",
-                        help="fail on the first rejected record, naming its file:line")
-    parser.add_argument("--decode", action="store_true",
-                        help="decode every image and video (slow; also finds damage past the headers)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="processes that read and render records (default 0: this one)")
-    parser.add_argument("--progress-every", type=int, default=1000,
-                        help="progress line on stderr every N records (0: none; default 1000)")
-    parser.add_argument("--no-samples", action="store_true",
-                        help="leave the per-sample list out of --json (for very large mixtures)")
-
 
 # ------------------------------------------------------------------------------ input
 
@@ -107,7 +71,7 @@ def resolve_target(path: str, *, model_config: Optional[str] = None,
         raise UserInputError(f"{path}: no such file")
     if path.endswith(_YAML_SUFFIXES):
         raw = _read_yaml(path)
-        if isinstance(raw, dict) and "sources" in raw:
+        if isinstance(raw, dict) and ("sources" in raw or is_release_mixture(raw)):
             kind, mixture = "mixture", _load_mixture(path)
             stage_raw = {"name": "inspect", "data": {"mixture": os.path.abspath(path)}}
         else:
@@ -247,38 +211,9 @@ def _first(outcome: _Outcome) -> _Outcome:
     return outcome
 
 
-class Progress:
-    """A progress line on `stream` every `every` items: count, rate and time left."""
-
-    def __init__(self, total: int, every: int, stream: Optional[TextIO] = None, label: str = "inspect"):
-        self.total = total
-        self.every = every
-        self.stream = stream  # None: sys.stderr at the time of printing
-        self.label = label
-        self.start = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        """Report after `done` items when a multiple of `every` is reached."""
-        if self.every > 0 and done % self.every == 0 and done < self.total:
-            elapsed = time.perf_counter() - self.start
-            rate = done / elapsed if elapsed > 0 else float("inf")
-            eta = (self.total - done) / rate if rate > 0 else 0.0
-            print(f"[{self.label}] {done}/{self.total} records, {rate:.1f}/s, ETA {_duration(eta)}",
-                  file=self.stream or sys.stderr, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def inspect_mixture(target: InspectTarget, tokenizer: VitaTokenizer, *, limit: Optional[int] = None,
                     strict: bool = False, decode: bool = False, workers: int = 0,
-                    progress_every: int = 0, keep_samples: bool = True,
+                    show_progress: bool = False, keep_samples: bool = True,
                     progress_stream: Optional[TextIO] = None) -> Dict[str, Any]:
     """Read, validate, render (dry unless `decode`) and pack one epoch of `target`'s mixture.
 
@@ -287,10 +222,11 @@ def inspect_mixture(target: InspectTarget, tokenizer: VitaTokenizer, *, limit: O
     "packing" (the packer's counters and utilisation), "samples" (per accepted sample: source,
     line, tokens, the (cols, rows) tile grid of each image and the frames of each video; only
     with `keep_samples`), plus the settings used. With `strict`, the first rejection is raised
-    as a `DataError` ("file:line: detail").
+    as a `DataError` ("file:line: detail"). `show_progress`: a progress bar (or periodic lines
+    with rate and time left, off a terminal) on `progress_stream` (default stderr).
     """
     if workers < 0:
-        raise UserInputError(f"--workers {workers}: must be >= 0")
+        raise UserInputError(f"--num-workers {workers}: must be >= 0")
     if limit is not None and limit < 1:
         raise UserInputError(f"--limit {limit}: must be >= 1")
     stage, data, model = target.stage, target.stage.data, target.stage.model
@@ -304,13 +240,10 @@ def inspect_mixture(target: InspectTarget, tokenizer: VitaTokenizer, *, limit: O
                                max_num_frame=data.max_num_frame, max_images=data.max_images,
                                max_frames=data.max_frames, max_tiles=data.max_tiles,
                                grids_only=not decode)
-    parallel = stage.parallel
-    packer = Packer(data.seq_length, mode=data.packing,
-                    pad_multiple=row_multiple(tp=parallel.tp, cp=parallel.cp,
-                                              sequence_parallel=parallel.sequence_parallel),
-                    segment_multiple=segment_multiple_for(cp=parallel.cp) if data.packing == "reset" else None,
-                    pad_id=tokenizer.pad_id, on_overlong=data.on_overlong, lookahead=data.pack_lookahead,
-                    context_token_ids=tokenizer.context_token_ids, tokens_per_unit=model.tokens_per_tile)
+    layout = ParallelLayout.from_config(stage.parallel, world_size=None)
+    packer = packer_for(layout, data, pad_id=tokenizer.pad_id,
+                        context_token_ids=tokenizer.context_token_ids,
+                        tokens_per_unit=model.tokens_per_tile)
 
     names = [spec.name for spec in target.mixture.sources]
     counts = [SourceCounts() for _ in names]
@@ -326,9 +259,9 @@ def inspect_mixture(target: InspectTarget, tokenizer: VitaTokenizer, *, limit: O
             kept.append(str(error))
 
     start = time.perf_counter()
-    progress = Progress(total_records, progress_every, progress_stream)
-    for done, (position, outcome) in enumerate(zip(range(total_records),
-                                                   _outcomes(stream, render, total_records, workers)), 1):
+    bar = progress(total=total_records, desc="[inspect] records", unit="records",
+                   enabled=show_progress, stream=progress_stream)
+    for position, outcome in zip(range(total_records), _outcomes(stream, render, total_records, workers)):
         source_idx = outcome.source_idx
         counts[source_idx].records += 1
         sample = outcome.sample
@@ -349,7 +282,8 @@ def inspect_mixture(target: InspectTarget, tokenizer: VitaTokenizer, *, limit: O
                                 "frames": list(sample.num_frames)})
         while packer.pop() is not None:  # only the counters matter here
             pass
-        progress.update(done)
+        bar.update(1)
+    bar.close()
     elapsed = time.perf_counter() - start
 
     streamed = packer.stats.as_dict()
@@ -443,43 +377,16 @@ def format_report(report: Dict[str, Any]) -> str:
         lines.append("rejected: none")
     lines.append("")
     streaming = packing["streaming_utilisation"]
+    if streaming is None:
+        # nothing filled a row before the end of the epoch: every row came from the final flush
+        streaming_text = ("without the end-of-epoch flush: no row filled up before the end of "
+                          "the epoch (every row above comes from the final flush)")
+    else:
+        streaming_text = (f"without the end-of-epoch flush (as in training): "
+                          f"{packing['streaming_rows']} rows, utilisation {streaming:.1%}")
     lines.append(
         f"packing ({packing['mode']}, rows of {packing['seq_length']}, lookahead {packing['lookahead']}): "
         f"{packing['rows']} rows, {packing['samples']} samples, utilisation {packing['utilisation']:.1%} "
-        f"({packing['real_tokens']} real tokens / {packing['slots']} slots); without the end-of-epoch "
-        f"flush {'n/a' if streaming is None else f'{streaming:.1%}'} over {packing['streaming_rows']} rows; "
+        f"({packing['real_tokens']} real tokens / {packing['slots']} slots); {streaming_text}; "
         f"dropped overlong {packing['dropped_overlong']}, truncated {packing['truncated_overlong']}")
     return "\n".join(lines)
-
-
-def run(args) -> int:
-    """Entry point of `mindspeed-vita data inspect`."""
-    from mindspeed_vita.bench.common import print_json
-
-    overrides = {key: getattr(args, key) for key in _DATA_OVERRIDES}
-    target = resolve_target(args.input, model_config=args.model_config, data_overrides=overrides)
-    with tempfile.TemporaryDirectory(prefix="mindspeed-vita-inspect-") as scratch:
-        tokenizer, description = _tokenizer_for(args.tokenizer or target.stage.model.tokenizer, scratch)
-        if not args.json:
-            print(f"[inspect] tokenizer: {description}", file=sys.stderr, flush=True)
-        report = inspect_mixture(target, tokenizer, limit=args.limit, strict=args.strict, decode=args.decode,
-                                 workers=args.workers, progress_every=args.progress_every,
-                                 keep_samples=args.json and not args.no_samples)
-    report["input"] = os.path.abspath(args.input)
-    report["tokenizer"] = {"path": args.tokenizer or target.stage.model.tokenizer, "description": description}
-    if args.json:
-        print_json(report)
-    else:
-        print(format_report(report))
-    return 0
-
-
-def _tokenizer_for(path: Optional[str], scratch: str):
-    """(tokenizer, description): the given directory, or the tiny demo tokenizer built in `scratch`."""
-    if path:
-        return load_tokenizer(path), path
-    from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
-
-    tokenizer = load_tokenizer(build_tiny_tokenizer(os.path.join(scratch, "tokenizer")))
-    return tokenizer, ("tiny demo tokenizer (built in a temporary directory; token counts differ from "
-                       "Qwen2.5's: pass --tokenizer DIR)")

@@ -4,10 +4,16 @@ A mixture YAML lists sources::
 
     sources:
       - name: llava-recap          # unique, used in logs and counters
-        path: llava_recap.jsonl    # relative to this YAML's directory
+        path: llava_recap.jsonl    # JSONL or JSON-array file, relative to this YAML's directory
         root: images/llava_recap   # media root (default: the JSONL's directory)
+        paths: relative_to_root    # or as_written: media paths as in the file (absolute, or
+                                   # relative to the working directory, as the release reads them)
         ratio: 1.0                 # use int(len * ratio) records, wrapping around if > 1
         num: 100000                # optional cap on that count
+
+The Long-VITA release's mixture YAML (``dataset: {NAME: {ratio, num, data_paths: [...]}}``) is
+accepted as well (`release_mixture`): each data path becomes one source with the entry's ratio
+and cap (the release applies them per file), read with paths as written.
 
 `MixtureStream` turns it into one deterministic, endless, random-access order of
 `(source_idx, line_idx)` items: epoch after epoch, each a pseudo-random permutation of the
@@ -22,14 +28,14 @@ import hashlib
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Literal, NamedTuple, Optional, Sequence
 
 import numpy as np
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mindspeed_vita.config.base import Section
-from mindspeed_vita.data.source_index import JsonlSource
+from mindspeed_vita.data.source_index import open_source
 from mindspeed_vita.errors import UserInputError
 
 # ------------------------------------------------------------------------------ config
@@ -47,6 +53,11 @@ class SourceSpec(Section):
     root: Optional[str] = None
     """Directory media paths are relative to; default: the JSONL file's directory."""
 
+    paths: Literal["relative_to_root", "as_written"] = "relative_to_root"
+    """How media paths in the records are read: relative to `root` (absolute ones kept), or
+    as written (absolute, or relative to the working directory the run starts in), which is
+    how the Long-VITA release reads its files."""
+
     ratio: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     """Use int(len * ratio) records per epoch, wrapping around the file when ratio > 1; 0 drops it."""
 
@@ -63,9 +74,20 @@ class SourceSpec(Section):
             value = os.path.join(base_dir, value)
         return os.path.normpath(value)
 
+    @model_validator(mode="after")
+    def _root_or_as_written(self) -> "SourceSpec":
+        if self.paths == "as_written" and self.root is not None:
+            raise ValueError("root: has no effect with paths: as_written (media paths are read "
+                             "as written); remove one of the two")
+        return self
+
     @property
     def media_root(self) -> str:
-        """The directory media paths of this source are resolved against."""
+        """The directory media paths of this source are resolved against (the working
+        directory for `paths: as_written`: relative paths are read from there, absolute ones
+        as they are)."""
+        if self.paths == "as_written":
+            return os.getcwd()
         return self.root if self.root is not None else os.path.dirname(self.path)
 
     def count(self, num_records: int) -> int:
@@ -114,15 +136,20 @@ class MixtureConfig(Section):
         if check_files:
             for index, source in enumerate(config.sources):
                 if not os.path.isfile(source.path):
-                    raise UserInputError(f"{path}: sources[{index}].path: no such file {source.path}")
+                    raise UserInputError(f"{path}: sources[{index}].path: no such file "
+                                         f"{source.path} (source {source.name!r})")
         return config
 
     @classmethod
     def from_dict(cls, raw: Any, *, base_dir: str, origin: str) -> "MixtureConfig":
         """Validate an already-parsed mixture mapping; `origin` names it in error messages."""
+        if isinstance(raw, dict) and "dataset" in raw and "sources" not in raw:
+            from mindspeed_vita.data.release_mixture import release_to_sources
+
+            raw = release_to_sources(raw, origin=origin)
         if not isinstance(raw, dict):
-            raise UserInputError(f"{origin}: a mixture must be a mapping with key 'sources', "
-                             f"got {type(raw).__name__}")
+            raise UserInputError(f"{origin}: a mixture must be a mapping with key 'sources' "
+                                 f"(or the release's 'dataset'), got {type(raw).__name__}")
         try:
             return cls.model_validate(raw, context={"base_dir": base_dir})
         except ValidationError as error:
@@ -256,7 +283,7 @@ class MixtureStream(_PositionedItems):
     takes a pseudo-random subset, a different one each epoch; a ratio > 1 takes every record
     floor(ratio) times plus a subset). `item(k)` is O(1) time and memory.
 
-    `sources` (default: a `JsonlSource` per config entry) only need `__len__` and
+    `sources` (default: `source_index.open_source` per config entry) only need `__len__` and
     `read(i) -> (line_no, text)`.
     """
 
@@ -268,7 +295,7 @@ class MixtureStream(_PositionedItems):
         self.seed = int(seed)
         self.epoch = int(epoch)
         if sources is None:
-            sources = [JsonlSource(spec.path, cache_dir=cache_dir) for spec in config.sources]
+            sources = [open_source(spec.path, cache_dir=cache_dir) for spec in config.sources]
         if len(sources) != len(config.sources):
             raise ValueError(f"{len(sources)} source readers for {len(config.sources)} configured sources")
         self.sources = list(sources)

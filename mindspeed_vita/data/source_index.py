@@ -1,4 +1,5 @@
 """Random access to the lines of a JSONL file without loading it: a byte-offset index.
+(JSON-array files: `json_array.JsonArraySource`; `open_source` picks the reader of a file.)
 
 The index holds one int64 start offset per record (8 bytes a line, the only per-line memory),
 plus one int64 per *blank* line so that record `i` still reports its true 1-based line number.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -57,7 +58,8 @@ class JsonlSource:
         self.line_starts: np.ndarray
         #: [n_blank_lines] int64: for every blank line, the number of records before it
         self.blank_before: np.ndarray
-        self.line_starts, self.blank_before = self._load_or_build_index()
+        index = self._load_or_build_index()
+        self.line_starts, self.blank_before = index["line_starts"], index["blank_before"]
 
     # ----------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -136,50 +138,57 @@ class JsonlSource:
         return f"JsonlSource({self.path!r}, records={len(self)})"
 
     # ------------------------------------------------------------------------ index build
+    #: file-name suffix of the on-disk index cache
+    _CACHE_SUFFIX = ".lines.npz"
+
     def _cache_path(self) -> str:
         name = os.path.basename(self.path)
         if self._cache_dir is not None:
             key = hashlib.sha1(self.path.encode("utf-8")).hexdigest()[:16]
-            return os.path.join(self._cache_dir, f"{key}-{name}.lines.npz")
-        return os.path.join(os.path.dirname(self.path), f".{name}.lines.npz")
+            return os.path.join(self._cache_dir, f"{key}-{name}{self._CACHE_SUFFIX}")
+        return os.path.join(os.path.dirname(self.path), f".{name}{self._CACHE_SUFFIX}")
 
-    def _load_or_build_index(self) -> Tuple[np.ndarray, np.ndarray]:
+    def _build_index(self) -> Dict[str, np.ndarray]:
+        """The index arrays of the file (what the cache stores), by name."""
+        starts, blanks = build_line_index(self.path, chunk_bytes=self._chunk_bytes)
+        return {"line_starts": starts, "blank_before": blanks}
+
+    def _load_or_build_index(self) -> Dict[str, np.ndarray]:
         cache = self._cache_path()
         cached = self._load_cache(cache)
         if cached is not None:
             return cached
-        starts, blanks = build_line_index(self.path, chunk_bytes=self._chunk_bytes)
-        self._write_cache(cache, starts, blanks)
-        return starts, blanks
+        index = self._build_index()
+        self._write_cache(cache, index)
+        return index
 
     def _meta(self) -> np.ndarray:
         return np.array([_CACHE_VERSION, self._size, self._mtime_ns], dtype=np.int64)
 
-    def _load_cache(self, cache: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    def _load_cache(self, cache: str) -> Optional[Dict[str, np.ndarray]]:
         if not os.path.isfile(cache):
             return None
         try:
             with np.load(cache, allow_pickle=False) as data:
                 if not np.array_equal(data["meta"], self._meta()):
                     return None  # the file changed since the index was written
-                starts = np.ascontiguousarray(data["line_starts"], dtype=np.int64)
-                blanks = np.ascontiguousarray(data["blank_before"], dtype=np.int64)
+                return {name: np.ascontiguousarray(data[name], dtype=np.int64)
+                        for name in data.files if name != "meta"}
         except Exception as error:  # a truncated or foreign file: rebuild, never trust it
-            _LOG.warning("%s: ignoring unreadable line-index cache %s (%s)", self.path, cache, error)
+            _LOG.warning("%s: ignoring unreadable index cache %s (%s)", self.path, cache, error)
             return None
-        return starts, blanks
 
-    def _write_cache(self, cache: str, starts: np.ndarray, blanks: np.ndarray) -> None:
+    def _write_cache(self, cache: str, index: Dict[str, np.ndarray]) -> None:
         # NOTE: written to a private temporary name and renamed, so ranks building the same
         # index at once never read a half-written file.
         tmp = f"{cache}.tmp{os.getpid()}"
         try:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             with open(tmp, "wb") as handle:
-                np.savez(handle, meta=self._meta(), line_starts=starts, blank_before=blanks)
+                np.savez(handle, meta=self._meta(), **index)
             os.replace(tmp, cache)
         except OSError as error:
-            _LOG.info("%s: line index kept in memory (cannot write %s: %s)", self.path, cache, error)
+            _LOG.info("%s: index kept in memory (cannot write %s: %s)", self.path, cache, error)
             try:
                 os.remove(tmp)
             except OSError:
@@ -235,3 +244,19 @@ def build_line_index(path: str, *, chunk_bytes: int = 1 << 22) -> Tuple[np.ndarr
     line_starts = np.concatenate(start_parts) if start_parts else np.zeros(0, dtype=np.int64)
     blank_before = np.concatenate(blank_parts) if blank_parts else np.zeros(0, dtype=np.int64)
     return line_starts.astype(np.int64, copy=False), blank_before.astype(np.int64, copy=False)
+
+
+def open_source(path: str, *, cache_dir: Optional[str] = None,
+                chunk_bytes: int = 1 << 22) -> JsonlSource:
+    """The indexed reader of a data file: a `json_array.JsonArraySource` when the file is one
+    JSON array (its first non-space byte is "["), else a `JsonlSource` (one record a line).
+    Both read one record at a time; neither loads the file."""
+    from mindspeed_vita.data.json_array import JsonArraySource, first_non_space_byte
+
+    try:
+        first = first_non_space_byte(path)
+    except OSError as error:
+        raise FileNotFoundError(f"{os.path.abspath(path)}: cannot open data file "
+                                f"({error.strerror})") from None
+    cls = JsonArraySource if first == ord("[") else JsonlSource
+    return cls(path, cache_dir=cache_dir, chunk_bytes=chunk_bytes)

@@ -3,32 +3,37 @@ tokenizer) to OUT.
 
 OUT receives the images, videos, one JSONL per source (plus its held-out split) and the four
 stage mixtures stage1.yaml .. stage4.yaml (see `mindspeed_vita.data.synth`). The demo stage
-configs in configs/demo/ expect it at <repo>/demo_out/data. With `--tokenizer`, the tiny demo
-tokenizer is written to OUT/tokenizer too. Same seed and counts, same bytes.
+configs in configs/demo/ expect it at <repo>/demo_out/data. With `--write-tokenizer`, the tiny
+demo tokenizer is written to OUT/tokenizer too. Same seed and counts, same bytes.
 """
 from __future__ import annotations
 
 import os
 import time
 
+from mindspeed_vita.commands.argtypes import non_negative_int, output_dir
 from mindspeed_vita.errors import UserInputError
 
 
 def add_arguments(parser) -> None:
     """Flags of `mindspeed-vita data synth`."""
-    parser.add_argument("out", metavar="OUT", help="output directory (created if missing)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    parser.add_argument("--n-single", type=int, default=64,
-                        help="single images; each gives a caption and a QA record (default 64)")
-    parser.add_argument("--n-comic", type=int, default=16, help="comic strips of 3-6 panels (default 16)")
-    parser.add_argument("--n-video", type=int, default=8,
-                        help="video clips; each gives a QA and a caption record, and training clips "
-                             "are grouped by three into movies (default 8)")
-    parser.add_argument("--n-text", type=int, default=32, help="text-only records, half short, half long (default 32)")
+    parser.add_argument("out", metavar="OUT", type=output_dir,
+                        help="output directory (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
+    parser.add_argument("--n-single", type=non_negative_int, default=64,
+                        help="single images; each gives a caption and a QA record")
+    parser.add_argument("--n-comic", type=non_negative_int, default=16,
+                        help="comic strips of 3-6 panels")
+    parser.add_argument("--n-video", type=non_negative_int, default=8,
+                        help="video clips; each gives a QA and a caption record, and training "
+                             "clips are grouped by three into movies")
+    parser.add_argument("--n-text", type=non_negative_int, default=32,
+                        help="text-only records, half short, half long")
     parser.add_argument("--heldout-fraction", type=float, default=0.1,
-                        help="fraction of items kept for evaluation only (default 0.1)")
-    parser.add_argument("--tokenizer", action="store_true",
-                        help="also build the tiny demo tokenizer into OUT/tokenizer")
+                        help="fraction of items kept for evaluation only, in [0, 1)")
+    parser.add_argument("--write-tokenizer", action="store_true",
+                        help="also build the tiny demo tokenizer into OUT/tokenizer (the directory "
+                             "that --tokenizer of other commands takes)")
 
 
 def run(args) -> int:
@@ -59,7 +64,7 @@ def run(args) -> int:
         else:
             detail = "mixture"
         print(f"  {name:<22} {path}  ({detail})")
-    if args.tokenizer:
+    if args.write_tokenizer:
         from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
 
         print(f"[synth] tokenizer -> {build_tiny_tokenizer(os.path.join(out, 'tokenizer'))}", flush=True)

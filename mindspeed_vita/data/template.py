@@ -14,11 +14,12 @@ rows the visual features overwrite:
 - video: ``<vid>`` T x ``<VID_CONTEXT>`` ``</vid>`` per frame.
 
 Text between tags is tokenised piece by piece and the special ids are spliced in directly, so
-BPE never merges across a tag. Where no media is involved the ids equal the HF tokenisation of
-the whole ChatML string (special tokens split first, then each text run is encoded), with one
-deliberate exception: an assistant header ``assistant\\n`` is encoded apart from its content,
-so the label boundary never falls inside a token (they differ only when the content starts with
-whitespace containing a newline, which the pre-tokenizer would join to the header's newline).
+BPE never merges across a tag. The role header is its own piece, as in the Long-VITA release:
+``<|im_start|>`` + ids("{role}") + ids("\\n") + ids(content) + ``<|im_end|>`` + ids("\\n").
+Where no media is involved the ids therefore equal the release's training tokenisation; they
+equal the HF tokenisation of the whole ChatML string except when a content starts with
+whitespace containing a newline (the pre-tokenizer would join it to the header's newline).
+Keeping the header apart also keeps the label boundary from falling inside a token.
 """
 from __future__ import annotations
 
@@ -128,17 +129,15 @@ def render_conversation(
         labels.extend(ids if learn else [IGNORE_INDEX] * len(ids))
 
     image_index = video_index = 0
+    newline = tok.encode("\n")
     for message in turns:
-        append([tok.im_start_id], learn=False)
-        header = f"{message.role}\n"
+        append([tok.im_start_id] + tok.encode(message.role) + newline, learn=False)
         if message.role == "assistant":
-            append(tok.encode(header), learn=False)
             append(_encode_text(tok, message.content), learn=True)
             append(turn_end, learn=True)
             continue
-        pieces = _TAG_PATTERN.split(message.content)
         # split() alternates text, tag, text, ...; text pieces may be empty
-        pieces[0] = header + pieces[0]
+        pieces = _TAG_PATTERN.split(message.content)
         for index, piece in enumerate(pieces):
             if index % 2 == 0:
                 append(_encode_text(tok, piece), learn=False)
@@ -153,7 +152,7 @@ def render_conversation(
         append(turn_end, learn=False)
 
     if add_generation_prompt:
-        append([tok.im_start_id] + tok.encode("assistant\n"), learn=False)
+        append([tok.im_start_id] + tok.encode("assistant") + newline, learn=False)
     return input_ids, labels
 
 

@@ -7,13 +7,19 @@ from typing import FrozenSet, Iterable, List
 
 from mindspeed_vita.errors import UserInputError
 
-#: Tokens Long-VITA adds to the Qwen2.5 vocabulary, in the order they receive ids when absent.
+#: Tokens Long-VITA adds to the Qwen2.5 vocabulary, in the release's order: a tokenizer that
+#: has none of them gives them consecutive ids after its base vocabulary (151665..151681 for
+#: Qwen2.5), so token ids agree with the released checkpoints. `<image>` and `<video>` are the
+#: media tags of user text; as tokens they stay single pieces in every tokenizer we write.
 LONG_VITA_SPECIAL_TOKENS = (
     "<img>", "</img>", "<IMG_CONTEXT>",
-    "<patch>", "</patch>", "<PATCH_CONTEXT>",
     "<vid>", "</vid>", "<VID_CONTEXT>",
+    "<patch>", "</patch>", "<PATCH_CONTEXT>",
     "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+    "<image>", "<video>",
 )
+#: First id of the Long-VITA tokens in a Qwen2.5 tokenizer (151643 BPE ids + 22 specials).
+QWEN25_FIRST_ADDED_ID = 151665
 
 #: ChatML frame tokens a tokenizer must already have (Qwen2 tokenizers do).
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -78,10 +84,12 @@ class VitaTokenizer:
 
     def token_to_id(self, token: str) -> int:
         """Id of one vocabulary entry (a special token such as "<box>"); errors when absent."""
-        vocab = self.hf.get_vocab()
-        if token not in vocab:
+        # convert_tokens_to_ids, not get_vocab(): the latter copies all 152K entries per call
+        found = self.hf.convert_tokens_to_ids(token)
+        unk = self.hf.unk_token_id
+        if found is None or (unk is not None and found == unk and token != self.hf.unk_token):
             raise TokenizerError(f"tokenizer at {self.path!r} has no token {token!r}")
-        return int(vocab[token])
+        return int(found)
 
     def save(self, out_dir: str) -> None:
         """Write the tokenizer, Long-VITA tokens included, as a HF tokenizer directory."""

@@ -1,7 +1,7 @@
 """Video frames: which frames to take (Long-VITA's rule) and decoding only those.
 
-A video is a file (anything FFmpeg reads) or a directory of png/jpg frames in natural sort
-order. Frames are letterboxed to a square with the ImageNet mean colour, bicubic-resized to
+A video is a file (anything FFmpeg reads) or a directory of png/jpg frames (subdirectories
+included) in natural sort order. Frames are letterboxed to a square with the ImageNet mean colour, bicubic-resized to
 `frame_size` and normalised; there is no tiling and each frame becomes one visual unit.
 """
 from __future__ import annotations
@@ -106,9 +106,15 @@ def natural_sort_key(name: str) -> Tuple:
 
 
 def list_frame_files(directory: str) -> List[str]:
-    """The png/jpg files of a frame directory, in natural sort order."""
-    names = [name for name in os.listdir(directory) if name.lower().endswith(FRAME_EXTENSIONS)]
-    return [os.path.join(directory, name) for name in sorted(names, key=natural_sort_key)]
+    """The png/jpg files of a frame directory and all its subdirectories (walked recursively,
+    as the Long-VITA release does), in natural sort order of their paths below `directory`
+    (so "clip2/frame9" comes before "clip10/frame1")."""
+    relative = []
+    for parent, _, names in os.walk(directory, followlinks=True):
+        below = os.path.relpath(parent, directory)
+        relative += [name if below == "." else os.path.join(below, name)
+                     for name in names if name.lower().endswith(FRAME_EXTENSIONS)]
+    return [os.path.join(directory, name) for name in sorted(relative, key=natural_sort_key)]
 
 
 def _check_limits(max_num_frame: int, max_fps: float) -> None:

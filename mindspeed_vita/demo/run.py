@@ -1,7 +1,8 @@
 """`mindspeed-vita demo`: the whole stack, tiny, end to end, on whatever backend is selected.
 
 1. builds the tiny tokenizer and the synthetic dataset (images, comics, videos, text);
-2. builds the tiny Long-VITA model (configs/model/tiny.yaml) on megatron-core;
+2. builds the tiny Long-VITA model (`tiny_model.yaml`, shipped in this package: the same as
+   configs/model/tiny.yaml) on megatron-core;
 3. streams the synthetic stage-2 mixture through the data pipeline (render + reset packing) and
    runs a few optimizer steps on the packed batches, printing the loss of each step;
 4. renders a request with a real photo (scikit-image's astronaut) and generates greedily with
@@ -15,20 +16,19 @@ import functools
 import json
 import os
 import time
+from importlib import resources
 
 import torch
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY_MODEL = os.path.join(REPO, "configs", "model", "tiny.yaml")
+#: the tiny model's config, package data (found in an editable or a regular install alike)
+TINY_MODEL_RESOURCE = "tiny_model.yaml"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps on packed batches")
-    parser.add_argument("--seq-length", type=int, default=2048, help="packed row length")
-    parser.add_argument("--max-new-tokens", type=int, default=12, help="tokens to generate")
-    parser.add_argument("--backend", default=None, help="auto | npu | cuda | cpu")
+def tiny_model_config() -> dict:
+    """The raw model section of the tiny demo model, read from the installed package."""
+    text = resources.files("mindspeed_vita.demo").joinpath(TINY_MODEL_RESOURCE).read_text("utf-8")
+    return yaml.safe_load(text)
 
 
 def _demo_photo(out_dir: str) -> str:
@@ -57,7 +57,8 @@ def run(args) -> int:
     from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
     from mindspeed_vita.inference.engine import Generator
     from mindspeed_vita.models.vlm import LongVitaModel
-    from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
+    from mindspeed_vita.parallel.process_groups import (destroy_parallel, initialize_parallel,
+                                                        launch_world_size)
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -65,20 +66,21 @@ def run(args) -> int:
     print(f"[demo] 1/4 tokenizer and synthetic data -> {out}", flush=True)
     tokenizer = load_tokenizer(build_tiny_tokenizer(os.path.join(out, "tokenizer")))
     paths = write_synthetic_dataset(os.path.join(out, "data"), seed=0)
-    with open(TINY_MODEL, encoding="utf-8") as f:
-        tiny_model = yaml.safe_load(f)
+    tiny_model = tiny_model_config()
     stage = build_config({
         "name": "demo", "model": tiny_model,
         "data": {"mixture": paths["stage2"], "seq_length": args.seq_length, "packing": "reset",
                  "num_workers": 0, "max_num_frame": 8, "max_frames": 32},
     }, source="demo")
 
+    layout = stage.check_world_size(launch_world_size())  # refused here, before any group starts
     backend = backend_for_stage(stage, args.backend)
-    initialize_parallel(backend, tp=1, seed=1234)
+    groups = initialize_parallel(backend, layout, seed=1234)
     summary = {"backend": backend.name}
     try:
         print(f"[demo] 2/4 tiny Long-VITA on backend '{backend.name}'", flush=True)
-        model = LongVitaModel(stage.model, backend, context_token_ids=tokenizer.context_token_ids)
+        model = LongVitaModel(stage.model, backend, groups=groups,
+                              context_token_ids=tokenizer.context_token_ids)
         n_params = sum(p.numel() for p in model.parameters())
         summary["parameters"] = n_params
         print(f"[demo]     {n_params:,} parameters", flush=True)
@@ -89,7 +91,9 @@ def run(args) -> int:
                                    max_frames=stage.data.max_frames)
         pipeline = pipeline_from_config(stage, render_fn=render,
                                         pad_id=tokenizer.pad_id,
-                                        context_token_ids=tokenizer.context_token_ids)
+                                        context_token_ids=tokenizer.context_token_ids,
+                                        layout=layout, dp_rank=groups.dp_rank,
+                                        dp_size=groups.dp_size)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         print(f"[demo] 3/4 {args.steps} steps on packed {args.seq_length}-token batches "
               f"(reset mode)", flush=True)

@@ -4,26 +4,37 @@ from __future__ import annotations
 import json
 import sys
 
+from mindspeed_vita.commands.argtypes import (
+    add_backend_argument, existing_dir, existing_file, existing_path, positive_float,
+    positive_int)
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True,
+    """Flags of `mindspeed-vita infer`; a flag that sets a config value has its key's name."""
+    parser.add_argument("--checkpoint", required=True, type=existing_dir,
                         help="native checkpoint directory or HF InternVL directory")
     parser.add_argument("--prompt", required=True,
                         help="user text; may contain <image>/<video> tags")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+    parser.add_argument("--image", action="append", default=[], metavar="PATH", type=existing_file,
                         help="image file (repeat for several, in tag order)")
-    parser.add_argument("--video", action="append", default=[], metavar="PATH",
+    parser.add_argument("--video", action="append", default=[], metavar="PATH", type=existing_path,
                         help="video file or frame directory (repeat for several)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64,
+                        help="most tokens to generate (inference.max_new_tokens)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    mode.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--max-num-frame", type=int, default=64, help="frames sampled per video")
+    mode.add_argument("--greedy", action="store_true",
+                      help="argmax decoding (inference.greedy; the default)")
+    mode.add_argument("--temperature", type=positive_float, default=None,
+                      help="sample at this temperature instead of greedy (inference.temperature)")
+    parser.add_argument("--top-p", type=positive_float, default=1.0,
+                        help="nucleus mass when sampling, in (0, 1] (inference.top_p)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (inference.seed)")
+    parser.add_argument("--max-num-frame", type=positive_int, default=64,
+                        help="frames sampled per video (data.max_num_frame)")
     parser.add_argument("--system-prompt", default=None,
-                        help="system message (default none, as in training)")
-    parser.add_argument("--backend", default=None, help="auto | npu | cuda | cpu")
+                        help="system message (inference.system_prompt; default none, as in "
+                             "training)")
+    add_backend_argument(parser)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with text, token_ids and logprobs")
 
@@ -39,8 +50,6 @@ def check_request(args) -> None:
     from mindspeed_vita.errors import UserInputError
     from mindspeed_vita.inference.engine import build_request
 
-    if args.max_new_tokens < 1:
-        raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     build_request(args.prompt, args.image, args.video)
     for path in args.image:
         try:
@@ -53,19 +62,39 @@ def check_request(args) -> None:
 
 
 def run(args) -> int:
-    from backends import get_backend
-    from mindspeed_vita.inference.engine import Generator
-    from mindspeed_vita.inference.sampling import SamplingParams
-    from mindspeed_vita.models.build import load_pretrained
-    from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
+    """Load the checkpoint and generate; progress of the (slow) loading on stderr."""
+    from mindspeed_vita.errors import UserInputError
+    from mindspeed_vita.progress import steps
 
-    check_request(args)
-    sampling = SamplingParams(greedy=args.temperature is None,
-                              temperature=args.temperature or 1.0, top_p=args.top_p)
-    backend = get_backend(args.backend)
-    initialize_parallel(backend, tp=1)
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserInputError(f"--top-p {args.top_p}: must be in (0, 1]")
+    with steps(["import torch and megatron-core", "check the request", "load the checkpoint"],
+               desc="[infer]") as step:
+        step("import torch and megatron-core")
+        from backends import get_backend
+        from mindspeed_vita.inference.engine import Generator
+        from mindspeed_vita.inference.sampling import SamplingParams
+        from mindspeed_vita.models.build import load_pretrained
+        from mindspeed_vita.config.schema import ParallelConfig
+        from mindspeed_vita.parallel.layout import ParallelLayout
+        from mindspeed_vita.parallel.process_groups import (destroy_parallel, initialize_parallel,
+                                                            launch_world_size)
+
+        step("check the request")
+        check_request(args)
+        sampling = SamplingParams(greedy=args.temperature is None,
+                                  temperature=args.temperature or 1.0, top_p=args.top_p)
+        # the default parallel section (no model split; more torchrun processes: data parallel)
+        layout = ParallelLayout.from_config(ParallelConfig(), launch_world_size())
+        backend = get_backend(args.backend)
+        step("load the checkpoint")
+        groups = initialize_parallel(backend, layout)
+        try:
+            model, tokenizer, _ = load_pretrained(args.checkpoint, backend, groups=groups)
+        except BaseException:
+            destroy_parallel()
+            raise
     try:
-        model, tokenizer, _ = load_pretrained(args.checkpoint, backend)
         model.eval()
         gen = Generator(model, tokenizer, max_num_frame=args.max_num_frame,
                         system_prompt=args.system_prompt)

@@ -7,7 +7,7 @@ stop at `<|im_end|>` / end-of-text or the token budget.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, FrozenSet, List, Optional, Sequence
 
 import torch
 
@@ -65,6 +65,18 @@ def _cached_forward(model, decoder_input: torch.Tensor, position_ids: torch.Tens
     return hidden
 
 
+def visual_token_ids(tokenizer) -> FrozenSet[int]:
+    """Ids a model must never generate: visual context tokens and the tags around them
+    (fed back, a context token would ask for visual features that do not exist)."""
+    ids = set(tokenizer.context_token_ids)
+    ids.update(getattr(tokenizer, name) for name in (
+        "img_start_id", "img_end_id", "patch_start_id", "patch_end_id", "vid_start_id",
+        "vid_end_id"))
+    vocab = tokenizer.hf.get_vocab()
+    ids.update(vocab[tag] for tag in ("<image>", "<video>") if tag in vocab)
+    return frozenset(int(i) for i in ids)
+
+
 def _embed(model, input_ids: torch.Tensor, positions: torch.Tensor,
            pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Embeddings (visual rows included) of this step's tokens through the model's inputs seam."""
@@ -84,6 +96,9 @@ class Generator:
         #: `<|im_end|>`, the tokenizer's eos and `<|endoftext|>` (what an exported
         #: generation_config.json lists as eos_token_id)
         self.stop_ids = set(tokenizer.stop_token_ids)
+        #: masked to -inf before every choice, so generation never emits a visual token
+        self.banned_ids = torch.tensor(sorted(visual_token_ids(tokenizer)), dtype=torch.long,
+                                       device=model.backend.device())
 
     def render(self, request: Sample):
         """Token ids `[1, s]` and pixel tensor of a request, with the generation prompt.
@@ -102,8 +117,12 @@ class Generator:
     @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
                      max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-                     seed: int = 0) -> GenerationResult:
-        """Generate from ready token ids `[1, s]` (+ pixels); see `generate`."""
+                     seed: int = 0, on_token: Optional[Callable[[int], bool]] = None
+                     ) -> GenerationResult:
+        """Generate from ready token ids `[1, s]` (+ pixels); see `generate`.
+
+        `on_token(token_id)` is called after each chosen token; returning True ends the
+        generation there (stop strings, timeouts, a client that went away)."""
         model = self.model
         device = model.backend.device()
         input_ids = input_ids.to(device)
@@ -120,12 +139,16 @@ class Generator:
         result = GenerationResult(text="", prompt_tokens=prompt_len)
         for step in range(max_new_tokens):
             logits = model.last_logits(hidden)
-            token, logprob = choose_next_token(logits, sampling, generator)
+            token, logprob = choose_next_token(logits, sampling, generator,
+                                               banned_ids=self.banned_ids)
             token_id = int(token[0])
             result.token_ids.append(token_id)
             result.logprobs.append(float(logprob[0]))
             if token_id in self.stop_ids:
                 result.stop_reason = "stop_token"
+                break
+            if on_token is not None and on_token(token_id):
+                result.stop_reason = "stopped"
                 break
             if step + 1 == max_new_tokens:
                 break

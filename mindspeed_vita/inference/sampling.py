@@ -25,16 +25,19 @@ class SamplingParams:
 
 
 def choose_next_token(logits: torch.Tensor, params: SamplingParams,
-                      generator: Optional[torch.Generator] = None
+                      generator: Optional[torch.Generator] = None,
+                      banned_ids: Optional[torch.Tensor] = None
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row of `logits [b, vocab]`.
+    """Pick one token per row of `logits [b, vocab]`, never one of `banned_ids`.
 
     Returns `(token_ids [b], logprobs [b])` where logprobs is the log-probability of the chosen
     token under the model's own distribution (log_softmax of the raw logits, fp32), whatever
-    the sampling settings.
+    the sampling settings and bans.
     """
     logits = logits.float()
     logprobs_all = torch.log_softmax(logits, dim=-1)
+    if banned_ids is not None and banned_ids.numel():
+        logits = logits.index_fill(-1, banned_ids, float("-inf"))
     if params.greedy:
         tokens = logits.argmax(dim=-1)
     else:

@@ -4,7 +4,8 @@ megatron's `SelfAttention` projects q/k/v (fused, GQA-interleaved `linear_qkv`),
 `core_attention` submodule, then projects out. We plug `BackendCoreAttention` in as that
 submodule. It receives q/k/v in megatron's layout - `[s, b, n, d]`, or `[t, n, d]` when the
 batch is packed (THD) - applies RoPE with `backend.apply_rotary` and attends with
-`backend.attention` (causal, GQA, per-sequence `cu_seqlens` when packed).
+`backend.attention` (causal, GQA, per-sequence bounds when packed, all in one `AttentionParams`
+built once per forward).
 
 Why rotary lives here and not in megatron: megatron's own RoPE derives angles from `arange`
 (per packed sequence at best) and has its own CP slicing; our batches carry explicit position
@@ -16,8 +17,9 @@ layer (and through activation recompute) to this module. megatron is given
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -25,6 +27,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from backends.attention_params import AttentionParams
 from backends.base import Backend
 
 
@@ -34,9 +37,14 @@ class RotarySeqParams(PackedSeqParams):
 
     `qkv_format="sbhd"`: dense batch, `rotary_cos`/`rotary_sin` are `[s, b, 1, d]`.
     `qkv_format="thd"`: packed batch, `cu_seqlens_q/kv` (int32, leading 0) bound the sequences
-    and `rotary_cos`/`rotary_sin` are `[t, 1, d]`.
+    and `rotary_cos`/`rotary_sin` are `[t, 1, d]`; `attention` holds the same bounds as the
+    backend's `AttentionParams` (device tensors AND host tuples), built once per forward so no
+    layer's attention call syncs the device.
+    Under context parallelism `attention` is the batch's `RingAttentionParams` instead (dense or
+    packed), which the layer spec's `RingCoreAttention` takes.
     """
 
+    attention: Optional[Any] = None
     rotary_cos: Optional[torch.Tensor] = None
     rotary_sin: Optional[torch.Tensor] = None
     #: inference only: a `KVCache` (inference.kv_cache) that keeps every layer's rotated keys and
@@ -44,18 +52,33 @@ class RotarySeqParams(PackedSeqParams):
     kv_cache: Optional[Any] = None
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float,
-                   dtype: torch.dtype) -> "tuple[torch.Tensor, torch.Tensor]":
-    """cos/sin `[..., head_dim]` for integer `position_ids [...]` (half-rotation RoPE).
+#: dense causal self-attention; the params hold no tensors, so one object serves every call
+_DENSE_CAUSAL = AttentionParams.dense("causal")
 
-    Angles are computed in fp32 (inv_freq = base^(-2i/d), duplicated over both halves) and the
-    result is cast to `dtype`, matching transformers' Qwen2 rotary embedding bit for bit.
+
+def packed_attention_params(cu_seqlens: Sequence[int], device) -> AttentionParams:
+    """Causal `AttentionParams` of a packed batch from HOST cumulative lengths (leading 0).
+
+    `cu_seqlens`: a list/tuple or a CPU tensor (PackedBatch's; `.tolist()` on a host tensor is
+    no device sync). The device tensors are built once here, for every layer to share.
     """
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
-    inv_freq = 1.0 / (base ** (exponent / head_dim))
-    angles = position_ids.float()[..., None] * inv_freq  # [..., d/2]
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return AttentionParams.packed(cu_seqlens, mask="causal", device=device)
+
+
+def attention_params_of(packed_seq_params: PackedSeqParams, device) -> AttentionParams:
+    """The `AttentionParams` a THD `PackedSeqParams` describes: its own `attention` when it is a
+    `RotarySeqParams` that has one, else built once from `cu_seqlens_q/kv` (read to the host:
+    one sync per forward when they live on the device, none per layer)."""
+    attention = getattr(packed_seq_params, "attention", None)
+    if attention is not None:
+        return attention
+    p = packed_seq_params
+    if p.cu_seqlens_q is None:
+        raise ValueError("packed (thd) PackedSeqParams need cu_seqlens_q")
+    cu_q = p.cu_seqlens_q.cpu()
+    same = p.cu_seqlens_kv is None or p.cu_seqlens_kv is p.cu_seqlens_q
+    cu_kv = None if same else p.cu_seqlens_kv.cpu()
+    return AttentionParams.packed(cu_q, cu_kv, mask="causal", device=device)
 
 
 class BackendCoreAttention(MegatronModule):
@@ -84,6 +107,28 @@ class BackendCoreAttention(MegatronModule):
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
 
+    def _with_scale(self, params: AttentionParams) -> AttentionParams:
+        """`params` with this layer's softmax scale when megatron gave one."""
+        if self.softmax_scale is None or params.scale == self.softmax_scale:
+            return params
+        return dataclasses.replace(params, scale=self.softmax_scale)
+
+    def _checked(self, attention_mask, attn_mask_type, attention_bias,
+                 packed_seq_params) -> RotarySeqParams:
+        """Refuse what megatron may pass that this causal, mask-free core cannot honour; return
+        the `RotarySeqParams` (rotary cos/sin and attention parameters of the batch)."""
+        name = type(self).__name__
+        if attention_mask is not None or attention_bias is not None:
+            raise ValueError(f"{name} takes no attention_mask / attention_bias: "
+                             "causality is built in and packed sequences use cu_seqlens")
+        if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"{name} is causal-only, got {attn_mask_type}")
+        p = packed_seq_params
+        if not isinstance(p, RotarySeqParams) or p.rotary_cos is None:
+            raise ValueError(f"{name} needs RotarySeqParams with rotary cos/sin "
+                             "(built by Qwen2LanguageModel.forward from position_ids)")
+        return p
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None,
@@ -91,35 +136,28 @@ class BackendCoreAttention(MegatronModule):
                 packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
         """q `[s, b, n_q, d]`, k/v `[s, b, n_kv, d]` -> `[s, b, n_q * d]`; packed (THD):
         q `[t, n_q, d]`, k/v `[t, n_kv, d]` -> `[t, n_q * d]`."""
-        if attention_mask is not None or attention_bias is not None:
-            raise ValueError("BackendCoreAttention takes no attention_mask / attention_bias: "
-                             "causality is built in and packed sequences use cu_seqlens")
-        if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
-            raise ValueError(f"BackendCoreAttention is causal-only, got {attn_mask_type}")
-        p = packed_seq_params
-        if not isinstance(p, RotarySeqParams) or p.rotary_cos is None:
-            raise ValueError("BackendCoreAttention needs RotarySeqParams with rotary cos/sin "
-                             "(built by Qwen2LanguageModel.forward from position_ids)")
+        p = self._checked(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         query = self.backend.apply_rotary(query, p.rotary_cos, p.rotary_sin)
         key = self.backend.apply_rotary(key, p.rotary_cos, p.rotary_sin)
         if p.qkv_format == "thd":
-            out = self.backend.attention(
-                query, key, value, causal=True, scale=self.softmax_scale,
-                cu_seqlens_q=p.cu_seqlens_q, cu_seqlens_kv=p.cu_seqlens_kv,
-                max_seqlen_q=p.max_seqlen_q, max_seqlen_kv=p.max_seqlen_kv)
+            if p.attention is None:
+                raise ValueError("packed (thd) attention needs RotarySeqParams.attention, built "
+                                 "once per forward by Qwen2LanguageModel.rotary_params")
+            out = self.backend.attention(query, key, value, self._with_scale(p.attention))
             return out.reshape(out.shape[0], -1)
         if p.qkv_format != "sbhd":
             raise ValueError(f"qkv_format={p.qkv_format!r}: expected 'sbhd' or 'thd'")
-        causal = True
+        params = _DENSE_CAUSAL
         if p.kv_cache is not None:
             key, value = p.kv_cache.update(self.layer_number, key, value)
-            if query.shape[0] != key.shape[0]:
-                if query.shape[0] != 1:
-                    raise ValueError("KV-cache attention takes a prefill into an empty cache or "
-                                     "one new token per step")
-                causal = False  # one new row sees every cached position
+            if query.shape[0] != key.shape[0] and query.shape[0] != 1:
+                raise ValueError("KV-cache attention takes a prefill into an empty cache or "
+                                 "one new token per step")
+            # the step's rows come after the cached ones: row i sees keys j <= i + s_kv - s_q
+            # (a prefill into an empty cache has s_q == s_kv, where this is plain causal)
+            params = params.with_mask("causal_bottom_right")
         # megatron is [s, b, n, d]; backends take [b, s, n, d]
         out = self.backend.attention(query.transpose(0, 1), key.transpose(0, 1),
-                                     value.transpose(0, 1), causal=causal, scale=self.softmax_scale)
+                                     value.transpose(0, 1), self._with_scale(params))
         out = out.transpose(0, 1)
         return out.reshape(out.shape[0], out.shape[1], -1)

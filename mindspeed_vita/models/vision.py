@@ -32,8 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from backends.attention_params import AttentionParams
 from backends.base import Backend
 from mindspeed_vita.config.model import VisionConfig
+
+#: the ViT attends densely and bidirectionally; the params hold no tensors, so one serves all
+_VIT_ATTENTION = AttentionParams.dense()
 
 
 class VisionAttention(nn.Module):
@@ -56,7 +60,7 @@ class VisionAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         else:
-            out = self.backend.attention(q, k, v, causal=False)
+            out = self.backend.attention(q, k, v, _VIT_ATTENTION)
         return self.proj(out.reshape(b, s, width))
 
 
@@ -98,8 +102,8 @@ class InternViT(nn.Module):
         config: encoder shape; `config.select_layer` picks the output in InternVL's convention
             (index into (embeddings, layer 1, ..., layer L); -1 = last layer). All layers are
             built so checkpoints load unchanged; only those up to `select_layer` run.
-        backend: provides `attention(q, k, v, causal=False)` on [b, s, n, d] so device kernels
-            are used; None computes attention with
+        backend: provides `attention(q, k, v, AttentionParams.dense())` on [b, s, n, d] so
+            device kernels are used; None computes attention with
             `torch.nn.functional.scaled_dot_product_attention`.
         recompute: recompute each layer's activations in backward (activation checkpointing),
             as stage 2 does for the ViT. May also be toggled later through `self.recompute`.

@@ -6,7 +6,7 @@
 * Learning rates: one megatron param-group override (`max_lr`, `min_lr`) per ViT depth.
   Stage 2 trains the ViT at `lr * vision_lr_mult * vision_layer_decay ** (L + 1 - layer_id)`
   where L is the number of ViT layers, the patch / position / class embeddings are layer 0,
-  block i is layer i + 1 and anything after the blocks is layer L + 1 (long-vita-facts, stage
+  block i is layer i + 1 and anything after the blocks is layer L + 1 (docs/long-vita.md, stage
   table: lr x 0.1 x 0.9^(25 - layer) for the 24-layer InternViT). min_lr scales by the same
   factor, so every group follows the same cosine shape.
 * Weight decay: megatron's rule, none on biases and 1-D parameters (norm weights, layer scales).

@@ -4,6 +4,7 @@ import torch
 
 from backends import BackendUnavailableError, get_backend, resolve_backend_name
 from backends import reference as ref
+from backends.attention_params import AttentionParams
 from backends.cpu import CPUBackend
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -22,7 +23,19 @@ def _inputs(dtype, b=2, s=24, s_kv=None, n_q=4, n_kv=2, d=16, seed=0, packed=Non
 
 
 def _cu(lengths):
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    cu = [0]
+    for length in lengths:
+        cu.append(cu[-1] + length)
+    return cu
+
+
+def _dense(causal):
+    return AttentionParams.dense("causal" if causal else "none")
+
+
+def _packed(causal, lengths_q, lengths_kv=None):
+    return AttentionParams.packed(_cu(lengths_q), None if lengths_kv is None else _cu(lengths_kv),
+                                  mask="causal" if causal else "none")
 
 
 CASES = [
@@ -38,13 +51,14 @@ def test_dense_attention_matches_reference(dtype, case):
     case = dict(case)
     causal = case.pop("causal")
     q, k, v, do = _inputs(dtype, **case)
-    out, lse = be.attention_forward(q, k, v, causal=causal)
-    out_r, lse_r = ref.attention_reference(q, k, v, causal=causal)
+    p = _dense(causal)
+    out, lse = be.attention_forward(q, k, v, p)
+    out_r, lse_r = ref.attention_reference(q, k, v, p)
     assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
     torch.testing.assert_close(out.float(), out_r.float(), atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(lse, lse_r, atol=TOL[dtype], rtol=TOL[dtype])
-    grads = be.attention_backward(do, q, k, v, out_r, lse_r, causal=causal)
-    grads_r = ref.attention_backward_reference(do, q, k, v, out_r, lse_r, causal=causal)
+    grads = be.attention_backward(do, q, k, v, out_r, lse_r, p)
+    grads_r = ref.attention_backward_reference(do, q, k, v, out_r, lse_r, p)
     for g, gr in zip(grads, grads_r):
         assert g.shape == gr.shape and g.dtype == gr.dtype
         torch.testing.assert_close(g.float(), gr.float(), atol=5 * TOL[dtype], rtol=5 * TOL[dtype])
@@ -56,17 +70,14 @@ def test_packed_varlen_matches_reference(dtype, causal):
     be = CPUBackend()
     lengths = [5, 1, 12, 7]
     q, k, v, do = _inputs(dtype, packed=lengths)
-    cu = _cu(lengths)
-    out, lse = be.attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu, cu_seqlens_kv=cu)
-    out_r, lse_r = ref.attention_reference(q, k, v, causal=causal, cu_seqlens_q=cu,
-                                           cu_seqlens_kv=cu)
+    p = _packed(causal, lengths)
+    out, lse = be.attention_forward(q, k, v, p)
+    out_r, lse_r = ref.attention_reference(q, k, v, p)
     assert lse.shape == (q.shape[1], q.shape[0])
     torch.testing.assert_close(out.float(), out_r.float(), atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(lse, lse_r, atol=TOL[dtype], rtol=TOL[dtype])
-    grads = be.attention_backward(do, q, k, v, out_r, lse_r, causal=causal, cu_seqlens_q=cu,
-                                  cu_seqlens_kv=cu)
-    grads_r = ref.attention_backward_reference(do, q, k, v, out_r, lse_r, causal=causal,
-                                               cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    grads = be.attention_backward(do, q, k, v, out_r, lse_r, p)
+    grads_r = ref.attention_backward_reference(do, q, k, v, out_r, lse_r, p)
     for g, gr in zip(grads, grads_r):
         torch.testing.assert_close(g.float(), gr.float(), atol=5 * TOL[dtype], rtol=5 * TOL[dtype])
 
@@ -75,9 +86,9 @@ def test_packed_equals_each_sequence_alone():
     be = CPUBackend()
     lengths = [6, 10]
     q, k, v, _ = _inputs(torch.float32, packed=lengths)
-    out, _ = be.attention_forward(q, k, v, causal=True, cu_seqlens_q=_cu(lengths))
+    out, _ = be.attention_forward(q, k, v, _packed(True, lengths))
     for sl in (slice(0, 6), slice(6, 16)):
-        alone, _ = be.attention_forward(q[None, sl], k[None, sl], v[None, sl], causal=True)
+        alone, _ = be.attention_forward(q[None, sl], k[None, sl], v[None, sl], _dense(True))
         torch.testing.assert_close(out[sl], alone[0], atol=1e-6, rtol=1e-6)
 
 
@@ -86,11 +97,12 @@ def test_backward_uses_given_stats():
     follow the given statistics, not recomputed ones."""
     be = CPUBackend()
     q, k, v, do = _inputs(torch.float32)
-    out, lse = ref.attention_reference(q, k, v, causal=False)
+    p = _dense(False)
+    out, lse = ref.attention_reference(q, k, v, p)
     lse_merged, out_merged = lse + 0.3, out * 0.7
-    g = be.attention_backward(do, q, k, v, out_merged, lse_merged, causal=False)
-    g_r = ref.attention_backward_reference(do, q, k, v, out_merged, lse_merged, causal=False)
-    g_plain = ref.attention_backward_reference(do, q, k, v, out, lse, causal=False)
+    g = be.attention_backward(do, q, k, v, out_merged, lse_merged, p)
+    g_r = ref.attention_backward_reference(do, q, k, v, out_merged, lse_merged, p)
+    g_plain = ref.attention_backward_reference(do, q, k, v, out, lse, p)
     for a, b, c in zip(g, g_r, g_plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(g[0], g_plain[0], atol=1e-3)
@@ -100,9 +112,9 @@ def test_attention_autograd_matches_reference_autograd():
     be = CPUBackend()
     q, k, v, do = _inputs(torch.float32)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    be.attention(*leaves, causal=True).backward(do)
+    be.attention(*leaves, _dense(True)).backward(do)
     leaves_r = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref.attention_reference(*leaves_r, causal=True)[0].backward(do)
+    ref.attention_reference(*leaves_r, _dense(True))[0].backward(do)
     for a, b in zip(leaves, leaves_r):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
 
@@ -114,7 +126,7 @@ def test_reference_matches_softmax_definition():
     mask = torch.ones(s.shape[-2:], dtype=torch.bool).triu(1)
     p = s.masked_fill(mask, float("-inf")).softmax(-1)
     expected = torch.einsum("bhqk,bkhd->bqhd", p, v)
-    out, lse = ref.attention_reference(q, k, v, causal=True)
+    out, lse = ref.attention_reference(q, k, v, _dense(True))
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(lse, torch.logsumexp(s.masked_fill(mask, float("-inf")), -1))
 
@@ -163,25 +175,22 @@ def test_rows_without_keys_give_zero_output_and_minus_inf_lse(causal):
     be = CPUBackend()
     q, _, _, do = _inputs(torch.float32, packed=[3, 5])
     k, v = q[:6, :2], q[2:8, :2]
-    cu_q, cu_kv = _cu([3, 5]), _cu([0, 6])
-    out, lse = be.attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
-    out_r, lse_r = ref.attention_reference(q, k, v, causal=causal, cu_seqlens_q=cu_q,
-                                           cu_seqlens_kv=cu_kv)
+    p = _packed(causal, [3, 5], [0, 6])
+    out, lse = be.attention_forward(q, k, v, p)
+    out_r, lse_r = ref.attention_reference(q, k, v, p)
     assert torch.equal(out[:3], torch.zeros_like(out[:3]))
     assert torch.all(lse[:, :3] == -float("inf"))
     torch.testing.assert_close(out, out_r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, lse_r, atol=1e-5, rtol=1e-5)
-    grads = be.attention_backward(do, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q,
-                                  cu_seqlens_kv=cu_kv)
-    grads_r = ref.attention_backward_reference(do, q, k, v, out, lse, causal=causal,
-                                               cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
+    grads = be.attention_backward(do, q, k, v, out, lse, p)
+    grads_r = ref.attention_backward_reference(do, q, k, v, out, lse, p)
     for g, gr in zip(grads, grads_r):
         torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
     dense_q = q[None, :4]
     empty = torch.zeros(1, 0, 2, q.shape[-1])
-    out, lse = be.attention_forward(dense_q, empty, empty, causal=causal)
+    out, lse = be.attention_forward(dense_q, empty, empty, _dense(causal))
     assert torch.equal(out, torch.zeros_like(dense_q)) and lse.shape == (1, 4, 4)
     assert torch.all(lse == -float("inf"))
     assert all(torch.equal(g, torch.zeros_like(x)) for g, x in zip(
-        be.attention_backward(dense_q, dense_q, empty, empty, out, lse, causal=causal),
+        be.attention_backward(dense_q, dense_q, empty, empty, out, lse, _dense(causal)),
         (dense_q, empty, empty)))

@@ -5,6 +5,7 @@ the backend's use of them: layouts, masks, sparse modes, cumulative lengths, sta
 and the lse <-> (softmax_max, softmax_sum) conversion that ring attention relies on.
 Tolerances: fp32 atol 1e-5; bf16 atol/rtol 2e-2 (both sides round to bf16 at different points).
 """
+import dataclasses
 import importlib
 import math
 import subprocess
@@ -16,9 +17,12 @@ import torch
 
 from tests.backends.attention_checks import assert_autograd_matches_reference
 from backends import get_backend
+from backends.attention_params import AttentionParams
 from backends.base import BackendUnavailableError
 from backends.cpu import CPUBackend
 from backends.fakes import FakeTorchNPU
+import backends.npu as npu_module
+from backends.fakes.torch_npu_fake import FLT_MAX
 from backends.npu import NPUBackend
 
 FP32_TOL = dict(atol=1e-5, rtol=0)
@@ -51,7 +55,10 @@ def _randn(*shape, seed, dtype=torch.float32):
 
 
 def _cu(lengths):
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+    cu = [0]
+    for length in lengths:
+        cu.append(cu[-1] + length)
+    return cu
 
 
 # case id -> (q shape, kv shape, causal, packed lengths or None)
@@ -70,17 +77,19 @@ def _case_tensors(case, dtype):
     q = _randn(*q_shape, seed=1, dtype=dtype)
     k, v = _randn(*kv_shape, seed=2, dtype=dtype), _randn(*kv_shape, seed=3, dtype=dtype)
     dout = _randn(*q_shape, seed=4, dtype=dtype)
-    cu = None if lengths is None else _cu(lengths)
-    return q, k, v, dout, dict(causal=causal, cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    mask = "causal" if causal else "none"
+    params = (AttentionParams.dense(mask) if lengths is None
+              else AttentionParams.packed(_cu(lengths), mask=mask))
+    return q, k, v, dout, params
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_forward_and_backward_match_cpu_backend(npu_backend, case, dtype, tol):
-    q, k, v, dout, kwargs = _case_tensors(case, dtype)
+    q, k, v, dout, params = _case_tensors(case, dtype)
     cpu = CPUBackend()
-    out, lse = npu_backend.attention_forward(q, k, v, **kwargs)
-    ref_out, ref_lse = cpu.attention_forward(q, k, v, **kwargs)
+    out, lse = npu_backend.attention_forward(q, k, v, params)
+    ref_out, ref_lse = cpu.attention_forward(q, k, v, params)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == ref_lse.shape
     torch.testing.assert_close(out.float(), ref_out.float(), **tol)
     torch.testing.assert_close(lse, ref_lse, **tol)
@@ -89,8 +98,8 @@ def test_attention_forward_and_backward_match_cpu_backend(npu_backend, case, dty
     shift = 0.3 * _randn(*lse.shape, seed=5)
     merged_out = (0.8 * ref_out.float() + 0.1 * _randn(*ref_out.shape, seed=6)).to(dtype)
     for given_out, given_lse in ((ref_out, ref_lse), (merged_out, ref_lse + shift)):
-        grads = npu_backend.attention_backward(dout, q, k, v, given_out, given_lse, **kwargs)
-        ref_grads = cpu.attention_backward(dout, q, k, v, given_out, given_lse, **kwargs)
+        grads = npu_backend.attention_backward(dout, q, k, v, given_out, given_lse, params)
+        ref_grads = cpu.attention_backward(dout, q, k, v, given_out, given_lse, params)
         for got, expected, like in zip(grads, ref_grads, (q, k, v)):
             assert got.shape == like.shape and got.dtype == like.dtype
             torch.testing.assert_close(got.float(), expected.float(), **tol)
@@ -98,16 +107,16 @@ def test_attention_forward_and_backward_match_cpu_backend(npu_backend, case, dty
 
 @pytest.mark.parametrize("case", ["gqa_causal", "packed_causal_gqa", "packed_full"])
 def test_attention_autograd_matches_reference_autograd(npu_backend, case):
-    q, k, v, dout, kwargs = _case_tensors(case, torch.float32)
-    assert_autograd_matches_reference(npu_backend, q, k, v, dout, kwargs, FP32_TOL)
+    q, k, v, dout, params = _case_tensors(case, torch.float32)
+    assert_autograd_matches_reference(npu_backend, q, k, v, dout, params, FP32_TOL)
 
 
 def test_attention_calls_the_op_as_the_fact_sheet_requires(npu_backend):
     fake = npu_backend._ops
-    q, k, v, dout, kwargs = _case_tensors("dense_causal", torch.float32)
-    out, lse = npu_backend.attention_forward(q, k, v, **kwargs)
-    npu_backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
-    npu_backend.attention_forward(q, k, v, **kwargs)
+    q, k, v, dout, params = _case_tensors("dense_causal", torch.float32)
+    out, lse = npu_backend.attention_forward(q, k, v, params)
+    npu_backend.attention_backward(dout, q, k, v, out, lse, params)
+    npu_backend.attention_forward(q, k, v, params)
     dense_fwd, dense_grad, dense_again = fake.forward_calls[0], fake.grad_calls[0], fake.forward_calls[1]
     assert dense_fwd["input_layout"] == "BSND" and dense_fwd["head_num"] == 2
     assert dense_fwd["sparse_mode"] == 2 and dense_fwd["scale"] == pytest.approx(1 / math.sqrt(16))
@@ -115,32 +124,34 @@ def test_attention_calls_the_op_as_the_fact_sheet_requires(npu_backend):
     assert dense_fwd["atten_mask"].shape == (2048, 2048)
     assert dense_again["atten_mask"] is dense_fwd["atten_mask"] is dense_grad["atten_mask"]  # built once
 
-    q, k, v, dout, kwargs = _case_tensors("packed_causal_gqa", torch.float32)
-    npu_backend.attention_forward(q, k, v, scale=0.5, **kwargs)
+    q, k, v, dout, params = _case_tensors("packed_causal_gqa", torch.float32)
+    npu_backend.attention_forward(q, k, v, dataclasses.replace(params, scale=0.5))
     packed = fake.forward_calls[-1]
-    assert packed["input_layout"] == "TND" and packed["sparse_mode"] == 3 and packed["scale"] == 0.5
+    # "causal" is top-left: sparse_mode 2 (mode 3 is bottom-right and refuses s_q > s_kv in TND)
+    assert packed["input_layout"] == "TND" and packed["sparse_mode"] == 2 and packed["scale"] == 0.5
     assert packed["actual_seq_qlen"] == [5, 22, 23, 39] and all(type(x) is int for x in packed["actual_seq_qlen"])
     assert packed["atten_mask"] is dense_fwd["atten_mask"]
 
-    q, k, v, dout, kwargs = _case_tensors("dense_full", torch.float32)
-    npu_backend.attention_forward(q, k, v, **kwargs)
+    q, k, v, dout, params = _case_tensors("dense_full", torch.float32)
+    npu_backend.attention_forward(q, k, v, params)
     assert fake.forward_calls[-1]["atten_mask"] is None and fake.forward_calls[-1]["sparse_mode"] == 0
 
 
-def test_packed_causal_needs_equal_query_and_key_lengths(npu_backend):
+def test_packed_rows_must_match_the_cumulative_lengths(npu_backend):
+    """The kernel takes T > the sum of lengths and leaves the tail uninitialised: refused here."""
     q = _randn(10, 2, 16, seed=0)
-    with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_kv"):
-        npu_backend.attention_forward(q, q, q, causal=True, cu_seqlens_q=_cu([4, 6]), cu_seqlens_kv=_cu([6, 4]))
-    with pytest.raises(ValueError, match="start with 0"):
-        npu_backend.attention_forward(q, q, q, causal=False, cu_seqlens_q=torch.tensor([4, 10]))
+    with pytest.raises(ValueError, match="10 rows but its cumulative lengths end at 9"):
+        npu_backend.attention_forward(q, q, q, AttentionParams.packed([0, 4, 9], mask="causal"))
+    with pytest.raises(ValueError, match="start at 0"):
+        npu_backend.attention_forward(q, q, q, AttentionParams.packed([4, 10], mask="none"))
 
 
 def test_backward_works_with_a_torch_npu_that_returns_dsink(npu_backend):
     backend = NPUBackend(torch_npu_module=FakeTorchNPU(release="7.3.0"))
-    q, k, v, dout, kwargs = _case_tensors("gqa_causal", torch.float32)
-    out, lse = backend.attention_forward(q, k, v, **kwargs)
-    grads = backend.attention_backward(dout, q, k, v, out, lse, **kwargs)
-    ref = CPUBackend().attention_backward(dout, q, k, v, out, lse, **kwargs)
+    q, k, v, dout, params = _case_tensors("gqa_causal", torch.float32)
+    out, lse = backend.attention_forward(q, k, v, params)
+    grads = backend.attention_backward(dout, q, k, v, out, lse, params)
+    ref = CPUBackend().attention_backward(dout, q, k, v, out, lse, params)
     for got, expected in zip(grads, ref):
         torch.testing.assert_close(got, expected, **FP32_TOL)
 
@@ -248,8 +259,11 @@ def test_probe_without_torch_npu_says_how_to_install_it(monkeypatch):
     _assert_one_sentence(message)
     version = torch.__version__.split("+")[0]
     assert "torch_npu failed to import" in message
+    # both CANN layouts (8.x ascend-toolkit, 9.x cann) where none is installed here
     assert "source /usr/local/Ascend/ascend-toolkit/set_env.sh" in message
-    assert f"pip install torch-npu=={version}" in message
+    assert "source /usr/local/Ascend/cann/set_env.sh" in message
+    # a wildcard, so the X.Y.Z.postN builds (each paired with a CANN release) match
+    assert f"pip install torch-npu=={version}.*'" in message
     with pytest.raises(BackendUnavailableError) as raised:
         NPUBackend()
     assert str(raised.value) == message
@@ -292,6 +306,7 @@ def test_adapt_megatron_without_mindspeed_does_nothing(monkeypatch):
 
 
 def test_adapt_megatron_with_mindspeed_missing_names_the_install_guide(monkeypatch):
+    monkeypatch.setattr(npu_module, "_megatron_core_version", lambda: "0.12.1")
     monkeypatch.setitem(sys.modules, "mindspeed", None)
     backend = NPUBackend(torch_npu_module=FakeTorchNPU(), use_mindspeed=True)
     with pytest.raises(BackendUnavailableError, match="install_guide.md"):
@@ -299,6 +314,7 @@ def test_adapt_megatron_with_mindspeed_missing_names_the_install_guide(monkeypat
 
 
 def test_adapt_megatron_imports_the_adaptor_once(monkeypatch, tmp_path):
+    monkeypatch.setattr(npu_module, "_megatron_core_version", lambda: "0.12.1")
     package = tmp_path / "mindspeed"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -320,3 +336,146 @@ def test_adapt_megatron_imports_the_adaptor_once(monkeypatch, tmp_path):
         for name in ("mindspeed", "mindspeed.megatron_adaptor"):
             sys.modules.pop(name, None)
         del builtins.MINDSPEED_ADAPTED
+
+
+# ------------------------------------------------------------ issue 8 section 3: the real ops
+def _mindspeed_package(tmp_path, monkeypatch, body):
+    package = tmp_path / "mindspeed"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "megatron_adaptor.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("mindspeed", "mindspeed.megatron_adaptor"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    importlib.invalidate_caches()
+
+
+def test_mindspeed_with_another_megatron_core_is_one_sentence_naming_both(monkeypatch, tmp_path):
+    _mindspeed_package(tmp_path, monkeypatch, "raise AssertionError('must not be imported')\n")
+    monkeypatch.setattr(npu_module, "_megatron_core_version", lambda: "0.16.1")
+    backend = NPUBackend(torch_npu_module=FakeTorchNPU(), use_mindspeed=True)
+    with pytest.raises(BackendUnavailableError) as raised:
+        backend.adapt_megatron()
+    message = str(raised.value)
+    assert "\n" not in message and ". " not in message
+    assert "megatron-core 0.12.1" in message and "megatron-core 0.16.1" in message
+
+
+def test_mindspeed_patch_failure_is_not_a_runtime_error_traceback(monkeypatch, tmp_path):
+    """MindSpeed raises RuntimeError('no exist ...') when a patch target is missing (a version
+    that could not be read beforehand): the user gets the same one sentence."""
+    _mindspeed_package(tmp_path, monkeypatch,
+                       "raise RuntimeError('no exist megatron.core.foo.bar of patch')\n")
+    monkeypatch.setattr(npu_module, "_megatron_core_version", lambda: None)
+    backend = NPUBackend(torch_npu_module=FakeTorchNPU(), use_mindspeed=True)
+    with pytest.raises(BackendUnavailableError, match="pairs only with megatron-core 0.12.1") as raised:
+        backend.adapt_megatron()
+    assert isinstance(raised.value.__cause__, RuntimeError)
+
+
+def test_megatron_core_version_is_read_without_importing_it(monkeypatch, tmp_path):
+    core = tmp_path / "megatron" / "core"
+    core.mkdir(parents=True)
+    (tmp_path / "megatron" / "__init__.py").write_text("raise AssertionError('imported')\n")
+    (core / "package_info.py").write_text("MAJOR = 0\nMINOR = 12\nPATCH = 1\nPRE_RELEASE = ''\n")
+    for name in [m for m in sys.modules if m == "megatron" or m.startswith("megatron.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert npu_module._megatron_core_version() == "0.12.1"
+    assert "megatron" not in sys.modules
+
+
+class _RankRecordingNPU(FakeTorchNPU):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rotary_shapes = []
+
+    def npu_rotary_mul(self, x, r1, r2, *args, **kwargs):
+        self.rotary_shapes.append((tuple(x.shape), tuple(r1.shape)))
+        return super().npu_rotary_mul(x, r1, r2, *args, **kwargs)
+
+
+def test_rotary_sends_4d_input_on_releases_before_7_3_0():
+    fake = _RankRecordingNPU(release="7.2.0")
+    backend = NPUBackend(torch_npu_module=fake)
+    x, angles = _randn(9, 3, 16, seed=0), _randn(9, 1, 16, seed=1)
+    out = backend.apply_rotary(x, angles.cos(), angles.sin())
+    torch.testing.assert_close(out, CPUBackend().apply_rotary(x, angles.cos(), angles.sin()), **FP32_TOL)
+    # packed [t, n, d] as SBND [t, 1, n, d] with the S11D broadcast [t, 1, 1, d]
+    assert fake.rotary_shapes == [((9, 1, 3, 16), (9, 1, 1, 16))]
+
+
+def test_rotary_with_wider_cos_sin_keeps_the_reference_numerics(npu_backend):
+    """The kernel casts cos/sin to x's dtype; the protocol (reference) promotes instead."""
+    x = _randn(9, 3, 64, seed=0, dtype=torch.bfloat16)
+    angles = 50.0 * _randn(9, 1, 64, seed=1)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, ref = npu_backend.apply_rotary(x1, cos, sin), CPUBackend().apply_rotary(x2, cos, sin)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    out.backward(torch.ones_like(out))
+    ref.backward(torch.ones_like(ref))
+    # bf16 x.grad: the reference rounds each of its two terms to bf16 before adding them
+    torch.testing.assert_close(x1.grad.float(), x2.grad.float(), **BF16_TOL)
+
+
+@pytest.mark.parametrize("mask,packed,lengths_kv,mode,band", [
+    ("none", False, None, 0, None),
+    ("causal", False, None, 2, None),                 # top-left
+    ("causal_bottom_right", False, None, 3, None),
+    ("none", True, None, 0, None),
+    ("causal", True, [7, 2, 9], 2, None),             # top-left per sequence, any lengths
+    ("causal_bottom_right", True, [7, 5, 9], 3, None),  # every s_q <= s_kv
+    ("causal_bottom_right", True, [7, 2, 9], 4, (9, 0)),  # s_q 5 > s_kv 2: mode 3 refuses
+])
+def test_mask_kinds_map_to_the_documented_sparse_modes(npu_backend, mask, packed, lengths_kv, mode, band):
+    fake = npu_backend._ops
+    if packed:
+        q = _randn(14, 2, 16, seed=0)
+        kv_lengths = lengths_kv or [4, 5, 5]
+        k = _randn(sum(kv_lengths), 2, 16, seed=1)
+        params = AttentionParams.packed(_cu([4, 5, 5]), _cu(kv_lengths), mask=mask)
+    else:
+        q, k = _randn(2, 5, 2, 16, seed=0), _randn(2, 8, 2, 16, seed=1)
+        params = AttentionParams.dense(mask)
+    out, lse = npu_backend.attention_forward(q, k, k, params)
+    npu_backend.attention_backward(out, q, k, k, out, lse, params)
+    for call in (fake.forward_calls[-1], fake.grad_calls[-1]):
+        assert call["sparse_mode"] == mode
+        assert (call["atten_mask"] is None) == (mode == 0)
+        if band is not None:
+            assert (call["pre_tockens"], call["next_tockens"]) == band
+    ref_out, ref_lse = CPUBackend().attention_forward(q, k, k, params)
+    torch.testing.assert_close(out, ref_out, **FP32_TOL)
+    torch.testing.assert_close(lse, ref_lse, **FP32_TOL)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_fully_masked_rows_map_the_kernels_lse_to_minus_inf_and_back(npu_backend, packed):
+    fake = npu_backend._ops
+    if packed:  # sequence 1 has 6 queries for 2 keys: its first 4 rows see no key
+        q, k = _randn(9, 2, 16, seed=0), _randn(5, 1, 16, seed=1)
+        params = AttentionParams.packed(_cu([3, 6]), _cu([3, 2]), mask="causal_bottom_right")
+        dead = [3, 4, 5, 6]
+    else:
+        q, k = _randn(1, 6, 2, 16, seed=0), _randn(1, 2, 1, 16, seed=1)
+        params = AttentionParams.dense("causal_bottom_right")
+        dead = [0, 1, 2, 3]
+    out, lse = npu_backend.attention_forward(q, k, k, params)
+    stats = fake.forward_calls[-1]
+    dead_lse = lse[..., dead]
+    assert torch.isneginf(dead_lse).all() and torch.isfinite(lse[..., [i for i in range(lse.shape[-1])
+                                                                         if i not in dead]]).all()
+    dout = torch.ones_like(out)
+    grads = npu_backend.attention_backward(dout, q, k, k, out, lse, params)
+    ref = CPUBackend().attention_backward(dout, q, k, k, out, lse, params)
+    for got, expected in zip(grads, ref):
+        torch.testing.assert_close(got, expected, **FP32_TOL)
+    # the grad kernel gets the statistics the forward kernel wrote for those rows
+    grad_call = fake.grad_calls[-1]
+    smax, ssum = grad_call["softmax_max"], grad_call["softmax_sum"]
+    assert (smax == -FLT_MAX).sum() == (ssum == FLT_MAX).sum() == len(dead) * q.shape[-2] * 8
+    assert not torch.isinf(smax).any() and stats["sparse_mode"] in (3, 4)
+

@@ -1,4 +1,5 @@
-"""The CPU fake of torch_npu against independent oracles and the fact sheet's worked examples.
+"""The CPU fake of torch_npu against independent oracles and the worked examples of
+docs/npu-op-contract.md.
 
 Oracles: torch's own CPU flash attention (`aten._scaled_dot_product_flash_attention_for_cpu` and
 its backward) for plain causal / full attention, and fp64 autograd over an explicitly masked
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.fakes import FakeTorchNPU, compressed_causal_mask
+from backends.fakes.torch_npu_fake import FLT_MAX
 
 FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -203,13 +205,16 @@ def test_prefix_modes_keep_causal_or_prefix_columns(npu, mode):
         npu.npu_fusion_attention(q, k, v, 1, "BNSD", atten_mask=mask, sparse_mode=mode, prefix=[1])
 
 
-def test_fully_masked_rows_give_zero_output(npu):
+def test_fully_masked_rows_give_zero_output_and_the_kernels_finite_statistics(npu):
     q, k, v = _bnsd(1, 2, 6, 16, seed=1), _bnsd(1, 2, 4, 16, seed=2), _bnsd(1, 2, 4, 16, seed=3)
     out, smax, ssum = npu.npu_fusion_attention(q, k, v, 2, "BNSD", atten_mask=compressed_causal_mask(),
                                                sparse_mode=3)[:3]
     # mode 3 with Sq=6 > Skv=4: rows 0 and 1 see no key (j <= i - 2)
     assert torch.equal(out[:, :, :2], torch.zeros_like(out[:, :, :2]))
-    assert torch.isneginf(smax[:, :, :2]).all() and (ssum[:, :, :2] == 0).all()
+    # the kernel writes max = -FLT_MAX and sum = +FLT_MAX there: a finite lse near -3.4e38
+    assert (smax[:, :, :2] == -FLT_MAX).all() and (ssum[:, :, :2] == FLT_MAX).all()
+    lse = smax[..., 0] + ssum[..., 0].log()
+    assert torch.isfinite(lse).all() and (lse[:, :, :2] < -3e38).all() and (lse[:, :, 2:] > -1e3).all()
     assert out[:, :, 2:].abs().sum() > 0
     dy = _bnsd(1, 2, 6, 16, seed=4)
     dq = npu.npu_fusion_attention_grad(q, k, v, dy, 2, "BNSD", atten_mask=compressed_causal_mask(), sparse_mode=3,
@@ -324,8 +329,8 @@ def test_tnd_cumulative_list_errors(npu):
         npu.npu_fusion_attention(q, q, q, 2, "TND", actual_seq_qlen=[3, 8], actual_seq_kvlen=[8])
     with pytest.raises(RuntimeError, match="non-decreasing"):
         npu.npu_fusion_attention(q, q, q, 2, "TND", actual_seq_qlen=[5, 3, 8], actual_seq_kvlen=[5, 3, 8])
-    with pytest.raises(RuntimeError, match="T=8"):
-        npu.npu_fusion_attention(q, q, q, 2, "TND", actual_seq_qlen=[3, 7], actual_seq_kvlen=[3, 7])
+    with pytest.raises(RuntimeError, match="only T=8"):
+        npu.npu_fusion_attention(q, q, q, 2, "TND", actual_seq_qlen=[3, 9], actual_seq_kvlen=[3, 9])
     with pytest.raises(TypeError, match="list of Python ints"):
         npu.npu_fusion_attention(q, q, q, 2, "TND", actual_seq_qlen=torch.tensor([3, 8]), actual_seq_kvlen=[3, 8])
 
@@ -427,6 +432,73 @@ def test_rank_and_tnd_mode_errors(npu):
     # the layout is case-insensitive, like the wrapper
     lower = npu.npu_fusion_attention(q, q, q, 1, "tnd", actual_seq_qlen=[4], actual_seq_kvlen=[4])[0]
     assert lower.shape == q.shape
+
+
+def test_tnd_tokens_beyond_the_lengths_are_left_uninitialised(npu):
+    """The kernel accepts T > the last cumulative end and does not write the tail rows."""
+    q = _tnd([3, 5], 2, 16, 1)
+    out, smax, ssum = npu.npu_fusion_attention(q, q, q, 2, "TND", actual_seq_qlen=[3, 7],
+                                               actual_seq_kvlen=[3, 7])[:3]
+    assert out.shape == q.shape and smax.shape == (8, 2, 8)
+    assert torch.isnan(out[7]).all() and torch.isfinite(out[:7]).all()
+    ref = npu.npu_fusion_attention(q[:7], q[:7], q[:7], 2, "TND", actual_seq_qlen=[3, 7],
+                                   actual_seq_kvlen=[3, 7])[0]
+    _close(out[:7], ref)
+    assert torch.isnan(smax.reshape(-1)[7 * 2 * 8:]).all()
+
+
+def test_tnd_sparse_mode_2_is_top_left_for_any_lengths_and_mode_3_refuses_longer_queries(npu):
+    q_lens, kv_lens = [4, 2], [2, 5]
+    q, k, v = _tnd(q_lens, 1, 16, 1), _tnd(kv_lens, 1, 16, 2), _tnd(kv_lens, 1, 16, 3)
+    out = npu.npu_fusion_attention(q, k, v, 1, "TND", atten_mask=compressed_causal_mask(), sparse_mode=2,
+                                   actual_seq_qlen=[4, 6], actual_seq_kvlen=[2, 7])[0]
+    top_left = _per_sequence_oracle(q, k, v, q_lens, kv_lens, lambda b, sq, skv: torch.ones(sq, skv).tril().bool(),
+                                    1.0)[0]
+    _close(out, top_left)
+    with pytest.raises(RuntimeError, match="Sq <= Skv per sequence"):
+        npu.npu_fusion_attention(q, k, v, 1, "TND", atten_mask=compressed_causal_mask(), sparse_mode=3,
+                                 actual_seq_qlen=[4, 6], actual_seq_kvlen=[2, 7])
+
+
+def test_documented_limits_are_enforced(npu):
+    q = torch.zeros(1, 1, 2, 769)
+    with pytest.raises(RuntimeError, match=r"head dim D must be in \[1, 768\]"):
+        npu.npu_fusion_attention(q, q, q, 1, "BNSD")
+    ok = torch.zeros(1, 1, 2, 768)
+    npu.npu_fusion_attention(ok, ok, ok, 1, "BNSD")
+    q = torch.zeros(1, 257, 1, 16)
+    with pytest.raises(RuntimeError, match=r"head_num must be in \[1, 256\]"):
+        npu.npu_fusion_attention(q, q, q, 257, "BNSD")
+    big = torch.zeros(1024 * 1024 + 1, 1, 1)
+    with pytest.raises(RuntimeError, match="at most 1048576"):
+        npu.npu_fusion_attention(big, big, big, 1, "TND", actual_seq_qlen=[big.shape[0]],
+                                 actual_seq_kvlen=[big.shape[0]])
+    many = torch.zeros(2049, 1, 16)
+    cum = list(range(1, 2050))
+    with pytest.raises(RuntimeError, match="at most 2048"):
+        npu.npu_fusion_attention(many, many, many, 1, "TND", actual_seq_qlen=cum, actual_seq_kvlen=cum)
+    npu.npu_fusion_attention(many[:2048], many[:2048], many[:2048], 1, "TND", actual_seq_qlen=cum[:2048],
+                             actual_seq_kvlen=cum[:2048])
+
+
+def test_rotary_is_4d_only_before_7_3_0():
+    x, cos = torch.randn(5, 2, 16), torch.randn(5, 1, 16)
+    with pytest.raises(RuntimeError, match="must be 4-D on torch_npu 7.2.0"):
+        FakeTorchNPU(release="7.2.0").npu_rotary_mul(x, cos, cos)
+    out = FakeTorchNPU(release="7.3.0").npu_rotary_mul(x, cos, cos)
+    _close(out, x * cos + _rotate_half(x) * cos)
+    four_d = FakeTorchNPU(release="7.2.0").npu_rotary_mul(x[:, None], cos[:, None], cos[:, None])
+    torch.testing.assert_close(four_d[:, 0], out, atol=0, rtol=0)
+
+
+def test_rotary_casts_cos_and_sin_to_the_dtype_of_x(npu):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 2, 16, generator=gen).to(torch.bfloat16)
+    angles = torch.randn(4, 1, 1, 16, generator=gen)
+    out = npu.npu_rotary_mul(x, angles.cos(), angles.sin())  # fp32 cos/sin, bf16 x: accepted
+    assert out.dtype == torch.bfloat16
+    cast = npu.npu_rotary_mul(x, angles.cos().bfloat16(), angles.sin().bfloat16())
+    torch.testing.assert_close(out, cast, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- fused layers

@@ -7,7 +7,7 @@ from mindspeed_vita.cli import main
 
 
 def test_bench_attention_json(capsys):
-    assert main(["bench", "attention", "--seq-lens", "256,512", "--repeats", "1", "--json",
+    assert main(["bench", "attention", "--seq-length", "256,512", "--repeats", "1", "--json",
                  "--backend", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["seq_len"] for r in out["results"]] == [256, 512]
@@ -17,7 +17,7 @@ def test_bench_attention_json(capsys):
 
 
 def test_bench_attention_table_and_skip(capsys):
-    assert main(["bench", "attention", "--seq-lens", "128,1024", "--repeats", "1",
+    assert main(["bench", "attention", "--seq-length", "128,1024", "--repeats", "1",
                  "--naive-max-gb", "0.01", "--forward-only", "--backend", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "time ratio naive/backend" in out and "memory ratio naive/backend" in out
@@ -27,12 +27,13 @@ def test_bench_attention_table_and_skip(capsys):
 def test_bench_attention_defaults_cover_2k_to_16k_tokens():
     import argparse
 
-    from mindspeed_vita.bench.attention import _naive_estimate_bytes, add_arguments
+    from mindspeed_vita.bench.attention import _naive_estimate_bytes
+    from mindspeed_vita.commands.bench_attention import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([])
-    assert [int(x) for x in args.seq_lens.split(",")] == [2048, 4096, 8192, 16384]
+    assert args.seq_length == [2048, 4096, 8192, 16384]
     # every default point, 16K included, runs the naive baseline within the default budget,
     # in fp32 (CPU) and bf16 (accelerators), so each prints its ratios
     for s in (2048, 4096, 8192, 16384):
@@ -56,7 +57,7 @@ def test_naive_estimate_is_an_upper_bound_of_the_measured_peak():
 
 def test_bench_attention_takes_the_cuda_kernel_option_on_any_backend(capsys):
     # backend options of other backends are ignored, so the same command runs everywhere
-    assert main(["bench", "attention", "--seq-lens", "128", "--repeats", "1", "--json",
+    assert main(["bench", "attention", "--seq-length", "128", "--repeats", "1", "--json",
                  "--forward-only", "--backend", "cpu", "--attention-impl", "torch"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["backend"] == "cpu" and "attention_kernels" not in out

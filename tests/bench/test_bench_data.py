@@ -81,6 +81,6 @@ def test_bench_data_at_16k_packs_the_synthetic_mixture_above_95_percent(capsys, 
 
 def test_bench_data_rejects_bad_flags(capsys, tmp_path):
     assert main(["bench", "data", "--samples", "0"]) == 2
-    assert "--samples 0: must be >= 1" in capsys.readouterr().err
+    assert "argument --samples: must be a positive integer, got 0" in capsys.readouterr().err
     assert main(["bench", "data", "--data", str(tmp_path)]) == 2
     assert "stage2.yaml: no such mixture" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 from mindspeed_vita.bench.lm_head import fit_memory_line, longest_within, supervised_mask
 from mindspeed_vita.cli import main
 
-TINY = ["--seq-lens", "512,2048", "--vocab", "4096", "--hidden", "32", "--chunk-size", "512",
+TINY = ["--seq-length", "512,2048", "--vocab", "4096", "--hidden", "32", "--chunk-size", "512",
         "--repeats", "1", "--warmup", "0", "--backend", "cpu"]
 
 
@@ -55,9 +55,11 @@ def test_bench_lm_head_table_and_skip(capsys):
 
 def test_bench_lm_head_rejects_bad_flags(capsys):
     assert main(["bench", "lm-head", *TINY, "--label-fraction", "0"]) == 2
-    assert "--label-fraction 0.0: must be in (0, 1]" in capsys.readouterr().err
-    assert main(["bench", "lm-head", *TINY[2:], "--seq-lens", "8k"]) == 2
-    assert "--seq-lens '8k'" in capsys.readouterr().err
+    assert "argument --label-fraction: must be > 0, got 0" in capsys.readouterr().err
+    assert main(["bench", "lm-head", *TINY, "--label-fraction", "1.5"]) == 2
+    assert "--label-fraction 1.5: must be in (0, 1]" in capsys.readouterr().err
+    assert main(["bench", "lm-head", *TINY[2:], "--seq-length", "8k"]) == 2
+    assert "argument --seq-length: expected comma-separated integers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tokens,fraction,span", [(8192, 0.25, 512), (100, 0.3, 512),

@@ -34,14 +34,16 @@ def dirs(tmp_path_factory):
 
 
 def error_line(capsys, *argv) -> str:
-    """Run the CLI; assert exit 2 and a single `mindspeed-vita: error:` line; return it."""
+    """Run the CLI; assert exit 2 and a single `mindspeed-vita: error:` line, the last one on
+    stderr (only the command's own progress lines, "[infer] ...", may come before it)."""
     capsys.readouterr()
     assert main(list(argv)) == 2
     captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert err.startswith("mindspeed-vita: error: "), captured.err
-    assert "\n" not in err and "Traceback" not in captured.err
-    return err
+    lines = captured.err.strip().splitlines()
+    assert lines[-1].startswith("mindspeed-vita: error: "), captured.err
+    assert all(line.startswith("[infer] ") for line in lines[:-1]), captured.err
+    assert "Traceback" not in captured.err
+    return lines[-1]
 
 
 def infer(capsys, checkpoint, *extra, prompt="Hello"):
@@ -159,7 +161,11 @@ def test_unreadable_images_are_named(dirs, tmp_path, capsys):
 
     missing = tmp_path / "nowhere.jpg"
     assert infer(capsys, dirs["native"], "--image", str(missing)) == (
-        f"mindspeed-vita: error: --image {missing}: no such image file")
+        f"mindspeed-vita: error: argument --image: {missing}: no such file (see "
+        f"`mindspeed-vita infer --help`)")
+    assert infer(capsys, dirs["native"], "--image", str(tmp_path)) == (
+        f"mindspeed-vita: error: argument --image: {tmp_path}: is a directory, not a file (see "
+        f"`mindspeed-vita infer --help`)")
 
     # the header is intact, the pixel data is cut: found only when it is decoded
     whole = tmp_path / "whole.png"

@@ -131,14 +131,15 @@ def test_vocabulary_grows_when_tokens_do_not_fit(tmp_path):
     hf = save_tiny_qwen2(qwen2_dir, vocab_size=465).state_dict()  # exactly the tokenizer size
     save_tiny_internvit(str(tmp_path / "vit"))
     native = import_split(qwen2_dir, str(tmp_path / "vit"), projector_variant="internvl")
-    assert native.cfg.language.vocab_size == 480 == len(native.tokenizer)
+    grown = 465 + len(LONG_VITA_SPECIAL_TOKENS)
+    assert native.cfg.language.vocab_size == grown == len(native.tokenizer)
     assert native.cfg.projector.variant == "internvl"
     embedding = native.state["language.embedding.word_embeddings.weight"]
     assert embedding.shape[0] == 512  # padded to a multiple of 128 at tp=1
     assert torch.equal(embedding[:465], hf["model.embed_tokens.weight"])
-    assert torch.allclose(embedding[465:480],
-                          hf["model.embed_tokens.weight"].mean(0).expand(15, -1))
-    assert torch.count_nonzero(embedding[480:]) == 0
+    assert torch.allclose(embedding[465:grown], hf["model.embed_tokens.weight"].mean(0).expand(
+        len(LONG_VITA_SPECIAL_TOKENS), -1))
+    assert torch.count_nonzero(embedding[grown:]) == 0
 
 
 # ------------------------------------------------------------------ bad input
@@ -157,7 +158,7 @@ def test_bad_invocations_give_one_clear_line(dirs, tmp_path, capsys):
         capsys, "import-hf", dirs["qwen2"], dst, "--vision", dirs["qwen2"])
     assert "--vision pairs a vision encoder with a Qwen2" in error_of(
         capsys, "import-hf", dirs["internvl"], dst, "--vision", dirs["internvit"])
-    assert "tp=3 does not divide language.num_attention_heads=4" in error_of(
+    assert "'language.num_attention_heads' = 4 is not divisible by --tp = 3" in error_of(
         capsys, "import-hf", dirs["internvl"], dst, "--tp", "3")
     assert "holds a internvl projector" in error_of(
         capsys, "import-hf", dirs["internvl"], dst, "--projector", "long-vita")
@@ -168,7 +169,7 @@ def test_bad_invocations_give_one_clear_line(dirs, tmp_path, capsys):
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert f"{llama}/config.json: model_type 'llama' is not supported" in error_of(
         capsys, "import-hf", str(llama), dst)
-    assert "does not exist" in error_of(capsys, "export-hf", str(tmp_path / "missing"), dst)
+    assert "missing: no such directory" in error_of(capsys, "export-hf", str(tmp_path / "missing"), dst)
     assert f"destination {str(llama)!r} already exists" in error_of(
         capsys, "import-hf", dirs["internvl"], str(llama))
 

@@ -14,7 +14,7 @@ from mindspeed_vita.data.synth import STAGE_RATIOS
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(REPO, "configs")
 
-# Paper Table 1 (docs/long-vita-facts.md, "Data mixture"): source -> (placeholder directory,
+# Paper Table 1 (docs/long-vita.md, section 4): source -> (placeholder directory,
 # ratio in stages 1..4)
 PAPER_MIXTURE = {
     "llava-recap": ("LLaVA-ReCap", (1.0, 1.0, 0.1, 0.1)),
@@ -127,7 +127,7 @@ def test_demo_configs_inspect_cleanly_on_the_synthetic_data(capsys, tmp_path):
     # the documented layout: <repo>/configs/demo/stageN.yaml -> <repo>/demo_out/data/stageN.yaml
     for part in ("demo", "model"):
         shutil.copytree(os.path.join(CONFIGS, part), tmp_path / "configs" / part)
-    assert main(["data", "synth", str(tmp_path / "demo_out" / "data"), "--tokenizer"]) == 0
+    assert main(["data", "synth", str(tmp_path / "demo_out" / "data"), "--write-tokenizer"]) == 0
     tokenizer = str(tmp_path / "demo_out" / "data" / "tokenizer")
     capsys.readouterr()
     for stage in STAGES:

@@ -34,7 +34,7 @@ def test_synth_writes_the_dataset_and_lists_it(capsys, tmp_path):
 def test_synth_builds_the_tiny_tokenizer_on_request(capsys, tmp_path):
     out = tmp_path / "out"
     assert main(["data", "synth", str(out), "--n-single", "2", "--n-comic", "0", "--n-video", "0", "--n-text", "2",
-                 "--tokenizer"]) == 0
+                 "--write-tokenizer"]) == 0
     assert f"tokenizer -> {out / 'tokenizer'}" in capsys.readouterr().out
     tokenizer = load_tokenizer(str(out / "tokenizer"))
     assert tokenizer.decode(tokenizer.encode("Describe the image.")) == "Describe the image."
@@ -42,7 +42,7 @@ def test_synth_builds_the_tiny_tokenizer_on_request(capsys, tmp_path):
 
 def test_synth_rejects_bad_flags(capsys, tmp_path):
     assert main(["data", "synth", str(tmp_path / "a"), "--n-text", "-1"]) == 2
-    assert "--n-text -1: must be >= 0" in capsys.readouterr().err
+    assert "argument --n-text: must be >= 0, got -1" in capsys.readouterr().err
     assert main(["data", "synth", str(tmp_path / "a"), "--heldout-fraction", "1.0"]) == 2
     assert "--heldout-fraction 1.0: must be in [0, 1)" in capsys.readouterr().err
     not_a_dir = tmp_path / "file"

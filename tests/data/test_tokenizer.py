@@ -78,10 +78,12 @@ def test_long_vita_tokens_are_added_as_single_special_ids(tiny_dir):
     assert ids == list(range(base, base + len(LONG_VITA_SPECIAL_TOKENS)))
     assert len(tok) == base + len(LONG_VITA_SPECIAL_TOKENS)
     assert (tok.img_start_id, tok.img_end_id, tok.img_context_id) == tuple(ids[0:3])
-    assert (tok.patch_start_id, tok.patch_end_id, tok.patch_context_id) == tuple(ids[3:6])
-    assert (tok.vid_start_id, tok.vid_end_id, tok.vid_context_id) == tuple(ids[6:9])
+    # the release's order: img, vid, patch triples, then quad/ref/box pairs, then the two tags
+    assert (tok.vid_start_id, tok.vid_end_id, tok.vid_context_id) == tuple(ids[3:6])
+    assert (tok.patch_start_id, tok.patch_end_id, tok.patch_context_id) == tuple(ids[6:9])
     assert tok.context_token_ids == {ids[2], ids[5], ids[8]}
-    assert tok.token_to_id("</box>") == ids[-1]
+    assert tok.token_to_id("</box>") == ids[-3]
+    assert (tok.token_to_id("<image>"), tok.token_to_id("<video>")) == tuple(ids[-2:])
     assert tok.im_start_id == vocab["<|im_start|>"] and tok.im_end_id == vocab["<|im_end|>"]
     assert tok.eos_id == tok.im_end_id
     assert tok.pad_id == vocab["<|endoftext|>"]

@@ -68,3 +68,41 @@ def test_rope_scaling_config_is_validated():
         RopeScalingConfig(rope_type="yarn", factor=0.5)
     cfg = LanguageConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})
     assert cfg.rope_scaling.beta_fast == 32.0
+
+
+@pytest.mark.parametrize("rope", [CASES[0], CASES[1], CASES[3]], ids=["linear", "dynamic", "yarn"])
+def test_decoder_with_scaled_rope_matches_hf_qwen2(rope):
+    """The scaling reaches every decoder layer: logits at positions beyond the trained length
+    equal transformers' Qwen2 with the same rope settings."""
+    from types import SimpleNamespace
+
+    from backends import get_backend
+    from mindspeed_vita.parallel.layout import ParallelLayout
+    from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
+    from tests.models.test_language import VOCAB, language_config, native_logits, native_model
+    from transformers import Qwen2ForCausalLM
+
+    cfg = language_config(max_position_embeddings=256,
+                          rope_scaling={**rope, "original_max_position_embeddings": 256}
+                          if rope["rope_type"] == "yarn" else rope)
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups, vocab_size=cfg.vocab_size,
+        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=256,
+        rope_parameters={"rope_theta": cfg.rotary_base,
+                         **cfg.rope_scaling.model_dump(exclude_none=True)},
+        attn_implementation="eager")).float().eval()
+    backend = get_backend("cpu")
+    groups = initialize_parallel(backend, ParallelLayout())
+    try:
+        model = native_model(cfg, SimpleNamespace(backend=backend, groups=groups), hf)
+        ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+        positions = (torch.arange(40) * 25)[None]  # up to ~4x the trained length
+        with torch.no_grad():
+            ref = hf(input_ids=ids, position_ids=positions).logits
+            out = native_logits(model, ids, positions)
+    finally:
+        destroy_parallel()
+    assert (out - ref).abs().max() <= 1e-4

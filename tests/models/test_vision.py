@@ -215,16 +215,18 @@ class CpuFlashBackend(Backend):
     def max_memory_allocated(self):
         return 0
 
-    def attention_forward(self, q, k, v, *, causal, scale=None, **varlen):
-        assert not any(x is not None for x in varlen.values()), "ViT attention is dense"
+    def attention_forward(self, q, k, v, params):
+        assert not params.is_packed, "ViT attention is dense"
+        causal = params.mask != "none"
         self.seen.append((tuple(q.shape), causal))
-        scale = default_scale(q.shape[-1], scale)
+        scale = default_scale(q.shape[-1], params.scale)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale)
         return out.transpose(1, 2), lse
 
-    def attention_backward(self, dout, q, k, v, out, lse, *, causal, scale=None, **varlen):
-        scale = default_scale(q.shape[-1], scale)
+    def attention_backward(self, dout, q, k, v, out, lse, params):
+        causal = params.mask != "none"
+        scale = default_scale(q.shape[-1], params.scale)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             out.transpose(1, 2), lse, 0.0, causal, scale=scale)

@@ -1,0 +1,171 @@
+"""Process start-up of the `mindspeed-vita` command: logging, third-party noise, import cost.
+
+Called once by `cli.main` after the arguments are parsed (so `--help` and argument errors never
+pay for it), before the command's own imports:
+
+* `configure_logging(verbose)`: our messages at INFO (DEBUG with `--verbose`) on stderr;
+* `route_third_party_warnings()`: warnings from libraries that say nothing to our user
+  (megatron-core's "Transformer Engine and Apex are not installed", "full scope is deprecated",
+  `CUDA_DEVICE_MAX_CONNECTIONS` advice, ...) go to the log at DEBUG level instead of stderr;
+  every other warning is shown as usual;
+* `defer_engine_compile()`: megatron-core decorates its fused kernels with `torch.compile` at
+  import time, which imports TorchDynamo and Inductor (several seconds, more than the rest of
+  megatron) even when no fused kernel ever runs. While megatron-core is being imported,
+  `torch.compile` is replaced by a wrapper that calls the real `torch.compile` on the
+  function's first call, so the cost is paid only by code that runs such a kernel, and the
+  compiled function is the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import logging
+import re
+import sys
+import warnings
+from typing import Any, Callable, Optional
+
+#: logger of third-party messages routed away from stderr (shown with --verbose)
+THIRD_PARTY_LOGGER = "mindspeed_vita.third_party"
+
+#: messages (regular expressions, searched) of third-party warnings and log records that carry
+#: no information for a mindspeed-vita user: optional NVIDIA libraries we do not use, megatron
+#: deprecations of options we never set, and launch advice our launch scripts already follow.
+KNOWN_NOISE = tuple(
+    re.compile(p)
+    for p in (
+        r"Transformer Engine and Apex are not installed",
+        r"Apex is not installed",
+        r"Transformer Engine is not installed",
+        r"full scope is deprecated",
+        r"CUDA_DEVICE_MAX_CONNECTIONS",
+        r"torch\.distributed\._shard",
+        r"TypedStorage is deprecated",
+        r"The cuda\.cudart module is deprecated",
+        r"nvidia-modelopt",
+        r"is not installed\. Falling back",
+    )
+)
+
+
+def is_known_noise(message: str) -> bool:
+    """True when `message` is a third-party warning that `route_third_party_warnings` hides."""
+    return any(p.search(message) for p in KNOWN_NOISE)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """One stderr handler on the root logger: our INFO messages (DEBUG with `verbose`);
+    known third-party noise only with `verbose`."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_mindspeed_vita", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._mindspeed_vita = True  # type: ignore[attr-defined]  # found again on a re-run
+    handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
+    handler.addFilter(_NoiseFilter(verbose))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("mindspeed_vita").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+class _NoiseFilter(logging.Filter):
+    """Drops known third-party log records unless verbose; then shows them at DEBUG."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("mindspeed_vita") and record.name != THIRD_PARTY_LOGGER:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed third-party record: let logging report it as usual
+            return True
+        if not is_known_noise(message):
+            return True
+        if not self.verbose:
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def route_third_party_warnings() -> None:
+    """Send known third-party warnings to the DEBUG log; show every other warning as usual."""
+    if getattr(warnings.showwarning, "_mindspeed_vita", False):
+        return
+    shown = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if is_known_noise(str(message)):
+            logging.getLogger(THIRD_PARTY_LOGGER).debug(
+                "%s: %s (%s:%s)", category.__name__, message, filename, lineno
+            )
+            return
+        shown(message, category, filename, lineno, file, line)
+
+    showwarning._mindspeed_vita = True  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning
+
+
+def lazy_compile(real_compile: Callable) -> Callable:
+    """A stand-in for `torch.compile` that compiles on the decorated function's first call."""
+
+    def compile_later(model: Optional[Callable] = None, **options: Any):
+        if model is None:  # used as @torch.compile(**options)
+            return lambda fn: compile_later(fn, **options)
+        compiled: list = []
+
+        @functools.wraps(model)
+        def call(*args, **kwargs):
+            if not compiled:
+                compiled.append(real_compile(model, **options))
+            return compiled[0](*args, **kwargs)
+
+        return call
+
+    return compile_later
+
+
+class _DeferCompileFinder(importlib.abc.MetaPathFinder):
+    """Finds `megatron.core` with the normal machinery and runs its import with a lazy
+    `torch.compile` (see the module docstring)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "megatron.core":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_with_lazy_compile(module):
+            import torch
+
+            real = torch.compile
+            torch.compile = lazy_compile(real)
+            try:
+                exec_module(module)
+            finally:
+                torch.compile = real
+
+        spec.loader.exec_module = exec_with_lazy_compile  # type: ignore[method-assign]
+        return spec
+
+
+def defer_engine_compile() -> None:
+    """Install the lazy-`torch.compile` import of megatron-core (no-op once it is imported)."""
+    if "megatron.core" in sys.modules:
+        return
+    if not any(isinstance(f, _DeferCompileFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DeferCompileFinder())
+
+
+def prepare(verbose: bool = False) -> None:
+    """Everything above, in the order a command needs it."""
+    configure_logging(verbose)
+    route_third_party_warnings()
+    defer_engine_compile()
