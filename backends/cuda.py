@@ -39,9 +39,9 @@ How the protocol of `backends.base` maps onto the flash kernels:
 * Deterministic mode (`torch.use_deterministic_algorithms`) reaches both kernels' backward.
 
 dtypes: the kernels run in fp16 / bf16. q/k/v of mixed dtypes (e.g. fp32 q/k after RoPE with
-fp32 cos/sin, bf16 v) are cast to their half-precision dtype, and all-fp32 inputs under CUDA
-autocast to the autocast dtype (one warning names the cast); the output and gradients come
-back in each input's dtype. fp32 without autocast, head_dim > 256 or not a multiple of 8,
+fp32 cos/sin, bf16 v) are cast to their half-precision dtype (one warning names the cast); the
+output and gradients come back in each input's dtype. All-fp32 inputs, head_dim > 256 or not
+a multiple of 8,
 different q/k/v head dims, or GPUs older than sm80 use the reference math, exact but with
 O(s^2) fp32 scores, with one warning per reason - and only up to `reference_max_score_bytes`
 of scores per call: above that the call raises and says what to change.
@@ -102,15 +102,12 @@ def _shape_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional
 def _kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype the flash kernels run in for q/k/v: theirs when they agree on one the kernels
     take; else the first such dtype among them (q, k after RoPE with fp32 cos/sin are fp32
-    while v kept the activations' dtype); else, all fp32 under CUDA autocast, the autocast
-    dtype; else None (no kernel dtype: the reference math)."""
+    while v kept the activations' dtype); None when all are fp32 (the reference math). Only
+    the dtypes decide - not autocast, which is off in the backward pass - so a forward and its
+    backward always take the same path."""
     for t in (q, k, v):
         if t.dtype in _FLASH_DTYPES:
             return t.dtype
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        if dtype in _FLASH_DTYPES:
-            return dtype
     return None
 
 

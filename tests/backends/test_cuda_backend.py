@@ -844,25 +844,24 @@ def test_mixed_dtypes_run_the_kernels_in_the_half_dtype(half_kernels):
         torch.testing.assert_close(got.float(), expected, atol=5e-2, rtol=5e-2)
 
 
-def test_fp32_under_autocast_runs_the_kernels_in_the_autocast_dtype(half_kernels):
+def test_fp32_uses_the_reference_up_to_a_size_limit(half_kernels):
+    """All-fp32 q/k/v: the exact reference (one warning) up to `reference_max_score_bytes` of
+    scores per call, a clear error above. Under autocast too: autocast is off in the backward
+    pass, and forward and backward must take the same path."""
     backend = _fake_backend()
-    q, k, v, _, _ = _case_tensors("dense_causal", torch.float32)
-    params = AttentionParams.dense("causal")
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="bfloat16"):
-        out, _ = backend.attention_forward(q, k, v, params)
-    assert backend._aten.forward_calls and out.dtype == torch.float32
-    torch.testing.assert_close(out, reference.attention_reference(q, k, v, params)[0],
-                               **BF16_TOL)
-
-
-def test_fp32_without_autocast_uses_the_reference_up_to_a_size_limit(half_kernels):
-    backend = _fake_backend()
-    q, k, v, _, _ = _case_tensors("dense_causal", torch.float32)  # scores: 2*2*24*24*4 bytes
+    q, k, v, dout, _ = _case_tensors("dense_causal", torch.float32)  # scores: 2*2*24*24*4 B
     params = AttentionParams.dense("causal")
     backend.reference_max_score_bytes = 2 * 2 * 24 * 24 * 4
-    with pytest.warns(UserWarning, match="reference attention"):
-        out, _ = backend.attention_forward(q, k, v, params)
-    torch.testing.assert_close(out, reference.attention_reference(q, k, v, params)[0])
+    with pytest.warns(UserWarning, match="reference attention"), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = backend.attention_forward(q, k, v, params)
+        ref_out, ref_lse = reference.attention_reference(q, k, v, params)
+    grads = backend.attention_backward(dout, q, k, v, out, lse, params)
+    assert backend._aten.forward_calls == [] and backend._aten.backward_calls == []
+    torch.testing.assert_close(out, ref_out)
+    for got, expected in zip(grads, reference.attention_backward_reference(
+            dout, q, k, v, out, lse, params)):
+        torch.testing.assert_close(got, expected)
     backend.reference_max_score_bytes -= 1
     with pytest.raises(ValueError, match=r"cannot take dtype torch.float32.*fp32 scores.*bf16"):
         backend.attention_forward(q, k, v, params)
