@@ -41,6 +41,13 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "scikit-image>=0.22", "ruff>=0.5,<1",
                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30"],
+        # evaluation through lmms-eval (docs/evaluation.md); the entry point below registers
+        # the `mindspeed_vita` model with it
+        # (lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed)
+        "eval": ["lmms-eval>=0.7.3,<0.8", "filelock>=3.10,<4"],
     },
-    entry_points={"console_scripts": ["mindspeed-vita=mindspeed_vita.cli:main"]},
+    entry_points={
+        "console_scripts": ["mindspeed-vita=mindspeed_vita.cli:main"],
+        "lmms_eval.models": ["mindspeed_vita=mindspeed_vita.eval.registration:manifest"],
+    },
 )

@@ -1,63 +1,77 @@
 """CUDA backend: FlashAttention-2 kernels (PyTorch's own, or the flash-attn package), NCCL.
 
-Kernels (backend option `attention_impl`, config `backend_options.attention_impl`):
+Kernels (backend option `attention_impl`, config `backend_options.attention_impl`; the
+wrappers are in `backends.cuda_kernels`):
 
 * "torch": `torch.ops.aten._flash_attention_forward` / `_flash_attention_backward`, PyTorch's
   copy of FlashAttention-2. No extra package needed.
-* "flash_attn": `flash_attn.flash_attn_interface._flash_attn_varlen_forward` / `_backward`
-  (extra `[gpu]`). These are private and their signatures changed between releases (2.6:
-  `window_size=(l, r)`, 8 return values; 2.7/2.8: `window_size_left/right`, custom ops with 4
-  return values), so they are bound by keyword after reading their signatures; a signature
-  this file does not know is a clear error naming the parameter.
+* "flash_attn": flash-attn's private `_flash_attn_[varlen_]forward / _backward`, bound by
+  keyword to the installed version (2.6-2.8).
 * "auto" (default): flash_attn when it imports and binds, else torch (one warning when it is
   installed but unusable; silent when it is simply not installed).
 
 How the protocol of `backends.base` maps onto the flash kernels:
 
-* Both kernels are called in their varlen (THD) form, the only one whose backward takes
-  cumulative lengths from Python: dense `[b, s, n, d]` becomes `[b * s, n, d]` with uniform
-  `cu_seqlens`. Our `cu_seqlens` (int32, leading 0) are exactly the kernels' convention.
-* masks: the flash kernels align the causal mask bottom-right in each sequence (key j is
-  visible to query i iff `j <= i + s_kv - s_q`): that is the mask kind "causal_bottom_right"
-  as is. "causal" is top-left (`j <= i`); the two agree when `s_q == s_kv`, the common case,
-  which costs nothing extra. Otherwise a top-left call is split (see
-  `_top_left_causal_pieces`): the first `min(s_q, s_kv)` queries against as many keys with the
-  causal mask, and the queries beyond `s_kv` against all keys without a mask.
-* lse: fp32 `[n, total_q]` from current kernels (PyTorch 2.13, flash-attn >= 2.6); older
-  PyTorch builds return it padded `[b, n, max_q]`. The layout is read off the forward output
-  (probed once with a tiny call if a backward comes first) and converted both ways. A query
-  row that sees no key gets lse = +inf from the kernel (so that its backward weight
-  exp(S - lse) is 0) where our protocol says -inf: mapped both ways.
-* GQA is native (query head h uses kv head h // (n_q // n_kv); dk/dv summed per group).
-* Dropout is off, so the philox seed/offset the backward takes are placeholders it never reads;
-  windows are left unlimited.
+* No host-device synchronisation per call. Dense `[b, s, n, d]` input calls the kernels' dense
+  form (no cumulative lengths; its lse is `[b, n, s_q]`, ours), so nothing is built from host
+  values and nothing is reshaped. Packed `[t, n, d]` input takes the params' device
+  `cu_seqlens` as they are and reads lengths only from the params' host tuples; params
+  without them cost one sync where lengths are needed (a missing max_seqlen, the top-left
+  split below).
+* Views are not copied: the kernels need only the last dimension contiguous and read the
+  other strides, so the ViT's q/k/v (unbind views of one fused qkv), megatron's v (a split
+  view) and its transposed `[s, b, n, d]` tensors go in as they are.
+* masks: the kernels align the causal mask bottom-right in each sequence (key j is visible to
+  query i iff `j <= i + s_kv - s_q`): the mask kind "causal_bottom_right" as is. "causal" is
+  top-left (`j <= i`); the two agree when `s_q == s_kv`, the common case, which costs nothing.
+  Otherwise a top-left call is split: the first `min(s_q, s_kv)` queries against as many keys
+  with the causal mask, and the queries beyond `s_kv` against all keys without a mask (dense:
+  two calls on slices, views again; packed: row indices built from the host lengths, copied to
+  the device without blocking).
+* lse: fp32; varlen `[n, total_q]` from current kernels (PyTorch 2.13, flash-attn >= 2.6), padded
+  `[b, n, max_q]` from older PyTorch builds (read off the forward output, probed once with a
+  tiny call if a backward comes first, converted both ways). A row that sees no key gets lse
+  +inf from the kernel (its backward weight exp(S - lse) is then 0) where ours is -inf: mapped.
+* GQA is native (query head h uses kv head h // (n_q // n_kv); dk/dv summed per group). The
+  kernels' decode path for GQA (`max_seqlen_q == 1`: query heads folded into the sequence axis)
+  assumes one query per sequence; with an empty query segment `max_seqlen_q` is passed as 2,
+  which only turns that path off.
+* Deterministic mode (`torch.use_deterministic_algorithms`) reaches both kernels' backward.
 
-Inputs the flash kernels cannot take (fp32, head_dim > 256 or not a multiple of 8, different
-q/k/v head dims, GPUs older than sm80) use the reference math, exact but O(s^2) in memory,
-with one warning per reason. Fused layers are the reference torch ops; numerics match the CPU
-reference.
+dtypes: the kernels run in fp16 / bf16. q/k/v of mixed dtypes (e.g. fp32 q/k after RoPE with
+fp32 cos/sin, bf16 v) are cast to their half-precision dtype (one warning names the cast); the
+output and gradients come back in each input's dtype. All-fp32 inputs, head_dim > 256 or not
+a multiple of 8,
+different q/k/v head dims, or GPUs older than sm80 use the reference math, exact but with
+O(s^2) fp32 scores, with one warning per reason - and only up to `reference_max_score_bytes`
+of scores per call: above that the call raises and says what to change.
+
+Fused layers (`backends.cuda_fused`): torch's fused rms_norm; RoPE and SwiGLU compiled.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 import warnings
-from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 
 from backends import reference
 from backends.attention_params import AttentionParams, lengths_from_cu
 from backends.base import Backend, BackendUnavailableError, default_scale
+from backends.cuda_fused import CUDAFusedLayers
+from backends.cuda_kernels import FlashAttnKernels, FlashAttnSignatureError, TorchFlashKernels
 
 #: values of the backend option `attention_impl`
 ATTENTION_IMPLS = ("auto", "torch", "flash_attn")
 #: dtypes the flash kernels take
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
-_INSTALL_FLASH_ATTN = ("pip install 'mindspeed-vita[gpu]' (flash-attn >= 2.6, built for this "
-                       "torch), or set backend_options.attention_impl=torch")
+_INSTALL_FLASH_ATTN = ("pip install flash-attn --no-build-isolation (it compiles against the "
+                       "installed torch), or set backend_options.attention_impl=torch")
+# kept importable from here: tests and the GPU audit use these names
+_TorchFlashKernels, _FlashAttnKernels = TorchFlashKernels, FlashAttnKernels
+__all__ = ["ATTENTION_IMPLS", "CUDABackend", "FlashAttnSignatureError"]
 
 
 # ----------------------------------------------------------------------------- fallback decision
@@ -72,12 +86,8 @@ def _device_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def _flash_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
-    """None when the flash kernels can take (q, k, v), else the reason (used in the warning)."""
-    if q.dtype not in _FLASH_DTYPES:
-        return f"dtype {q.dtype} (the flash kernels take float16 / bfloat16)"
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
+def _shape_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """None when the flash kernels take q/k/v's head layout, else why not."""
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
         return (f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]} (the flash kernels need "
@@ -86,12 +96,47 @@ def _flash_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
         return f"head_dim {d} (the flash kernels take multiples of 8 up to {_MAX_HEAD_DIM})"
     if k.shape[-2] != v.shape[-2] or q.shape[-2] % k.shape[-2]:
         return f"{q.shape[-2]} query heads for {k.shape[-2]} key / {v.shape[-2]} value heads"
-    return _device_reason(q.device)
+    return None
+
+
+def _kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the flash kernels run in for q/k/v: theirs when they agree on one the kernels
+    take; else the first such dtype among them (q, k after RoPE with fp32 cos/sin are fp32
+    while v kept the activations' dtype); None when all are fp32 (the reference math). Only
+    the dtypes decide - not autocast, which is off in the backward pass - so a forward and its
+    backward always take the same path."""
+    for t in (q, k, v):
+        if t.dtype in _FLASH_DTYPES:
+            return t.dtype
+    return None
+
+
+def _flash_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """None when the flash kernels can run (q, k, v) (after a cast, see `_kernel_dtype`), else
+    the reason (used in the warning)."""
+    if _kernel_dtype(q, k, v) is None:
+        return f"dtype {q.dtype} (the flash kernels take float16 / bfloat16)"
+    return _shape_reason(q, k, v) or _device_reason(q.device)
 
 
 def _flash_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """True when the flash kernels can take (q, k, v)."""
     return _flash_unsupported_reason(q, k, v) is None
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x as it is when the kernels can read it (stride(-1) == 1), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _reference_score_bytes(q: torch.Tensor, k: torch.Tensor, params: AttentionParams) -> int:
+    """fp32 bytes of one score matrix of the reference math for this call (it loops over packed
+    sequences, so the longest one counts), from shapes and host values only."""
+    if not params.is_packed:
+        return q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] * 4
+    max_q = params.max_seqlen_q if params.max_seqlen_q is not None else q.shape[0]
+    max_kv = params.max_seqlen_kv if params.max_seqlen_kv is not None else k.shape[0]
+    return q.shape[1] * max_q * max_kv * 4
 
 
 # ------------------------------------------------------------------ lengths and packing (THD)
@@ -108,16 +153,23 @@ def _host_lengths(cu_seqlens: torch.Tensor, name: str) -> List[int]:
         raise ValueError(f"{name}: {exc}") from None
 
 
+def _host_to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, without blocking the host."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _cumulative(lengths: Sequence[int], device) -> torch.Tensor:
     """int32 cumulative lengths with a leading 0 (the kernels' `cu_seqlens`)."""
     cu = [0]
     for length in lengths:
         cu.append(cu[-1] + int(length))
-    return torch.tensor(cu, dtype=torch.int32, device=device)
+    return _host_to_device(torch.tensor(cu, dtype=torch.int32), device)
 
 
 class _Varlen(NamedTuple):
-    """Attention input in the kernels' packed form."""
+    """Packed attention input with its kernel arguments."""
 
     q: torch.Tensor  # [t_q, n_q, d]
     k: torch.Tensor  # [t_kv, n_kv, d]
@@ -128,24 +180,14 @@ class _Varlen(NamedTuple):
     max_kv: int
     lengths_q: Optional[List[int]]  # host copies, where known without an extra sync
     lengths_kv: Optional[List[int]]
-    dense: Optional[Tuple[int, int]]  # (b, s_q) when the input was dense [b, s, n, d]
 
 
 def _to_varlen(q, k, v, params: AttentionParams) -> _Varlen:
-    """Dense [b, s, n, d] -> packed [b * s, n, d] with uniform lengths; packed input as given,
-    with cu_seqlens as int32 on q's device. Lengths come from the params' host tuples (no
-    sync). Params with tensors only are read (one device sync) when the lengths are needed: a
-    missing max_seqlen, or top-left causal attention with distinct q / kv cumulative lengths
-    (the top-left split needs them)."""
-    if not params.is_packed:
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise ValueError(f"dense attention expects [b, s, n, d] q/k/v, got {tuple(q.shape)}, "
-                             f"{tuple(k.shape)}, {tuple(v.shape)}")
-        b, s_q, s_kv = q.shape[0], q.shape[1], k.shape[1]
-        lq, lk = [s_q] * b, [s_kv] * b
-        return _Varlen(q.reshape(b * s_q, *q.shape[2:]), k.reshape(b * s_kv, *k.shape[2:]),
-                       v.reshape(b * s_kv, *v.shape[2:]), _cumulative(lq, q.device),
-                       _cumulative(lk, q.device), s_q, s_kv, lq, lk, (b, s_q))
+    """Packed [t, n, d] input with the params' cu_seqlens as int32 on q's device (the given
+    tensors when they are there already). Lengths come from the params' host tuples (no sync);
+    params with tensors only are read (one device sync) when lengths are needed: a missing
+    max_seqlen, or top-left causal attention with distinct q / kv cumulative lengths (the
+    top-left split needs them)."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"packed attention expects [t, n, d] q/k/v, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -164,11 +206,11 @@ def _to_varlen(q, k, v, params: AttentionParams) -> _Varlen:
                          "sequences; they must describe the same sequences")
     max_q = max(lq, default=0) if max_q is None else int(max_q)
     max_kv = max(lk, default=0) if max_kv is None else int(max_kv)
-    return _Varlen(q, k, v, cu_q_dev, cu_kv_dev, max_q, max_kv, lq, lk, None)
+    return _Varlen(q, k, v, cu_q_dev, cu_kv_dev, max_q, max_kv, lq, lk)
 
 
 class _Piece(NamedTuple):
-    """One kernel call of a split top-left causal attention."""
+    """One kernel call of a split top-left causal attention over packed input."""
 
     q_rows: torch.Tensor  # int64 rows of the packed q (and out, lse, dout) this call covers
     kv_rows: torch.Tensor  # int64 rows of the packed k / v
@@ -180,15 +222,16 @@ class _Piece(NamedTuple):
 
 
 def _rows(starts: Sequence[int], lengths: Sequence[int], device) -> torch.Tensor:
-    """Row indices [starts[0], starts[0] + lengths[0]) ++ [starts[1], ...) ... as int64."""
+    """Row indices [starts[0], starts[0] + lengths[0]) ++ [starts[1], ...) ... as int64, built
+    on the host (from host lengths) and copied to `device` without blocking."""
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
-    total = int(lengths_t.sum())
+    total = sum(int(n) for n in lengths)
     if total == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
     segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t, output_size=total)
     first = torch.cumsum(lengths_t, 0) - lengths_t  # each segment's offset in the result
     rows = torch.tensor(starts, dtype=torch.int64)[segment] + torch.arange(total) - first[segment]
-    return rows.to(device)
+    return _host_to_device(rows, device)
 
 
 def _piece(q_starts, q_lengths, kv_starts, kv_lengths, causal, device) -> _Piece:
@@ -231,6 +274,17 @@ def _top_left_causal_pieces(lengths_q: Sequence[int], lengths_kv: Sequence[int],
     return pieces
 
 
+def _dense_top_left_pieces(s_q: int, s_kv: int) -> List[Tuple[slice, slice, bool]]:
+    """Dense top-left causal attention with s_q != s_kv as (query rows, keys, kernel causal)
+    slices: the square [0, m) causal, and rows [s_kv, s_q) against every key (also when there
+    are none: that call gives rows without keys)."""
+    m = min(s_q, s_kv)
+    pieces = [(slice(0, m), slice(0, m), True)] if m else []
+    if s_q > s_kv:
+        pieces.append((slice(s_kv, s_q), slice(0, s_kv), False))
+    return pieces
+
+
 # ------------------------------------------------------------------------------ lse layouts
 def _token_positions(cu_q: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sequence, position in it) of every packed query row, computed on the device."""
@@ -256,7 +310,7 @@ def _lse_packed_to_padded(lse: torch.Tensor, cu_q: torch.Tensor, max_q: int) -> 
 
 
 def _lse_from_kernel(lse: torch.Tensor) -> torch.Tensor:
-    """Kernel lse ([n, t] fp32) -> ours: rows without keys are +inf there, -inf here."""
+    """Kernel lse (fp32) -> ours: rows without keys are +inf there, -inf here."""
     return lse.masked_fill(lse == math.inf, -math.inf)
 
 
@@ -266,162 +320,16 @@ def _lse_for_kernel(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == -math.inf, math.inf).contiguous()
 
 
-# ---------------------------------------------------------------------------------- kernels
-class _TorchFlashKernels:
-    """PyTorch's FlashAttention-2 ops (schema of PyTorch 2.13):
-
-    `_flash_attention_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
-    is_causal, return_debug_mask, *, scale, window_size_left, window_size_right, seqused_k,
-    alibi_slopes, block_table, num_splits) -> (output, softmax_logsumexp, rng_state, unused,
-    debug_attn_mask)` and `_flash_attention_backward(grad_out, query, key, value, out,
-    logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, rng_state, unused, *,
-    scale, window_size_left, window_size_right) -> (dq, dk, dv)`.
-    """
-
-    name = "torch"
-
-    def __init__(self, aten) -> None:
-        self._aten = aten
-        #: True when the kernel's lse is padded [b, n, max_q]; None until seen
-        self.lse_padded: Optional[bool] = None
-
-    def forward(self, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, scale):
-        """(out [t, n, d], lse in the kernel's layout)."""
-        result = self._aten._flash_attention_forward(q, k, v, cu_q, cu_kv, max_q, max_kv, 0.0,
-                                                     causal, False, scale=scale)
-        return result[0], result[1]
-
-    def backward(self, dout, q, k, v, out, lse, cu_q, cu_kv, max_q, max_kv, causal, scale):
-        """(dq, dk, dv) for the given out and lse (kernel layout)."""
-        # With dropout_p = 0 the kernel never reads the philox state; these placeholders have
-        # the forward's dtypes (torch.nn.attention.varlen passes the same).
-        rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
-        unused = torch.empty(0, device=q.device)
-        dq, dk, dv = self._aten._flash_attention_backward(
-            dout, q, k, v, out, lse, cu_q, cu_kv, max_q, max_kv, 0.0, causal, rng_state, unused,
-            scale=scale)
-        return dq, dk, dv
-
-
-class FlashAttnSignatureError(RuntimeError):
-    """The installed flash-attn's private varlen functions have a signature we do not know."""
-
-
-_FWD_CORE = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
-             "dropout_p", "softmax_scale", "causal")
-_BWD_CORE = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "cu_seqlens_q",
-             "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p", "softmax_scale", "causal")
-#: the other parameters of flash-attn 2.6-2.8 we know, with the value that means "off"
-_FWD_EXTRA = {"window_size": (-1, -1), "window_size_left": -1, "window_size_right": -1,
-              "softcap": 0.0, "alibi_slopes": None, "return_softmax": False, "block_table": None,
-              "leftpad_k": None, "seqused_k": None, "zero_tensors": False}
-_BWD_EXTRA = {"window_size": (-1, -1), "window_size_left": -1, "window_size_right": -1,
-              "softcap": 0.0, "alibi_slopes": None, "deterministic": False, "rng_state": None,
-              "zero_tensors": False}
-
-
-def _signature_parameters(fn) -> Dict[str, inspect.Parameter]:
-    """Parameters of a flash-attn function; 2.7+ wraps them in torch.library.custom_op, whose
-    CustomOpDef hides the signature behind (*args, **kwargs) and keeps the function in _init_fn."""
-    target = getattr(fn, "_init_fn", None) or inspect.unwrap(fn)
-    try:
-        return dict(inspect.signature(target).parameters)
-    except (TypeError, ValueError) as exc:
-        raise FlashAttnSignatureError(f"its signature cannot be read ({exc})") from exc
-
-
-def _fixed_keywords(fn, qualname: str, core: Sequence[str], extra: Dict[str, object],
-                    version: str) -> Dict[str, object]:
-    """The keyword arguments beyond `core` to pass to `fn`, checked against its signature."""
-    def drift(what: str) -> FlashAttnSignatureError:
-        return FlashAttnSignatureError(
-            f"flash-attn {version}: flash_attn_interface.{qualname} {what}; this backend binds "
-            f"the 2.6-2.8 signatures")
-
-    try:
-        params = _signature_parameters(fn)
-    except FlashAttnSignatureError as exc:
-        raise drift(str(exc)) from exc
-    named = {n: p for n, p in params.items()
-             if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
-    missing = [n for n in core if n not in named]
-    if missing:
-        raise drift(f"has no parameter {', '.join(map(repr, missing))}")
-    positional_only = [n for n, p in named.items() if p.kind == inspect.Parameter.POSITIONAL_ONLY]
-    if positional_only:
-        raise drift(f"takes {', '.join(map(repr, positional_only))} only by position")
-    if "window_size" in named and ("window_size_left" in named or "window_size_right" in named):
-        raise drift("has both 'window_size' and 'window_size_left/right'")
-    fixed = {}
-    for name, param in named.items():
-        if name in core:
-            continue
-        if name in extra:
-            fixed[name] = extra[name]
-        elif param.default is inspect.Parameter.empty:
-            raise drift(f"needs parameter {name!r} that this backend does not know")
-    return fixed
-
-
-class _FlashAttnKernels:
-    """flash-attn's private varlen functions, bound by keyword to the installed version."""
-
-    name = "flash_attn"
-
-    def __init__(self, interface, version: str) -> None:
-        self.version = version
-        self._forward = interface._flash_attn_varlen_forward
-        self._backward = interface._flash_attn_varlen_backward
-        self._forward_fixed = _fixed_keywords(self._forward, "_flash_attn_varlen_forward",
-                                              _FWD_CORE, _FWD_EXTRA, version)
-        self._backward_fixed = _fixed_keywords(self._backward, "_flash_attn_varlen_backward",
-                                               _BWD_CORE, _BWD_EXTRA, version)
-        self.lse_padded: Optional[bool] = None
-
-    @classmethod
-    def load(cls) -> "_FlashAttnKernels":
-        """Import flash_attn and bind it; ImportError / FlashAttnSignatureError when it cannot."""
-        package = importlib.import_module("flash_attn")
-        interface = importlib.import_module("flash_attn.flash_attn_interface")
-        try:
-            return cls(interface, str(getattr(package, "__version__", "unknown")))
-        except AttributeError as exc:  # a private function is gone
-            raise FlashAttnSignatureError(
-                f"flash-attn {getattr(package, '__version__', 'unknown')}: {exc}; this backend "
-                "binds the 2.6-2.8 varlen functions") from exc
-
-    def forward(self, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, scale):
-        """(out [t, n, d], lse in the kernel's layout)."""
-        result = self._forward(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_kv,
-                               max_seqlen_q=max_q, max_seqlen_k=max_kv, dropout_p=0.0,
-                               softmax_scale=scale, causal=causal, **self._forward_fixed)
-        # 2.6: (out, q, k, v, out_padded, softmax_lse, S_dmask, rng_state);
-        # 2.7+: (out_padded, softmax_lse, S_dmask, rng_state). head_dim % 8 == 0: no padding.
-        if len(result) == 8:
-            return result[0], result[5]
-        if len(result) == 4:
-            return result[0], result[1]
-        raise FlashAttnSignatureError(
-            f"flash-attn {self.version}: _flash_attn_varlen_forward returned {len(result)} values, "
-            "expected 8 (2.6) or 4 (2.7+)")
-
-    def backward(self, dout, q, k, v, out, lse, cu_q, cu_kv, max_q, max_kv, causal, scale):
-        """(dq, dk, dv): the function writes into the buffers it is given (every version)."""
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        self._backward(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv,
-                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_kv, max_seqlen_q=max_q,
-                       max_seqlen_k=max_kv, dropout_p=0.0, softmax_scale=scale, causal=causal,
-                       **self._backward_fixed)
-        return dq, dk, dv
-
-
 # ---------------------------------------------------------------------------------- backend
-class CUDABackend(reference.ReferenceFusedLayers, Backend):
+class CUDABackend(CUDAFusedLayers, Backend):
     """NVIDIA GPUs: FlashAttention-2 kernels, NCCL collectives."""
 
     name = "cuda"
     dist_backend = "nccl"
     option_names = ("attention_impl",)
+    #: the reference math (inputs the kernels cannot take) refuses calls whose fp32 score
+    #: matrix would exceed this; it holds a few of them at once
+    reference_max_score_bytes = 1 << 30
 
     def __init__(self, attention_impl: str = "auto") -> None:
         """`attention_impl`: "auto" | "torch" | "flash_attn" (see the module doc)."""
@@ -483,9 +391,9 @@ class CUDABackend(reference.ReferenceFusedLayers, Backend):
 
     def _resolve_kernels(self):
         if self.attention_impl == "torch":
-            return _TorchFlashKernels(self._aten)
+            return TorchFlashKernels(self._aten)
         try:
-            return _FlashAttnKernels.load()
+            return FlashAttnKernels.load()
         except ModuleNotFoundError as exc:
             if exc.name != "flash_attn":
                 problem = f"flash-attn is installed but does not import ({exc})"
@@ -494,7 +402,7 @@ class CUDABackend(reference.ReferenceFusedLayers, Backend):
                     f"backend_options.attention_impl=flash_attn but flash-attn is not installed; "
                     f"{_INSTALL_FLASH_ATTN}") from exc
             else:
-                return _TorchFlashKernels(self._aten)  # optional package, simply absent
+                return TorchFlashKernels(self._aten)  # optional package, simply absent
         except (ImportError, OSError, RuntimeError) as exc:
             # FlashAttnSignatureError, or a build that does not match this torch (undefined symbol)
             text = str(exc).strip()
@@ -505,26 +413,89 @@ class CUDABackend(reference.ReferenceFusedLayers, Backend):
             raise BackendUnavailableError(f"backend_options.attention_impl=flash_attn: {problem}; "
                                           f"{_INSTALL_FLASH_ATTN}")
         self._warn_once(f"cuda backend: {problem}; using PyTorch's own flash kernels")
-        return _TorchFlashKernels(self._aten)
+        return TorchFlashKernels(self._aten)
 
     def _lse_padded(self, kernels, like: torch.Tensor) -> bool:
-        """Whether `kernels` use the padded lse layout; one tiny forward call if not yet seen."""
+        """Whether `kernels` use the padded varlen lse layout; one tiny forward call (once per
+        process) if not yet seen."""
         if kernels.lse_padded is None:
             x = torch.zeros(3, 1, 8, dtype=like.dtype, device=like.device)
-            cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=like.device)
+            cu = _cumulative([1, 2], like.device)
             lse = kernels.forward(x, x, x, cu, cu, 2, 2, False, 1.0)[1]
             kernels.lse_padded = lse.dim() == 3
         return kernels.lse_padded
 
+    # ------------------------------------------------------------ dense calls
+    @staticmethod
+    def _dense_call(kernels, q, k, v, causal, scale):
+        """One dense kernel call -> (out [b, s_q, n, d], lse [b, n, s_q] in our convention)."""
+        b, s_q, n = q.shape[:3]
+        if b == 0 or s_q == 0 or k.shape[1] == 0:
+            # nothing to compute, or no key at all: output 0, lse -inf (no kernel call)
+            return (q.new_zeros(q.shape[:-1] + v.shape[-1:]),
+                    q.new_full((b, n, s_q), -math.inf, dtype=torch.float32))
+        out, lse = kernels.dense_forward(_last_dim_contiguous(q), _last_dim_contiguous(k),
+                                         _last_dim_contiguous(v), causal, scale)
+        return out, _lse_from_kernel(lse)
+
+    @staticmethod
+    def _dense_backward_call(kernels, dout, q, k, v, out, lse, causal, scale):
+        """One dense kernel call for the given out and lse ([b, n, s_q], ours)."""
+        if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return kernels.dense_backward(
+            _last_dim_contiguous(dout.to(q.dtype)), _last_dim_contiguous(q),
+            _last_dim_contiguous(k), _last_dim_contiguous(v),
+            _last_dim_contiguous(out.to(q.dtype)), _lse_for_kernel(lse), causal, scale)
+
+    def _dense_forward(self, kernels, q, k, v, mask: str, scale: float):
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(f"dense attention expects [b, s, n, d] q/k/v, got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        s_q, s_kv = q.shape[1], k.shape[1]
+        if mask != "causal" or s_q == s_kv:
+            return self._dense_call(kernels, q, k, v, mask != "none", scale)
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        lse = q.new_empty((q.shape[0], q.shape[2], s_q), dtype=torch.float32)
+        for rows, keys, causal in _dense_top_left_pieces(s_q, s_kv):
+            o, l = self._dense_call(kernels, q[:, rows], k[:, keys], v[:, keys], causal, scale)
+            out[:, rows] = o
+            lse[:, :, rows] = l
+        return out, lse
+
+    def _dense_backward(self, kernels, dout, q, k, v, out, lse, mask: str, scale: float):
+        s_q, s_kv = q.shape[1], k.shape[1]
+        if mask != "causal" or s_q == s_kv:
+            return self._dense_backward_call(kernels, dout, q, k, v, out, lse, mask != "none",
+                                             scale)
+        dq = q.new_empty(q.shape)
+        # both pieces see the same keys when s_q > s_kv: accumulate their dk / dv in fp32
+        dk = k.new_zeros(k.shape, dtype=torch.float32)
+        dv = v.new_zeros(v.shape, dtype=torch.float32)
+        for rows, keys, causal in _dense_top_left_pieces(s_q, s_kv):
+            g_q, g_k, g_v = self._dense_backward_call(
+                kernels, dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows],
+                lse[:, :, rows], causal, scale)
+            dq[:, rows] = g_q
+            dk[:, keys] += g_k.float()
+            dv[:, keys] += g_v.float()
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+    # ----------------------------------------------------------- packed calls
     def _kernel_forward(self, kernels, q, k, v, cu_q, cu_kv, max_q, max_kv, causal, scale):
-        """One kernel call on packed input -> (out [t, n, d], lse [n, t] in our convention)."""
+        """One varlen kernel call -> (out [t, n, d], lse [n, t] in our convention)."""
         t_q, n = q.shape[0], q.shape[1]
         if t_q == 0 or k.shape[0] == 0:
             # nothing to compute, or no key at all: output 0, lse -inf (no kernel call)
             return (q.new_zeros((t_q, n, v.shape[-1])),
                     q.new_full((n, t_q), -math.inf, dtype=torch.float32))
-        out, lse = kernels.forward(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_kv,
-                                   max_q, max_kv, causal, scale)
+        if max_q == 1 and n > k.shape[1] and t_q != cu_q.shape[0] - 1:
+            # the GQA decode path (max_seqlen_q == 1) reshapes q to [batch, n_kv, group, d]
+            # and fails when a sequence has no query; an upper bound of 2 turns it off
+            max_q = 2
+        out, lse = kernels.forward(_last_dim_contiguous(q), _last_dim_contiguous(k),
+                                   _last_dim_contiguous(v), cu_q, cu_kv, max_q, max_kv, causal,
+                                   scale)
         kernels.lse_padded = lse.dim() == 3
         if kernels.lse_padded:
             lse = _lse_padded_to_packed(lse, cu_q, t_q)
@@ -532,15 +503,17 @@ class CUDABackend(reference.ReferenceFusedLayers, Backend):
 
     def _kernel_backward(self, kernels, dout, q, k, v, out, lse, cu_q, cu_kv, max_q, max_kv,
                          causal, scale):
-        """One kernel call on packed input, for the given out and lse ([n, t], ours)."""
+        """One varlen kernel call for the given out and lse ([n, t], ours)."""
         if q.shape[0] == 0 or k.shape[0] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         lse = _lse_for_kernel(lse)
         if self._lse_padded(kernels, q):
             lse = _lse_packed_to_padded(lse, cu_q, max_q)
-        return kernels.backward(dout.to(q.dtype).contiguous(), q.contiguous(), k.contiguous(),
-                                v.contiguous(), out.to(q.dtype).contiguous(), lse, cu_q, cu_kv,
-                                max_q, max_kv, causal, scale)
+        return kernels.backward(
+            _last_dim_contiguous(dout.to(q.dtype)), _last_dim_contiguous(q),
+            _last_dim_contiguous(k), _last_dim_contiguous(v),
+            _last_dim_contiguous(out.to(q.dtype)), lse, cu_q, cu_kv, max_q, max_kv, causal,
+            scale)
 
     @staticmethod
     def _needs_split(p: _Varlen, mask: str) -> bool:
@@ -581,39 +554,55 @@ class CUDABackend(reference.ReferenceFusedLayers, Backend):
         return dq, dk.to(p.k.dtype), dv.to(p.v.dtype)
 
     # ---------------------------------------------------------------- attention
-    def _fallback_reason(self, q, k, v) -> Optional[str]:
+    def _kernel_dtype_or_reference(self, q, k, v, params) -> Optional[torch.dtype]:
+        """The dtype to run the kernels in, or None for the reference math (one warning per
+        reason; a clear error above `reference_max_score_bytes`)."""
         reason = _flash_unsupported_reason(q, k, v)
-        if reason is not None:
-            self._warn_once(f"cuda backend: the flash kernels cannot take {reason}; using the "
-                            "reference attention (exact, memory O(s^2))")
-        return reason
+        if reason is None:
+            dtype = _kernel_dtype(q, k, v)
+            if any(t.dtype != dtype for t in (q, k, v)):
+                self._warn_once(
+                    f"cuda backend: q/k/v in {q.dtype}/{k.dtype}/{v.dtype}: the flash kernels run "
+                    f"in {dtype} (inputs cast per call; keep them in one dtype to avoid the "
+                    "copies)")
+            return dtype
+        need = _reference_score_bytes(q, k, params)
+        if need > self.reference_max_score_bytes:
+            raise ValueError(
+                f"cuda backend: the flash kernels cannot take {reason}, and the reference "
+                f"attention would materialise {need / 2**30:.2f} GiB of fp32 scores per call "
+                f"(limit {self.reference_max_score_bytes / 2**30:.2f} GiB): run attention in "
+                "bf16/fp16 (or under torch.autocast) with a supported head layout")
+        self._warn_once(f"cuda backend: the flash kernels cannot take {reason}; using the "
+                        "reference attention (exact, memory O(s^2))")
+        return None
 
     def attention_forward(self, q, k, v, params: AttentionParams
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
-        scale = default_scale(q.shape[-1], params.scale)
-        if self._fallback_reason(q, k, v) is not None:
+        dtype = self._kernel_dtype_or_reference(q, k, v, params)
+        if dtype is None:
             return reference.attention_reference(q, k, v, params)
+        scale = default_scale(q.shape[-1], params.scale)
         kernels = self._kernels()
-        p = _to_varlen(q, k, v, params)
-        out, lse = self._varlen_forward(kernels, p, params.mask, scale)
-        if p.dense is None:
-            return out, lse
-        b, s_q = p.dense
-        # [b*s, n, d] -> [b, s, n, d]; [n, b*s] -> [b, n, s]
-        return (out.view(b, s_q, *out.shape[1:]),
-                lse.view(lse.shape[0], b, s_q).transpose(0, 1).contiguous())
+        qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+        if params.is_packed:
+            out, lse = self._varlen_forward(kernels, _to_varlen(qc, kc, vc, params), params.mask,
+                                            scale)
+        else:
+            out, lse = self._dense_forward(kernels, qc, kc, vc, params.mask, scale)
+        return out.to(q.dtype), lse
 
     def attention_backward(self, dout, q, k, v, out, lse, params: AttentionParams):
-        scale = default_scale(q.shape[-1], params.scale)
-        if self._fallback_reason(q, k, v) is not None:
+        dtype = self._kernel_dtype_or_reference(q, k, v, params)
+        if dtype is None:
             return reference.attention_backward_reference(dout, q, k, v, out, lse, params)
+        scale = default_scale(q.shape[-1], params.scale)
         kernels = self._kernels()
-        p = _to_varlen(q, k, v, params)
-        if p.dense is not None:
-            dout, out = dout.reshape(p.q.shape[:-1] + dout.shape[-1:]), out.reshape(
-                p.q.shape[:-1] + out.shape[-1:])
-            lse = lse.transpose(0, 1).reshape(lse.shape[1], -1)  # [b, n, s] -> [n, b*s]
-        dq, dk, dv = self._varlen_backward(kernels, p, dout, out, lse, params.mask, scale)
-        if p.dense is not None:
-            return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
-        return dq, dk, dv
+        qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+        dout, out = dout.to(dtype), out.to(dtype)
+        if params.is_packed:
+            grads = self._varlen_backward(kernels, _to_varlen(qc, kc, vc, params), dout, out,
+                                          lse, params.mask, scale)
+        else:
+            grads = self._dense_backward(kernels, dout, qc, kc, vc, out, lse, params.mask, scale)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))

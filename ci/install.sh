@@ -12,8 +12,8 @@ EXTRAS=${1:-dev}
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[install] installing torch==2.13.0"
-  "$PY" -m pip install -q "torch==2.13.0"
+  "$PY" -m pip install "torch==2.13.0"
 fi
 echo "[install] installing mindspeed-vita[$EXTRAS]"
-"$PY" -m pip install -q -e ".[$EXTRAS]"
+"$PY" -m pip install -e ".[$EXTRAS]"
 "$PY" -c "import torch, megatron.core, transformers; print('[install] torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| transformers', transformers.__version__)"

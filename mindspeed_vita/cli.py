@@ -25,9 +25,13 @@ PROG = "mindspeed-vita"
 COMMANDS: List[Tuple] = [
     ("env", "mindspeed_vita.commands.env", "show the selected backend and library versions"),
     ("config", "mindspeed_vita.commands.config", "validate a stage config and print it resolved"),
-    ("demo", "mindspeed_vita.commands.demo", "build the tiny demo (data, tokenizer, model) and run it"),
+    ("train", "mindspeed_vita.training.cli",
+     "train one stage from its config (same command again resumes)"),
+    ("demo", "mindspeed_vita.commands.demo",
+     "build the tiny demo (data, tokenizer, model) and run it"),
     ("infer", "mindspeed_vita.inference.cli", "generate from a checkpoint (native or HF directory)"),
     ("serve", "mindspeed_vita.inference.serve_cli", "OpenAI-compatible HTTP server for a checkpoint"),
+    ("eval", "mindspeed_vita.eval.cli", "run lmms-eval tasks on a checkpoint (extra [eval])"),
     ("convert", [
         ("import-hf", "mindspeed_vita.convert.cli_import", "HF checkpoint -> native checkpoint"),
         ("export-hf", "mindspeed_vita.convert.cli_export", "native checkpoint -> HF InternVL directory"),
@@ -40,9 +44,12 @@ COMMANDS: List[Tuple] = [
          "the Long-VITA release's mixture YAML -> a mixture YAML"),
     ], "data tools"),
     ("bench", [
-        ("attention", "mindspeed_vita.commands.bench_attention", "backend attention vs naive PyTorch"),
-        ("lm-head", "mindspeed_vita.commands.bench_lm_head", "full vs chunked vs logits-masked LM head"),
-        ("data", "mindspeed_vita.commands.bench_data", "render + pack throughput and packing utilisation"),
+        ("attention", "mindspeed_vita.commands.bench_attention",
+         "backend attention vs naive PyTorch"),
+        ("lm-head", "mindspeed_vita.commands.bench_lm_head",
+         "full vs chunked vs logits-masked LM head"),
+        ("data", "mindspeed_vita.commands.bench_data",
+         "render + pack throughput and packing utilisation"),
         ("ring", "mindspeed_vita.commands.bench_ring",
          "zigzag ring attention: balance, memory, overlap"),
     ], "benchmarks that print ratios against a baseline measured in the same run"),
@@ -136,7 +143,8 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     path = selected_path(argv) if argv is not None else None
     parser = Parser(
         prog=PROG,
-        description="Train and serve Long-VITA-style long-context VLMs on Ascend NPU, NVIDIA GPU or CPU.")
+        description="Train and serve Long-VITA-style long-context VLMs on Ascend NPU, NVIDIA GPU "
+                    "or CPU.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _add_verbose(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -145,7 +153,8 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
             _add(sub, name, target, help_text, path is None or path[:1] == (name,))
             continue
         group = sub.add_parser(name, help=help_text, description=help_text)
-        inner = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=Parser)
+        inner = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
+                                     parser_class=Parser)
         group.set_defaults(_group=group)
         for sub_name, module, sub_help in target:
             _add(inner, sub_name, module, sub_help, path is None or path[:2] == (name, sub_name))
@@ -184,7 +193,8 @@ def error_line(error: BaseException) -> str:
         text = f"{error.filename}: {error.strerror.lower()}"
     else:
         text = str(error)
-    return f"{PROG}: error: " + "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    lines = (line.strip() for line in text.splitlines() if line.strip())
+    return f"{PROG}: error: " + "; ".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

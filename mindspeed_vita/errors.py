@@ -5,6 +5,11 @@ key or tensor at fault.
 """
 
 
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the offending value.
+    (`config.schema` re-exports it; the parallel rules raise it without importing the schema.)"""
+
+
 class UserInputError(ValueError):
     """Bad input: a file, checkpoint, image, prompt or option. The message names it."""
 

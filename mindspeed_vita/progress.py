@@ -24,13 +24,19 @@ API (for any command, the trainer included):
         step("import engine")                 # named phases of one slow task: shows
         ...                                   # "[infer] 1/3 import engine" and the time taken
 
-`enabled=False` (e.g. for `--json` runs that want a silent stderr) turns either into a no-op.
+    with notice_after(2.0, "[inspect] importing torch, reading the inputs"):
+        ...                                   # one line, only if the block is still running
+                                              # after 2 s (a quick failure stays one error line)
+
+`enabled=False` (e.g. for `--json` runs that want a silent stderr) turns these into no-ops.
 Set MINDSPEED_VITA_PROGRESS=0 in the environment to silence all progress output.
 """
+
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -72,9 +78,17 @@ class _Lines:
         self.stream.flush()
 
 
-def progress(iterable: Optional[Iterable] = None, *, total: Optional[float] = None, desc: str = "",
-             unit: str = "it", stream: Optional[IO] = None, enabled: bool = True,
-             log_interval: float = LOG_INTERVAL_S, **tqdm_options: Any):
+def progress(
+    iterable: Optional[Iterable] = None,
+    *,
+    total: Optional[float] = None,
+    desc: str = "",
+    unit: str = "it",
+    stream: Optional[IO] = None,
+    enabled: bool = True,
+    log_interval: float = LOG_INTERVAL_S,
+    **tqdm_options: Any,
+):
     """A tqdm progress object over `iterable` (or counting `total` by hand with `.update`).
 
     A bar when `stream` (default stderr) is a terminal, else one line every `log_interval`
@@ -85,21 +99,35 @@ def progress(iterable: Optional[Iterable] = None, *, total: Optional[float] = No
     stream = stream or sys.stderr
     disable = not (enabled and progress_enabled(stream))
     if disable or _is_terminal(stream):
-        return tqdm(iterable, total=total, desc=desc, unit=unit, file=stream, disable=disable,
-                    dynamic_ncols=True, **tqdm_options)
+        return tqdm(
+            iterable,
+            total=total,
+            desc=desc,
+            unit=unit,
+            file=stream,
+            disable=disable,
+            dynamic_ncols=True,
+            **tqdm_options,
+        )
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
-    options = dict(bar_format=_LINE_FORMAT if total else _LINE_FORMAT_NO_TOTAL,
-                   mininterval=log_interval, maxinterval=max(log_interval, 10.0), miniters=1,
-                   smoothing=0.0, ascii=True)
+    options = dict(
+        bar_format=_LINE_FORMAT if total else _LINE_FORMAT_NO_TOTAL,
+        mininterval=log_interval,
+        maxinterval=max(log_interval, 10.0),
+        miniters=1,
+        smoothing=0.0,
+        ascii=True,
+    )
     options.update(tqdm_options)
     # " records/s" rather than tqdm's "records/s" glued to the number
     return tqdm(iterable, total=total, desc=desc, unit=" " + unit, file=_Lines(stream), **options)
 
 
 @contextmanager
-def steps(names: Sequence[str], *, desc: str, stream: Optional[IO] = None,
-          enabled: bool = True) -> Iterator[Callable[[str], None]]:
+def steps(
+    names: Sequence[str], *, desc: str, stream: Optional[IO] = None, enabled: bool = True
+) -> Iterator[Callable[[str], None]]:
     """Named phases of one slow task. Yields `step(name)`: call it as each phase starts; a
     line "<desc> i/n <name>" is printed at once, and "<desc> ready in X s" at the end.
     On a terminal the phases share one tqdm bar."""
@@ -109,8 +137,13 @@ def steps(names: Sequence[str], *, desc: str, stream: Optional[IO] = None,
     if show and _is_terminal(stream):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(names), desc=desc, file=stream, unit="step",
-                   bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}")
+        bar = tqdm(
+            total=len(names),
+            desc=desc,
+            file=stream,
+            unit="step",
+            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}",
+        )
     start = time.perf_counter()
     done = 0
 
@@ -137,3 +170,23 @@ def steps(names: Sequence[str], *, desc: str, stream: Optional[IO] = None,
     elif show and done:
         stream.write(f"{desc} ready in {elapsed:.1f} s\n")
         stream.flush()
+
+
+@contextmanager
+def notice_after(seconds: float, message: str, *, stream: Optional[IO] = None,
+                 enabled: bool = True) -> Iterator[None]:
+    """Print `message` (one line) if the block is still running after `seconds`.
+
+    For a slow start (imports, reading inputs) whose failures should stay a single error line:
+    a failure within `seconds` prints nothing extra; a slow start shows that work is going on."""
+    stream = stream or sys.stderr
+    if not (enabled and progress_enabled(stream)):
+        yield
+        return
+    timer = threading.Timer(seconds, lambda: (stream.write(message + "\n"), stream.flush()))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -15,6 +15,7 @@ pay for it), before the command's own imports:
   function's first call, so the cost is paid only by code that runs such a kernel, and the
   compiled function is the same.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,18 +33,21 @@ THIRD_PARTY_LOGGER = "mindspeed_vita.third_party"
 #: messages (regular expressions, searched) of third-party warnings and log records that carry
 #: no information for a mindspeed-vita user: optional NVIDIA libraries we do not use, megatron
 #: deprecations of options we never set, and launch advice our launch scripts already follow.
-KNOWN_NOISE = tuple(re.compile(p) for p in (
-    r"Transformer Engine and Apex are not installed",
-    r"Apex is not installed",
-    r"Transformer Engine is not installed",
-    r"full scope is deprecated",
-    r"CUDA_DEVICE_MAX_CONNECTIONS",
-    r"torch\.distributed\._shard",
-    r"TypedStorage is deprecated",
-    r"The cuda\.cudart module is deprecated",
-    r"nvidia-modelopt",
-    r"is not installed\. Falling back",
-))
+KNOWN_NOISE = tuple(
+    re.compile(p)
+    for p in (
+        r"Transformer Engine and Apex are not installed",
+        r"Apex is not installed",
+        r"Transformer Engine is not installed",
+        r"full scope is deprecated",
+        r"CUDA_DEVICE_MAX_CONNECTIONS",
+        r"torch\.distributed\._shard",
+        r"TypedStorage is deprecated",
+        r"The cuda\.cudart module is deprecated",
+        r"nvidia-modelopt",
+        r"is not installed\. Falling back",
+    )
+)
 
 
 def is_known_noise(message: str) -> bool:
@@ -98,7 +102,8 @@ def route_third_party_warnings() -> None:
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if is_known_noise(str(message)):
             logging.getLogger(THIRD_PARTY_LOGGER).debug(
-                "%s: %s (%s:%s)", category.__name__, message, filename, lineno)
+                "%s: %s (%s:%s)", category.__name__, message, filename, lineno
+            )
             return
         shown(message, category, filename, lineno, file, line)
 

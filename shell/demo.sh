@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# The built-in tiny demo on a fresh machine: install, then build a tiny Long-VITA (tokenizer,
-# synthetic data, model), run it on a real photo and a synthetic packed batch, save and reload a
-# checkpoint, and generate. Output goes to ${1:-demo_out}.
+# The built-in tiny demo on a fresh machine: install what is missing, then build a tiny
+# Long-VITA (tokenizer, synthetic data, model), train a few steps on packed batches and generate
+# from a real photo. Output goes to ${1:-demo_out}.
+# Installation is skipped when this checkout is already installed with every dependency of
+# setup.py satisfied (shell/install_check.py); otherwise pip runs with its progress shown.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash ci/install.sh dev
+PY=${PYTHON:-python3}
+if "$PY" shell/install_check.py dev; then
+  echo "[demo] mindspeed-vita and its dependencies are installed: nothing to install"
+else
+  echo "[demo] installing (pip's progress follows; a few minutes on a fresh machine)"
+  bash ci/install.sh dev
+fi
 source shell/env.sh
 exec mindspeed-vita demo --out "${1:-demo_out}"

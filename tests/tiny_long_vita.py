@@ -20,8 +20,9 @@ from typing import Dict
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from PIL import Image
+from transformers import AutoTokenizer, GotOcr2ImageProcessor, InternVLConfig
+from transformers import InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
 from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
 from tests.tiny_hf import random_weight, randomize_
@@ -174,3 +175,60 @@ def internvl_reference(state: Dict[str, torch.Tensor], image_token_id: int
     assert not unexpected, unexpected
     assert not [k for k in missing if "rotary" not in k], missing
     return model
+
+
+def release_inputs(hf_dir: str, question: str, image_path: str, grid):
+    """`(ids [1, s], pixel_values, token ids by name)` of a one-image question, built as the
+    release builds them, from transformers only: ChatML with the role header as its own
+    piece, `<image>` replaced by the thumbnail span then, per tile row, "\\n" and the row's
+    patch spans; pixels from transformers' InternVL image processor with the thumbnail moved
+    first (the release's order). `grid` = (cols, rows) is checked against the processor."""
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+
+    def enc(text):
+        return tok(text, add_special_tokens=False).input_ids
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in RELEASE_TOKENS + ["<|im_start|>",
+                                                                      "<|im_end|>"]}
+    nl = enc("\n")
+    tokens = ([ids["<|im_start|>"]] + enc("user") + nl + enc("<image>\n" + question)
+              + [ids["<|im_end|>"]] + nl + [ids["<|im_start|>"]] + enc("assistant") + nl)
+    processor = GotOcr2ImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=True, min_patches=1,
+        max_patches=12, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    out = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    pixels = out["pixel_values"]
+    cols, rows = grid
+    assert int(out["num_patches"][0]) == cols * rows + (1 if cols * rows > 1 else 0)
+    span = [ids["<img>"]] + [ids["<IMG_CONTEXT>"]] * TOKENS_PER_TILE + [ids["</img>"]]
+    if cols * rows > 1:
+        for _ in range(rows):
+            span += nl
+            for _ in range(cols):
+                span += ([ids["<patch>"]] + [ids["<PATCH_CONTEXT>"]] * TOKENS_PER_TILE
+                         + [ids["</patch>"]])
+        # the release puts the thumbnail first; transformers' processor puts it last
+        pixels = torch.cat((pixels[-1:], pixels[:-1]))
+    at = tokens.index(ids["<image>"])
+    return torch.tensor([tokens[:at] + span + tokens[at + 1:]]), pixels, ids
+
+
+def reference_generate(model, ids, pixels, token_ids, stops, max_new_tokens):
+    """Greedy generation of the transformers reference (`internvl_reference`): `(new ids,
+    log-probability of each)`. InternVL fills the rows of its one image token; the release's
+    patch-context rows receive the tile features in the same order, so both become that
+    token here. Visual tokens are suppressed, as mindspeed-vita's generation never emits
+    them (with this random model they would otherwise be chosen now and then)."""
+    hf_ids = ids.clone()
+    hf_ids[hf_ids == token_ids["<PATCH_CONTEXT>"]] = token_ids["<IMG_CONTEXT>"]
+    banned = [token_ids[t] for t in RELEASE_TOKENS[:9] + ["<image>", "<video>"]]
+    with torch.no_grad():
+        out = model.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids),
+                             pixel_values=pixels, max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=stops, pad_token_id=stops[0],
+                             suppress_tokens=banned, output_logits=True,
+                             return_dict_in_generate=True)
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    logprobs = [float(torch.log_softmax(step[0].float(), -1)[t])
+                for step, t in zip(out.logits, new)]
+    return new, logprobs

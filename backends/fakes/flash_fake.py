@@ -14,12 +14,19 @@ against the flash-attn signatures) and FlashAttention-2's semantics, computed in
   reads them is caught). A row that sees no key gets output 0 and lse **+inf**.
 * the backward uses the out and lse it is given (P = exp(S - lse), D = rowsum(dout * out)).
 * dtypes float16 / bfloat16 (float32 too with `allow_fp32=True`, for exact wrapper tests),
-  head_dim a multiple of 8 up to 256, last dim contiguous, dropout 0, windows unlimited: a
-  call outside these raises, as the real kernels would (or as this backend never should).
+  head_dim a multiple of 8 up to 256, last dim contiguous (any other strides are taken, as the
+  real kernels take them), dropout 0, windows unlimited: a call outside these raises, as the
+  real kernels would (or as this backend never should).
+* the varlen forward's decode path (`max_seqlen_q == 1` with more query than kv heads: the
+  kernels fold the query heads of a group into the sequence axis by reshaping q to
+  `[batch, n_kv, group, d]`) fails as the real one does when a query segment is empty.
+* dense form (`[b, s, n, d]`, no cumulative lengths): lse `[b, n, s_q]` in every version.
 
 `FakeAtenFlash` stands for `torch.ops.aten` (`_flash_attention_forward` / `_backward` with
-PyTorch 2.13's schema). `fake_flash_attn_modules(style)` builds a `flash_attn` package whose
-`flash_attn_interface` has the private varlen functions in one of the known signature styles:
+PyTorch 2.13's schema, dense and varlen). It records every call with `KernelCall` entries:
+the storages q/k/v (and dout/out) came from, so tests can tell a view that reached the kernel
+from a copy. `fake_flash_attn_modules(style)` builds a `flash_attn` package whose
+`flash_attn_interface` has the private dense and varlen functions in one of the known styles:
 "2.6" (`window_size=(l, r)`, 8 return values, plain functions) or "2.7" (2.7.x-2.8.x:
 `window_size_left/right`, 4 return values, wrapped in `torch.library.custom_op` as the real
 ones are), optionally with an extra parameter to emulate signature drift.
@@ -100,6 +107,10 @@ def varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, *, dropout_
     """FlashAttention-2 varlen forward semantics: (out like q, lse in `lse_layout`)."""
     call = _Call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, allow_fp32)
     n = q.shape[1]
+    if max_q == 1 and n > k.shape[1] and q.shape[0] != len(call.lq):
+        # mha_varlen_fwd's seqlenq_ngroups_swapped: q.reshape({batch, n_kv, group, d})
+        raise RuntimeError(f"shape '[{len(call.lq)}, {k.shape[1]}, {n // k.shape[1]}, "
+                           f"{q.shape[-1]}]' is invalid for input of size {q.numel()}")
     out = torch.zeros(q.shape[0], n, v.shape[-1], dtype=torch.float32)
     lse = torch.full((n, q.shape[0]), math.inf)
     for _, rq, rk in call.sequences():
@@ -159,6 +170,59 @@ def varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, ca
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _dense_as_varlen(q, k, v):
+    """Dense [b, s, n, d] q/k/v as the varlen call over b uniform sequences (fake-internal)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise RuntimeError(f"dense {name} must be [batch, seqlen, heads, head_dim], got "
+                               f"{tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise RuntimeError("Input tensor must have contiguous last dimension")
+    b, s_q, s_k = q.shape[0], q.shape[1], k.shape[1]
+    if k.shape[0] != b or v.shape[0] != b:
+        raise RuntimeError("batch sizes of q, k and v differ")
+    cu_q = torch.arange(0, (b + 1) * s_q, s_q, dtype=torch.int32)
+    cu_k = torch.arange(0, (b + 1) * s_k, s_k, dtype=torch.int32)
+    flat = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]
+    return flat, cu_q, cu_k, max(s_q, 1), max(s_k, 1)
+
+
+def dense_forward(q, k, v, scale, causal, *, dropout_p=0.0, allow_fp32=False):
+    """FlashAttention-2 dense forward: (out [b, s_q, n, d] like q, lse fp32 [b, n, s_q])."""
+    (qf, kf, vf), cu_q, cu_k, max_q, max_k = _dense_as_varlen(q, k, v)
+    out, lse = varlen_forward(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale, causal,
+                              dropout_p=dropout_p, allow_fp32=allow_fp32)
+    b, s_q, n = q.shape[0], q.shape[1], q.shape[2]
+    return out.view(b, s_q, n, -1), lse.view(n, b, s_q).transpose(0, 1).contiguous()
+
+
+def dense_backward(dout, q, k, v, out, lse, scale, causal, *, dropout_p=0.0, allow_fp32=False):
+    """FlashAttention-2 dense backward for the GIVEN out / lse [b, n, s_q]: (dq, dk, dv)."""
+    (qf, kf, vf), cu_q, cu_k, max_q, max_k = _dense_as_varlen(q, k, v)
+    b, s_q, n = q.shape[0], q.shape[1], q.shape[2]
+    for name, t in (("dout", dout), ("out", out)):
+        if t.shape != q.shape or t.stride(-1) != 1:
+            raise RuntimeError(f"{name} must be like q {tuple(q.shape)} with a contiguous last "
+                               f"dimension, got {tuple(t.shape)}")
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (b, n, s_q) or not lse.is_contiguous():
+        raise RuntimeError(f"softmax_lse must be contiguous fp32 {(b, n, s_q)}, got {lse.dtype} "
+                           f"{tuple(lse.shape)}")
+    grads = varlen_backward(dout.reshape(qf.shape), qf, kf, vf, out.reshape(qf.shape),
+                            lse.transpose(0, 1).reshape(n, b * s_q).contiguous(), cu_q, cu_k,
+                            max_q, max_k,
+                            scale, causal, dropout_p=dropout_p, allow_fp32=allow_fp32)
+    return tuple(g.view(t.shape) for g, t in zip(grads, (q, k, v)))
+
+
+def _storage(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.untyped_storage().data_ptr()
+
+
+class KernelCall(dict):
+    """One recorded kernel call: its arguments (keyword-normalised) plus `storages`, the
+    storage address of each tensor input (equal to a given view's when it was not copied)."""
+
+
 class FakeAtenFlash:
     """`torch.ops.aten` stand-in with `_flash_attention_forward` / `_flash_attention_backward`
     (PyTorch 2.13 schema, varlen form). Records every call's keyword-normalised arguments."""
@@ -174,21 +238,29 @@ class FakeAtenFlash:
                                  window_size_left=None, window_size_right=None, seqused_k=None,
                                  alibi_slopes=None, block_table=None, num_splits=None):
         """Forward; returns (output, softmax_logsumexp, rng_state, unused, debug_attn_mask)."""
-        if cum_seq_q is None or cum_seq_k is None:
-            raise RuntimeError("the fake implements the varlen form only (the backend uses no "
-                               "other)")
+        if (cum_seq_q is None) != (cum_seq_k is None):
+            raise RuntimeError("cum_seq_q and cum_seq_k must both be given (varlen) or both "
+                               "be None (dense)")
         if return_debug_mask or any(x is not None for x in (seqused_k, alibi_slopes, block_table)):
             raise RuntimeError("debug mask / seqused_k / alibi / paged KV are not used by the "
                                "backend")
         if window_size_left not in (None, -1) or window_size_right not in (None, -1):
             raise RuntimeError("the backend never sets a window")
         scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-        self.forward_calls.append(dict(max_q=max_q, max_k=max_k, is_causal=is_causal, scale=scale,
-                                       cum_seq_q=cum_seq_q.tolist(), cum_seq_k=cum_seq_k.tolist(),
-                                       heads=(query.shape[1], key.shape[1])))
-        out, lse = varlen_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, scale,
-                                  is_causal, dropout_p=dropout_p, lse_layout=self.lse_layout,
-                                  allow_fp32=self.allow_fp32)
+        dense = cum_seq_q is None
+        self.forward_calls.append(KernelCall(
+            max_q=max_q, max_k=max_k, is_causal=is_causal, scale=scale, dense=dense,
+            cum_seq_q=None if dense else cum_seq_q.tolist(),
+            cum_seq_k=None if dense else cum_seq_k.tolist(),
+            heads=(query.shape[-2], key.shape[-2]),
+            storages=tuple(_storage(t) for t in (query, key, value))))
+        if dense:
+            out, lse = dense_forward(query, key, value, scale, is_causal, dropout_p=dropout_p,
+                                     allow_fp32=self.allow_fp32)
+        else:
+            out, lse = varlen_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
+                                      scale, is_causal, dropout_p=dropout_p,
+                                      lse_layout=self.lse_layout, allow_fp32=self.allow_fp32)
         rng_state = torch.zeros(2, dtype=torch.uint64)
         unused = torch.zeros((), dtype=torch.uint64)
         return out, lse, rng_state, unused, torch.empty(0, dtype=query.dtype)
@@ -202,9 +274,20 @@ class FakeAtenFlash:
             raise RuntimeError("rng_state and unused must be tensors (the schema has no None)")
         if window_size_left not in (None, -1) or window_size_right not in (None, -1):
             raise RuntimeError("the backend never sets a window")
+        if (cum_seq_q is None) != (cum_seq_k is None):
+            raise RuntimeError("cum_seq_q and cum_seq_k must both be given or both be None")
         scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-        self.backward_calls.append(dict(max_q=max_q, max_k=max_k, is_causal=is_causal, scale=scale,
-                                        cum_seq_q=cum_seq_q.tolist(), cum_seq_k=cum_seq_k.tolist()))
+        dense = cum_seq_q is None
+        self.backward_calls.append(KernelCall(
+            max_q=max_q, max_k=max_k, is_causal=is_causal, scale=scale, dense=dense,
+            cum_seq_q=None if dense else cum_seq_q.tolist(),
+            cum_seq_k=None if dense else cum_seq_k.tolist(),
+            storages=tuple(_storage(t) for t in (query, key, value, grad_out, out))))
+        # PyTorch's wrapper makes grad_out and out contiguous itself (the kernel assumes so)
+        grad_out, out = grad_out.contiguous(), out.contiguous()
+        if dense:
+            return dense_backward(grad_out, query, key, value, out, logsumexp, scale, is_causal,
+                                  dropout_p=dropout_p, allow_fp32=self.allow_fp32)
         return varlen_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
                                max_q, max_k, scale, is_causal, dropout_p=dropout_p,
                                lse_layout=self.lse_layout, allow_fp32=self.allow_fp32)
@@ -218,8 +301,28 @@ def _check_off(window, softcap, alibi_slopes, return_softmax=False, block_table=
                            "softmax / paged KV")
 
 
-def _make_2_6(allow_fp32: bool, calls: List[str]):
-    """flash-attn 2.6.x: `window_size` tuple, forward returns 8 values, backward returns
+class _Recorder:
+    """What the fake flash-attn functions were called with: `calls` names each call in order
+    ("forward", "backward" for varlen, "dense_forward", "dense_backward"); `records` holds a
+    KernelCall per call (storages of the tensor inputs, `deterministic` for backwards)."""
+
+    def __init__(self) -> None:
+        self.calls: List[str] = []
+        self.records: List[KernelCall] = []
+
+    def __call__(self, name, tensors, **extra) -> None:
+        self.calls.append(name)
+        self.records.append(KernelCall(name=name, storages=tuple(_storage(t) for t in tensors),
+                                       **extra))
+
+
+def _write(buffers, grads):
+    for buffer, grad in zip(buffers, grads):
+        buffer.copy_(grad)
+
+
+def _make_2_6(allow_fp32: bool, record: _Recorder):
+    """flash-attn 2.6.x: `window_size` tuple, forwards return 8 values, backwards return
     (dq, dk, dv, softmax_d) after writing into the given buffers."""
 
     def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -228,7 +331,7 @@ def _make_2_6(allow_fp32: bool, calls: List[str]):
                                    seqused_k=None):
         _check_off(window_size, softcap, alibi_slopes, return_softmax, block_table, leftpad_k,
                    seqused_k)
-        calls.append("forward")
+        record("forward", (q, k, v))
         out, lse = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   softmax_scale, causal, dropout_p=dropout_p, allow_fp32=allow_fp32)
         s_dmask = torch.empty(0, dtype=q.dtype)
@@ -239,21 +342,38 @@ def _make_2_6(allow_fp32: bool, calls: List[str]):
                                     softmax_scale, causal, window_size, softcap, alibi_slopes,
                                     deterministic, rng_state=None):
         _check_off(window_size, softcap, alibi_slopes)
-        calls.append("backward")
-        grads = varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                                dropout_p=dropout_p, allow_fp32=allow_fp32)
-        for buffer, grad in zip((dq, dk, dv), grads):
-            buffer.copy_(grad)
+        record("backward", (q, k, v, dout, out), deterministic=deterministic)
+        _write((dq, dk, dv), varlen_backward(
+            dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k, softmax_scale, causal, dropout_p=dropout_p, allow_fp32=allow_fp32))
         return dq, dk, dv, torch.zeros(q.shape[1], q.shape[0])
 
-    return _flash_attn_varlen_forward, _flash_attn_varlen_backward
+    def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                            alibi_slopes, return_softmax):
+        _check_off(window_size, softcap, alibi_slopes, return_softmax)
+        record("dense_forward", (q, k, v))
+        out, lse = dense_forward(q, k, v, softmax_scale, causal, dropout_p=dropout_p,
+                                 allow_fp32=allow_fp32)
+        return out, q, k, v, out, lse, torch.empty(0, dtype=q.dtype), torch.zeros(2)
+
+    def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p,
+                             softmax_scale, causal, window_size, softcap, alibi_slopes,
+                             deterministic, rng_state=None):
+        _check_off(window_size, softcap, alibi_slopes)
+        record("dense_backward", (q, k, v, dout, out), deterministic=deterministic)
+        _write((dq, dk, dv), dense_backward(dout, q, k, v, out, softmax_lse, softmax_scale,
+                                            causal, dropout_p=dropout_p, allow_fp32=allow_fp32))
+        return dq, dk, dv, torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+
+    return (_flash_attn_varlen_forward, _flash_attn_varlen_backward, _flash_attn_forward,
+            _flash_attn_backward)
 
 
-def _make_2_7(allow_fp32: bool, calls: List[str], extra: Optional[str]):
-    """flash-attn 2.7.x / 2.8.x: `window_size_left/right`, torch.library custom ops; forward
-    returns (out, lse, S_dmask, rng_state), backward writes dq/dk/dv and returns softmax_d.
-    `extra`: None, "optional" (a new parameter with a default) or "required" (without one)."""
+def _make_2_7(allow_fp32: bool, record: _Recorder, extra: Optional[str]):
+    """flash-attn 2.7.x / 2.8.x: `window_size_left/right`, torch.library custom ops; forwards
+    return (out, lse, S_dmask, rng_state), backwards write dq/dk/dv and return softmax_d.
+    `extra`: None, "optional" (a new varlen-forward parameter with a default) or "required"
+    (without one)."""
     namespace = f"mvfakeflash{next(_counter)}"
 
     def forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
@@ -261,22 +381,10 @@ def _make_2_7(allow_fp32: bool, calls: List[str], extra: Optional[str]):
                      alibi_slopes, return_softmax, block_table, leftpad_k, seqused_k):
         _check_off((window_size_left, window_size_right), softcap, alibi_slopes, return_softmax,
                    block_table, leftpad_k, seqused_k)
-        calls.append("forward")
+        record("forward", (q, k, v))
         out, lse = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   softmax_scale, causal, dropout_p=dropout_p, allow_fp32=allow_fp32)
         return out, lse, torch.empty(0, dtype=q.dtype), torch.zeros(2, dtype=torch.int64)
-
-    def backward_impl(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                      max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                      window_size_left, window_size_right, softcap, alibi_slopes):
-        _check_off((window_size_left, window_size_right), softcap, alibi_slopes)
-        calls.append("backward")
-        grads = varlen_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                                dropout_p=dropout_p, allow_fp32=allow_fp32)
-        for buffer, grad in zip((dq, dk, dv), grads):
-            buffer.copy_(grad)
-        return torch.zeros(q.shape[1], q.shape[0])
 
     # real type objects (no postponed annotations in this file): custom_op reads them
     T, OT = torch.Tensor, Optional[torch.Tensor]
@@ -329,32 +437,62 @@ def _make_2_7(allow_fp32: bool, calls: List[str], extra: Optional[str]):
             dropout_p: float, softmax_scale: float, causal: bool, window_size_left: int,
             window_size_right: int, softcap: float, alibi_slopes: OT, deterministic: bool,
             rng_state: OT = None) -> T:
-        return backward_impl(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q,
-                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                             causal, window_size_left, window_size_right, softcap, alibi_slopes)
+        _check_off((window_size_left, window_size_right), softcap, alibi_slopes)
+        record("backward", (q, k, v, dout, out), deterministic=deterministic)
+        _write((dq, dk, dv), varlen_backward(
+            dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k, softmax_scale, causal, dropout_p=dropout_p, allow_fp32=allow_fp32))
+        return torch.zeros(q.shape[1], q.shape[0])
 
-    return _flash_attn_varlen_forward, _flash_attn_varlen_backward
+    @torch.library.custom_op(f"{namespace}::_flash_attn_forward", mutates_args=())
+    def _flash_attn_forward(
+            q: T, k: T, v: T, dropout_p: float, softmax_scale: float, causal: bool,
+            window_size_left: int, window_size_right: int, softcap: float, alibi_slopes: OT,
+            return_softmax: bool) -> Tuple[T, T, T, T]:
+        _check_off((window_size_left, window_size_right), softcap, alibi_slopes, return_softmax)
+        record("dense_forward", (q, k, v))
+        out, lse = dense_forward(q, k, v, softmax_scale, causal, dropout_p=dropout_p,
+                                 allow_fp32=allow_fp32)
+        return out, lse, torch.empty(0, dtype=q.dtype), torch.zeros(2, dtype=torch.int64)
+
+    @torch.library.custom_op(f"{namespace}::_flash_attn_backward",
+                             mutates_args=("dq", "dk", "dv"))
+    def _flash_attn_backward(
+            dout: T, q: T, k: T, v: T, out: T, softmax_lse: T, dq: OT, dk: OT, dv: OT,
+            dropout_p: float, softmax_scale: float, causal: bool, window_size_left: int,
+            window_size_right: int, softcap: float, alibi_slopes: OT, deterministic: bool,
+            rng_state: OT = None) -> T:
+        _check_off((window_size_left, window_size_right), softcap, alibi_slopes)
+        record("dense_backward", (q, k, v, dout, out), deterministic=deterministic)
+        _write((dq, dk, dv), dense_backward(dout, q, k, v, out, softmax_lse, softmax_scale,
+                                            causal, dropout_p=dropout_p, allow_fp32=allow_fp32))
+        return torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+
+    return (_flash_attn_varlen_forward, _flash_attn_varlen_backward, _flash_attn_forward,
+            _flash_attn_backward)
 
 
 def fake_flash_attn_modules(style: str = "2.7", *, allow_fp32: bool = False,
                             extra: Optional[str] = None) -> Dict[str, types.ModuleType]:
     """{"flash_attn": package, "flash_attn.flash_attn_interface": interface} to put in
-    sys.modules. `interface.calls` lists "forward" / "backward" in call order."""
-    calls: List[str] = []
+    sys.modules. `interface.calls` lists the calls in order ("forward" / "backward" for varlen,
+    "dense_forward" / "dense_backward"); `interface.records` their KernelCall entries."""
+    record = _Recorder()
     if style == "2.6":
         if extra is not None:
             raise ValueError("extra parameters are emulated on the 2.7 style only")
-        forward, backward = _make_2_6(allow_fp32, calls)
+        functions = _make_2_6(allow_fp32, record)
         version = "2.6.3"
     elif style == "2.7":
-        forward, backward = _make_2_7(allow_fp32, calls, extra)
+        functions = _make_2_7(allow_fp32, record, extra)
         version = "2.8.3" if extra is None else "9.9.9"
     else:
         raise ValueError(f"style {style!r}: '2.6' or '2.7'")
     interface = types.ModuleType("flash_attn.flash_attn_interface")
-    interface._flash_attn_varlen_forward = forward
-    interface._flash_attn_varlen_backward = backward
-    interface.calls = calls
+    (interface._flash_attn_varlen_forward, interface._flash_attn_varlen_backward,
+     interface._flash_attn_forward, interface._flash_attn_backward) = functions
+    interface.calls = record.calls
+    interface.records = record.records
     package = types.ModuleType("flash_attn")
     package.__version__ = version
     package.__path__ = []  # a package, so the submodule import resolves from sys.modules
@@ -362,4 +500,5 @@ def fake_flash_attn_modules(style: str = "2.7", *, allow_fp32: bool = False,
     return {"flash_attn": package, "flash_attn.flash_attn_interface": interface}
 
 
-__all__ = ["FakeAtenFlash", "fake_flash_attn_modules", "varlen_forward", "varlen_backward"]
+__all__ = ["FakeAtenFlash", "KernelCall", "dense_backward", "dense_forward",
+           "fake_flash_attn_modules", "varlen_backward", "varlen_forward"]

@@ -4,7 +4,8 @@ For each sequence length both implementations run forward + backward (or forward
 same causal GQA input; the table prints time and peak-memory of each and the ratios
 naive / backend, all measured in this run. The naive baseline materialises the [s, s] score
 matrix per head (what a plain `softmax(q k^T) v` does); it is skipped, with the estimate
-printed, where that estimate exceeds `--naive-max-gb`.
+printed, where that estimate exceeds `--naive-max-gb`, or where the device runs out of memory
+for it (the row says so; ci/run_gpu_tests.sh sizes the budget from the GPU's free memory).
 
 Defaults: 2K, 4K, 8K and 16K tokens, 2 query / 1 kv heads of dim 64, bf16 on accelerators and
 fp32 on CPU, `--naive-max-gb 12`. The naive forward+backward needs about 6 score matrices:
@@ -74,8 +75,14 @@ def run(args) -> int:
         row = {"seq_len": s, "backend_time_s": fast["time_s"],
                "backend_peak_bytes": fast["peak_bytes"]}
         estimate = _naive_estimate_bytes(s, args.heads, elem, backward)
+        slow = None
         if estimate <= args.naive_max_gb * 2**30:
-            slow = measure(_step(naive_attention, q, k, v, backward), backend, repeats=args.repeats)
+            try:
+                slow = measure(_step(naive_attention, q, k, v, backward), backend,
+                               repeats=args.repeats)
+            except torch.OutOfMemoryError:  # the device had less free than the budget said
+                row.update(naive_out_of_memory=True)
+        if slow is not None:
             row.update(naive_time_s=slow["time_s"], naive_peak_bytes=slow["peak_bytes"],
                        speedup=slow["time_s"] / max(fast["time_s"], 1e-12),
                        memory_ratio=slow["peak_bytes"] / max(fast["peak_bytes"], 1))
@@ -101,7 +108,8 @@ def run(args) -> int:
             naive = (f"{r['naive_time_s']:.4f}", format_bytes(r["naive_peak_bytes"]),
                      f"{r['speedup']:.2f}x", f"{r['memory_ratio']:.1f}x")
         else:
-            naive = ("skipped", f"~{format_bytes(r['naive_skipped_estimate_bytes'])}", "-", "-")
+            why = "out of memory" if r.get("naive_out_of_memory") else "skipped"
+            naive = (why, f"~{format_bytes(r['naive_skipped_estimate_bytes'])}", "-", "-")
         rows.append((r["seq_len"], f"{r['backend_time_s']:.4f}",
                      format_bytes(r["backend_peak_bytes"])) + naive)
     print(format_table(["tokens", "backend s", "backend peak", "naive s", "naive peak",

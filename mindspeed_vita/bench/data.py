@@ -112,20 +112,20 @@ def measure_pipeline(stage, tokenizer, *, samples: int, batch_size: int,
 
     from mindspeed_vita.data.loader import DataPipeline, parse_record
     from mindspeed_vita.data.mixture import MixtureConfig, MixtureStream
-    from mindspeed_vita.data.packing import row_multiple, segment_multiple_for
+    from mindspeed_vita.data.packing import packer_for
     from mindspeed_vita.data.render import render_sample
+    from mindspeed_vita.parallel.layout import ParallelLayout
 
-    data, parallel = stage.data, stage.parallel
+    data = stage.data
     stream = MixtureStream(MixtureConfig.from_yaml(data.mixture), seed=data.seed)
     render = functools.partial(render_sample, tokenizer=tokenizer, model_cfg=stage.model,
                                max_num_frame=data.max_num_frame, max_images=data.max_images,
                                max_frames=data.max_frames, max_tiles=data.max_tiles)
-    pad_multiple = row_multiple(tp=parallel.tp, cp=parallel.cp, sequence_parallel=parallel.sequence_parallel)
-    packer = _recording_packer_class()(
-        data.seq_length, mode=data.packing, pad_multiple=pad_multiple,
-        segment_multiple=segment_multiple_for(cp=parallel.cp) if data.packing == "reset" else None,
-        pad_id=tokenizer.pad_id, on_overlong=data.on_overlong, lookahead=data.pack_lookahead,
-        context_token_ids=tokenizer.context_token_ids, tokens_per_unit=stage.model.tokens_per_tile)
+    layout = ParallelLayout.from_config(stage.parallel, world_size=None)
+    packer = packer_for(layout, data, pad_id=tokenizer.pad_id,
+                        context_token_ids=tokenizer.context_token_ids,
+                        tokens_per_unit=stage.model.tokens_per_tile,
+                        packer_class=_recording_packer_class())
     pipeline = DataPipeline(stream, stream.read, parse_record, render, packer, num_workers=data.num_workers,
                             prefetch=data.prefetch, logger=logging.getLogger("mindspeed_vita.bench.data"))
 
@@ -146,7 +146,7 @@ def measure_pipeline(stage, tokenizer, *, samples: int, batch_size: int,
     utilisation = {
         "packer": stats.utilisation,
         "next_fit": simulated_packing_utilisation(kept, seq_length=data.seq_length, mode=data.packing,
-                                                  lookahead=1, pad_multiple=pad_multiple),
+                                                  lookahead=1, pad_multiple=layout.seq_multiple),
         "pad_to_longest": pad_to_longest_utilisation(kept, batch_size),
     }
     return {

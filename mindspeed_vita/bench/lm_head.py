@@ -111,6 +111,7 @@ def run(args) -> int:
     from megatron.core import parallel_state
 
     from backends import get_backend
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
     _check_args(args)
@@ -119,7 +120,8 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else backend.default_compute_dtype
     owns_parallel_state = not parallel_state.model_parallel_is_initialized()
     if owns_parallel_state:
-        initialize_parallel(backend, tp=1, seed=1234)
+        # the heads are measured in this one process: the one-process layout
+        initialize_parallel(backend, ParallelLayout(), seed=1234)
     try:
         summary = _measure_all(args, backend, dtype, seq_lens)
     finally:

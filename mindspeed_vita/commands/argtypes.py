@@ -4,6 +4,7 @@ A bad value (zero or negative size, a directory where a file is expected, an unk
 is then an argparse error, which `cli.main` prints as one line and exit 2 before any heavy
 import. Importing this module costs nothing (standard library only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,8 @@ def positive_int_list(text: str) -> List[int]:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers (e.g. 2048,4096), got {text!r}") from None
+            f"expected comma-separated integers (e.g. 2048,4096), got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive token counts, got {text!r}")
     return values
@@ -94,6 +96,10 @@ def _int(text: str) -> int:
 
 def add_backend_argument(parser) -> None:
     """`--backend`, the same on every command (config key `backend`)."""
-    parser.add_argument("--backend", default=None, choices=BACKENDS,
-                        help="compute backend (config key 'backend'); default: "
-                             "$MINDSPEED_VITA_BACKEND, else auto (NPU, then CUDA, then CPU)")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="compute backend (config key 'backend'); default: "
+        "$MINDSPEED_VITA_BACKEND, else auto (NPU, then CUDA, then CPU)",
+    )

@@ -1,29 +1,50 @@
 """`mindspeed-vita bench attention`: flags (the benchmark is `mindspeed_vita.bench.attention`)."""
+
 from __future__ import annotations
 
 from mindspeed_vita.commands.argtypes import (
-    add_backend_argument, positive_float, positive_int, positive_int_list)
+    add_backend_argument,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 
 
 def add_arguments(parser) -> None:
     """Flags of `mindspeed-vita bench attention`."""
-    parser.add_argument("--seq-length", type=positive_int_list, default=[2048, 4096, 8192, 16384],
-                        metavar="N[,N...]",
-                        help="comma-separated sequence lengths in tokens (default 2048,4096,8192,16384)")
+    parser.add_argument(
+        "--seq-length",
+        type=positive_int_list,
+        default=[2048, 4096, 8192, 16384],
+        metavar="N[,N...]",
+        help="comma-separated sequence lengths in tokens (default 2048,4096,8192,16384)",
+    )
     parser.add_argument("--heads", type=positive_int, default=2, help="query heads")
     parser.add_argument("--kv-heads", type=positive_int, default=1, help="key/value heads (GQA)")
     parser.add_argument("--head-dim", type=positive_int, default=64, help="head dimension")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: float32 on cpu, bfloat16 on accelerators")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: float32 on cpu, bfloat16 on accelerators",
+    )
     parser.add_argument("--forward-only", action="store_true", help="time forward passes only")
     parser.add_argument("--repeats", type=positive_int, default=2, help="timed repeats per point")
-    parser.add_argument("--naive-max-gb", type=positive_float, default=12.0,
-                        help="skip the naive baseline where its estimated peak exceeds this")
+    parser.add_argument(
+        "--naive-max-gb",
+        type=positive_float,
+        default=12.0,
+        help="skip the naive baseline where its estimated peak exceeds this",
+    )
     add_backend_argument(parser)
-    parser.add_argument("--attention-impl", default=None, choices=["auto", "torch", "flash_attn"],
-                        help="cuda backend kernels (config key 'backend_options.attention_impl'): "
-                             "PyTorch's flash kernels or the flash-attn package (default auto: "
-                             "flash-attn when installed); other backends ignore it")
+    parser.add_argument(
+        "--attention-impl",
+        default=None,
+        choices=["auto", "torch", "flash_attn"],
+        help="cuda backend kernels (config key 'backend_options.attention_impl'): "
+        "PyTorch's flash kernels or the flash-attn package (default auto: "
+        "flash-attn when installed); other backends ignore it",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

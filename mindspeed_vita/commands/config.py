@@ -60,16 +60,18 @@ def load_model_config(path: str, overrides):
 
 
 def print_parameter_counts(model_cfg, *, as_json: bool) -> None:
-    """Build `model_cfg` on the meta device (tp=1) and print its parameters per part."""
+    """Build `model_cfg` on the meta device in this one process and print its parameters per
+    part (the whole model: a one-process layout holds every shard)."""
     from backends import get_backend
     from mindspeed_vita.models.build import PARTS, build_meta_model, parameter_counts
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
     # NOTE: the meta build allocates nothing, so the CPU backend serves whatever the hardware
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1)
+    groups = initialize_parallel(backend, ParallelLayout())
     try:
-        counts = parameter_counts(build_meta_model(model_cfg, backend))
+        counts = parameter_counts(build_meta_model(model_cfg, backend, groups=groups))
     finally:
         destroy_parallel()
     if as_json:

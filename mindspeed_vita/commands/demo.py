@@ -1,4 +1,5 @@
 """`mindspeed-vita demo`: flags (the demo itself is `mindspeed_vita.demo.run`)."""
+
 from __future__ import annotations
 
 from mindspeed_vita.commands.argtypes import add_backend_argument, output_dir, positive_int
@@ -6,19 +7,30 @@ from mindspeed_vita.commands.argtypes import add_backend_argument, output_dir, p
 
 def add_arguments(parser) -> None:
     """Flags of `mindspeed-vita demo`."""
-    parser.add_argument("--out", type=output_dir, default="demo_out",
-                        help="output directory (created if missing; must not be a file)")
-    parser.add_argument("--steps", type=positive_int, default=4,
-                        help="optimizer steps on packed batches")
-    parser.add_argument("--seq-length", type=positive_int, default=2048,
-                        help="packed row length (data.seq_length)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=12,
-                        help="tokens to generate (inference.max_new_tokens)")
+    parser.add_argument(
+        "--out",
+        type=output_dir,
+        default="demo_out",
+        help="output directory (created if missing; must not be a file)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=4, help="optimizer steps on packed batches"
+    )
+    parser.add_argument(
+        "--seq-length", type=positive_int, default=2048, help="packed row length (data.seq_length)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=12,
+        help="tokens to generate (inference.max_new_tokens)",
+    )
     add_backend_argument(parser)
 
 
 def run(args) -> int:
-    """Run the demo."""
+    """Run the demo; the first line comes before the slow imports (torch, megatron-core)."""
+    print("[demo] importing torch and megatron-core", flush=True)
     from mindspeed_vita.demo.run import run as run_demo
 
     return run_demo(args)

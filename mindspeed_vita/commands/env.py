@@ -4,6 +4,7 @@ Optional accelerator packages (torch_npu, flash-attn) are reported from their in
 metadata, without importing them: importing torch_npu on a host without CANN fails, and
 `env` is the command that must work everywhere.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -158,7 +158,8 @@ def format_validation_error(err: ValidationError, source: str, model: Optional[t
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: {_unknown_key_message(key, tuple(e['loc']), e['input'], model)}")
+            unknown = _unknown_key_message(key, tuple(e["loc"]), e["input"], model)
+            lines.append(f"{source}: {unknown}")
         elif e["type"] == "value_error" and "config key" in msg:
             lines.append(f"{source}: {msg}")
         else:

@@ -2,8 +2,9 @@
 
 One YAML per stage; the same file runs on NPU, GPU and CPU. Everything is validated here,
 before any process group starts: types and unknown keys by pydantic, single-section rules in
-each section, cross-section rules (TP vs heads, CP vs sequence length) in `StageConfig`, and
-the world size in `ParallelConfig.layout(world_size)`.
+each section, cross-section rules in `StageConfig`, the world size in
+`StageConfig.check_world_size(world_size)`. Every parallel rule (degrees, TP vs heads, CP vs
+sequence length) is `parallel.layout.ParallelLayout`'s; the sections only ask it.
 """
 from __future__ import annotations
 
@@ -13,13 +14,10 @@ from pydantic import Field, model_validator
 
 from mindspeed_vita.config.base import Section
 from mindspeed_vita.config.model import ModelConfig
+from mindspeed_vita.errors import ConfigError
 
 if TYPE_CHECKING:  # imported lazily at run time (parallel/ imports config/)
     from mindspeed_vita.parallel.layout import ParallelLayout
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and the offending value."""
 
 
 class DataConfig(Section):
@@ -72,33 +70,13 @@ class ParallelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        # -1 is the config's spelling of "infer"; every other rule lives in ParallelLayout
         if self.dp == 0:
             raise ValueError("dp=0: use -1 to infer it from the world size, or a positive degree")
-        if self.sequence_parallel and self.tp == 1:
-            raise ValueError("sequence_parallel=True needs tp > 1 (got tp=1)")
-        return self
-
-    def layout(self, world_size: int) -> "ParallelLayout":
-        """The one object every component asks about degrees; checks the world size."""
         from mindspeed_vita.parallel.layout import ParallelLayout
 
-        model_parallel = self.tp * self.pp * self.cp
-        if self.dp == -1:
-            if world_size % model_parallel:
-                raise ConfigError(
-                    f"config keys 'parallel.tp' * 'parallel.pp' * 'parallel.cp' = {self.tp} * "
-                    f"{self.pp} * {self.cp} = {model_parallel} does not divide the world size "
-                    f"{world_size}")
-            dp = world_size // model_parallel
-        else:
-            dp = self.dp
-            if model_parallel * dp != world_size:
-                raise ConfigError(
-                    f"config keys 'parallel.tp' * 'parallel.pp' * 'parallel.cp' * 'parallel.dp' "
-                    f"= {self.tp} * {self.pp} * {self.cp} * {dp} = {model_parallel * dp} is not "
-                    f"the world size {world_size}")
-        return ParallelLayout(tp=self.tp, pp=self.pp, cp=self.cp, dp=dp,
-                              sequence_parallel=self.sequence_parallel)
+        ParallelLayout.from_config(self, world_size=None)
+        return self
 
 
 class TrainingConfig(Section):
@@ -223,25 +201,12 @@ class StageConfig(Section):
 
     @model_validator(mode="after")
     def _cross_section(self):
-        lang, par = self.model.language, self.parallel
-        if lang.num_attention_heads % par.tp:
-            raise ValueError(
-                f"config key 'model.language.num_attention_heads' = {lang.num_attention_heads} is "
-                f"not divisible by 'parallel.tp' = {par.tp}")
-        if lang.num_query_groups % par.tp:
-            raise ValueError(
-                f"config key 'model.language.num_query_groups' = {lang.num_query_groups} is not "
-                f"divisible by 'parallel.tp' = {par.tp}")
-        multiple = 2 * par.cp if par.cp > 1 else 1
-        if par.sequence_parallel:
-            multiple *= par.tp
-        if self.data.seq_length % multiple:
-            what = "2 * 'parallel.cp'" if par.cp > 1 else "1"
-            if par.sequence_parallel:
-                what += " * 'parallel.tp'"
-            raise ValueError(
-                f"config key 'data.seq_length' = {self.data.seq_length} is not divisible by "
-                f"{what} = {multiple}")
+        from mindspeed_vita.parallel.layout import ParallelLayout
+
+        # the parallel rules that need no world size: heads vs tp, row length vs cp (and tp)
+        layout = ParallelLayout.from_config(self.parallel, world_size=None)
+        layout.check_language(self.model.language)
+        layout.check_seq_length(self.data.seq_length)
         if self.training.global_batch_size % self.training.micro_batch_size:
             raise ValueError(
                 f"config key 'training.global_batch_size' = {self.training.global_batch_size} is "
@@ -252,10 +217,13 @@ class StageConfig(Section):
                 f"{self.training.lr}")
         return self
 
-    def check_world_size(self, world_size: int):
-        """Layout for this world size, or ConfigError naming the parallel keys; also checks
-        that the global batch divides over data-parallel ranks."""
-        layout = self.parallel.layout(world_size)
+    def check_world_size(self, world_size: int) -> "ParallelLayout":
+        """The `ParallelLayout` of this stage on `world_size` processes, or ConfigError naming
+        the parallel keys; also checks that the global batch divides over data-parallel ranks.
+        Call it before any process group starts."""
+        from mindspeed_vita.parallel.layout import ParallelLayout
+
+        layout = ParallelLayout.from_config(self.parallel, world_size)
         per_step = self.training.micro_batch_size * layout.dp
         if self.training.global_batch_size % per_step:
             raise ConfigError(

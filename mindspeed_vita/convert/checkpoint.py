@@ -437,11 +437,9 @@ def load_state_into_model(model: torch.nn.Module, tensors: Iterator[Tuple[str, t
         raise CheckpointError(f"{label}: could not load {leftover or result.unexpected_keys}")
 
 
-def _tp_rank_and_size() -> Tuple[int, int]:
-    from megatron.core import parallel_state
-
-    return (parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_world_size())
+def _tp_rank_and_size(model: torch.nn.Module) -> Tuple[int, int]:
+    # the model was built with the run's ParallelGroups; its tp split is the one to load into
+    return model.groups.tp_rank, model.groups.tp_size
 
 
 def _check_context_ids(model: torch.nn.Module, meta: CheckpointMetadata, path: str) -> None:
@@ -456,12 +454,12 @@ def _check_context_ids(model: torch.nn.Module, meta: CheckpointMetadata, path: s
 
 def load_checkpoint(path: str, model: torch.nn.Module) -> CheckpointMetadata:
     """Load the native checkpoint at `path` into `model` (a `LongVitaModel` built under
-    megatron's parallel state), resharding the language tensors when the checkpoint's tp size
+    its `ParallelGroups`), resharding the language tensors when the checkpoint's tp size
     differs from the model's. Every tp rank calls it; each reads what its shard needs.
     Returns the checkpoint's metadata."""
     meta = read_metadata(path)
     _check_context_ids(model, meta, path)
-    tp_rank, tp_size = _tp_rank_and_size()
+    tp_rank, tp_size = _tp_rank_and_size(model)
     with FileShards(path, meta) as source:
         tensors = shard_for_rank(source, meta.model_config, tp_size, tp_rank)
         label = (source.where(tp_rank) if tp_size == meta.tp_size else
@@ -473,7 +471,7 @@ def load_checkpoint(path: str, model: torch.nn.Module) -> CheckpointMetadata:
 def load_full_state_into_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
                                cfg: ModelConfig, label: str) -> None:
     """Load a full (tp=1) native state, e.g. converted from HF, into this rank's `model`."""
-    tp_rank, tp_size = _tp_rank_and_size()
+    tp_rank, tp_size = _tp_rank_and_size(model)
     source = MemoryShards([state], label)
     load_state_into_model(model, shard_for_rank(source, cfg, tp_size, tp_rank), ckpt_cfg=cfg,
                           label=label)
@@ -555,17 +553,16 @@ def _publish(partial: str, path: str) -> None:
 
 def check_tp_size(cfg: LanguageConfig, tp_size: int) -> None:
     """CheckpointError naming the config key when the language model cannot be split in
-    `tp_size` tensor-parallel shards."""
+    `tp_size` tensor-parallel shards (`ParallelLayout.check_language`'s rules)."""
+    from mindspeed_vita.config.schema import ConfigError
+    from mindspeed_vita.parallel.layout import ParallelLayout
+
     if tp_size < 1:
-        raise CheckpointError(f"tp={tp_size}: the tensor-parallel size must be >= 1")
-    for key in ("num_attention_heads", "ffn_hidden_size"):
-        if getattr(cfg, key) % tp_size:
-            raise CheckpointError(f"tp={tp_size} does not divide language.{key}="
-                                  f"{getattr(cfg, key)}")
-    groups = cfg.num_query_groups
-    if groups % tp_size and tp_size % groups:
-        raise CheckpointError(f"tp={tp_size} and language.num_query_groups={groups}: one must "
-                              f"divide the other")
+        raise CheckpointError(f"--tp {tp_size}: the tensor-parallel size must be >= 1")
+    try:
+        ParallelLayout(tp=tp_size).check_language(cfg, prefix="language", tp_key="--tp")
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def write_checkpoint(native: NativeModel, path: str, *, tp_size: int = 1) -> CheckpointMetadata:
@@ -604,12 +601,10 @@ def save_checkpoint(model: torch.nn.Module, path: str, tokenizer,
     `path` once all are written, so `path` never holds a half-written checkpoint.
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tp_rank, tp_size = _tp_rank_and_size()
-    writes_weights = (parallel_state.get_data_parallel_rank() == 0
-                      and parallel_state.get_context_parallel_rank() == 0)
+    tp_rank, tp_size = _tp_rank_and_size(model)
+    writes_weights = model.groups.dp_rank == 0 and model.groups.cp_rank == 0
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     partial = _partial_dir(path)
     if rank == 0:

@@ -5,6 +5,7 @@ ends up with mode 0600 whatever the umask: a checkpoint readable by its owner on
 run directory that the umask (usually 0022) makes readable by the group. `save_safetensors`
 writes the file, then gives it the mode a plain `open(path, "w")` would have (0666 & ~umask).
 """
+
 from __future__ import annotations
 
 import os

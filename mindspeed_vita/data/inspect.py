@@ -33,12 +33,13 @@ from mindspeed_vita.data.errors import DataError
 from mindspeed_vita.data.loader import parse_record
 from mindspeed_vita.data.release_mixture import is_release_mixture
 from mindspeed_vita.data.mixture import MixtureConfig, MixtureStream
-from mindspeed_vita.data.packing import Packer, row_multiple, segment_multiple_for
+from mindspeed_vita.data.packing import packer_for
 from mindspeed_vita.data.render import render_sample
 from mindspeed_vita.data.template import image_units
 from mindspeed_vita.data.tokenizer import VitaTokenizer
 from mindspeed_vita.data.types import IGNORE_INDEX, RenderedSample
 from mindspeed_vita.errors import UserInputError
+from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.progress import progress
 
 #: file:line examples kept per rejection reason
@@ -239,13 +240,10 @@ def inspect_mixture(target: InspectTarget, tokenizer: VitaTokenizer, *, limit: O
                                max_num_frame=data.max_num_frame, max_images=data.max_images,
                                max_frames=data.max_frames, max_tiles=data.max_tiles,
                                grids_only=not decode)
-    parallel = stage.parallel
-    packer = Packer(data.seq_length, mode=data.packing,
-                    pad_multiple=row_multiple(tp=parallel.tp, cp=parallel.cp,
-                                              sequence_parallel=parallel.sequence_parallel),
-                    segment_multiple=segment_multiple_for(cp=parallel.cp) if data.packing == "reset" else None,
-                    pad_id=tokenizer.pad_id, on_overlong=data.on_overlong, lookahead=data.pack_lookahead,
-                    context_token_ids=tokenizer.context_token_ids, tokens_per_unit=model.tokens_per_tile)
+    layout = ParallelLayout.from_config(stage.parallel, world_size=None)
+    packer = packer_for(layout, data, pad_id=tokenizer.pad_id,
+                        context_token_ids=tokenizer.context_token_ids,
+                        tokens_per_unit=model.tokens_per_tile)
 
     names = [spec.name for spec in target.mixture.sources]
     counts = [SourceCounts() for _ in names]

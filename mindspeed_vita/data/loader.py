@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mindspeed_vita.data.errors import DataError
 from mindspeed_vita.data.mixture import MixtureConfig, MixtureShard, MixtureStream, RawRecord
-from mindspeed_vita.data.packing import Packer, row_multiple, segment_multiple_for, stack_rows
+from mindspeed_vita.data.packing import Packer, packer_for, stack_rows
 from mindspeed_vita.data.types import PackedBatch, RenderedSample, Sample
 
 _STATE_VERSION = 1
@@ -219,28 +219,25 @@ class DataPipeline:
 def pipeline_from_config(stage, *, render_fn: Callable[[Sample], RenderedSample], pad_id: int,
                          context_token_ids: Iterable[int] = (), dp_rank: int = 0, dp_size: int = 1,
                          parse_fn: Callable[[RawRecord], Sample] = parse_record,
-                         logger: Optional[logging.Logger] = None, cache_dir: Optional[str] = None) -> DataPipeline:
+                         logger: Optional[logging.Logger] = None, cache_dir: Optional[str] = None,
+                         layout=None) -> DataPipeline:
     """The pipeline a `StageConfig` describes (data.*, parallel.*, training.micro_batch_size).
 
     `render_fn` binds the tokenizer and limits (e.g. a `functools.partial` of the renderer);
-    `pad_id` and `context_token_ids` come from the same tokenizer. Rows are a multiple of
-    `row_multiple(parallel)`, and reset-mode samples of 2*cp, as zigzag CP needs.
+    `pad_id` and `context_token_ids` come from the same tokenizer. `layout` is the run's
+    `ParallelLayout` (default: the stage's, without a world size); rows are a multiple of its
+    `seq_multiple` and reset-mode samples of its `segment_multiple` (`packing.packer_for`).
     """
-    data, parallel = stage.data, stage.parallel
+    from mindspeed_vita.parallel.layout import ParallelLayout
+
+    data = stage.data
     if not data.mixture:
         raise ValueError("config key 'data.mixture' is not set: the stage has no data mixture")
+    if layout is None:
+        layout = ParallelLayout.from_config(stage.parallel, world_size=None)
     stream = MixtureStream(MixtureConfig.from_yaml(data.mixture), seed=data.seed, cache_dir=cache_dir)
-    packer = Packer(
-        data.seq_length,
-        mode=data.packing,
-        pad_multiple=row_multiple(tp=parallel.tp, cp=parallel.cp, sequence_parallel=parallel.sequence_parallel),
-        segment_multiple=segment_multiple_for(cp=parallel.cp) if data.packing == "reset" else None,
-        pad_id=pad_id,
-        on_overlong=data.on_overlong,
-        lookahead=data.pack_lookahead,
-        context_token_ids=context_token_ids,
-        tokens_per_unit=stage.model.tokens_per_tile,
-    )
+    packer = packer_for(layout, data, pad_id=pad_id, context_token_ids=context_token_ids,
+                        tokens_per_unit=stage.model.tokens_per_tile)
     return DataPipeline(stream, stream.read, parse_fn, render_fn, packer, dp_rank=dp_rank, dp_size=dp_size,
                         num_workers=data.num_workers, prefetch=data.prefetch, strict=data.strict, logger=logger,
                         micro_batch_size=stage.training.micro_batch_size)

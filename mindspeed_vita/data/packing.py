@@ -11,10 +11,10 @@ those positions again (rendering is deterministic).
 
 Modes (docs/long-vita.md, section 3, the stage table):
 * ``reset`` (stages 1-2): each sample is its own attention segment; it is padded to a multiple
-  of `segment_multiple` (default `pad_multiple`, i.e. 2*cp*tp, so zigzag context parallelism can
-  split every sample: docs/architecture.md, "Why the zigzag split"); positions restart at 0 per
-  segment; the row's tail padding is a final segment of its own; `cu_seqlens` = int32
-  boundaries with a leading 0.
+  of `segment_multiple` (`packer_for` takes it from `ParallelLayout.segment_multiple`, 2*cp, so
+  zigzag context parallelism can split every sample: docs/architecture.md, "Why the zigzag
+  split"); positions restart at 0 per segment; the row's tail padding is a final segment of its
+  own; `cu_seqlens` = int32 boundaries with a leading 0.
 * ``joint`` (stages 3-4): samples are laid back to back and attend across; positions run
   0..seq_length-1 over the row; `cu_seqlens` is None.
 Padding tokens are `pad_id` with label -100. A sample longer than a row is dropped, or with
@@ -25,27 +25,38 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Callable, Deque, Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Callable, Deque, Dict, Iterable, List, Optional
 
 import torch
 
 from mindspeed_vita.data.types import IGNORE_INDEX, PackedBatch, RenderedSample
+
+if TYPE_CHECKING:
+    from mindspeed_vita.config.schema import DataConfig
+    from mindspeed_vita.parallel.layout import ParallelLayout
 
 PACKING_MODES = ("reset", "joint")
 OVERLONG_POLICIES = ("drop", "truncate")
 _STATE_VERSION = 1
 
 
-def row_multiple(*, tp: int, cp: int, sequence_parallel: bool) -> int:
-    """What a row length must be a multiple of: 2*cp when context parallel (zigzag cuts 2*cp
-    chunks), times tp under sequence parallelism (each TP rank takes an equal slice)."""
-    multiple = 2 * cp if cp > 1 else 1
-    return multiple * tp if sequence_parallel else multiple
-
-
-def segment_multiple_for(*, cp: int) -> int:
-    """What each reset-mode sample must be padded to: 2*cp, so zigzag can split every sample."""
-    return 2 * cp if cp > 1 else 1
+def packer_for(layout: "ParallelLayout", data: "DataConfig", *, pad_id: int,
+               context_token_ids: Iterable[int] = (), tokens_per_unit: int = 256,
+               packer_class: Optional[type] = None) -> "Packer":
+    """The packer of a stage: `data.*` settings, rows a multiple of `layout.seq_multiple` and,
+    in reset mode, every sample padded to `layout.segment_multiple` (2 * cp), so context
+    parallelism can always split a packed sample. `packer_class` (a `Packer` subclass) lets
+    tools instrument it. The multiples come from the layout only; ConfigError when the row
+    length does not fit them."""
+    layout.check_seq_length(data.seq_length)
+    segment = layout.segment_multiple if data.packing == "reset" else None
+    if segment is not None:
+        layout.check_segment_multiple(segment)
+    return (packer_class or Packer)(
+        data.seq_length, mode=data.packing, pad_multiple=layout.seq_multiple,
+        segment_multiple=segment, pad_id=pad_id, on_overlong=data.on_overlong,
+        lookahead=data.pack_lookahead, context_token_ids=context_token_ids,
+        tokens_per_unit=tokens_per_unit)
 
 
 @dataclass
@@ -82,12 +93,12 @@ class Packer:
     Args:
         seq_length: tokens per row; a multiple of `pad_multiple`.
         mode: "reset" or "joint".
-        pad_multiple: 2 * cp * tp of the stage layout.
+        pad_multiple: what the row length is a multiple of (`ParallelLayout.seq_multiple`).
         pad_id: token id of padding.
         on_overlong: "drop" or "truncate" for samples longer than a row.
         lookahead: window size of the best-fit choice (1 = sequential next-fit).
         segment_multiple: reset mode only: every sample segment is padded to this multiple
-            (default `pad_multiple`; at least 2*cp is needed by zigzag CP).
+            (default `pad_multiple`; zigzag CP needs a multiple of 2*cp, see `packer_for`).
         context_token_ids: ids of visual context tokens (`VitaTokenizer.context_token_ids`);
             needed to truncate samples that carry pixels.
         tokens_per_unit: context tokens per visual unit (256 at full size).
@@ -104,7 +115,7 @@ class Packer:
             raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
         if seq_length < 1 or seq_length % pad_multiple:
             raise ValueError(f"seq_length ({seq_length}) must be a positive multiple of "
-                             f"pad_multiple ({pad_multiple} = 2 * cp * tp)")
+                             f"pad_multiple ({pad_multiple})")
         if segment_multiple is None:
             segment_multiple = pad_multiple if mode == "reset" else 1
         if mode == "joint" and segment_multiple != 1:

@@ -25,8 +25,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n-comic", type=non_negative_int, default=16,
                         help="comic strips of 3-6 panels")
     parser.add_argument("--n-video", type=non_negative_int, default=8,
-                        help="video clips; each gives a QA and a caption record, and training clips "
-                             "are grouped by three into movies")
+                        help="video clips; each gives a QA and a caption record, and training "
+                             "clips are grouped by three into movies")
     parser.add_argument("--n-text", type=non_negative_int, default=32,
                         help="text-only records, half short, half long")
     parser.add_argument("--heldout-fraction", type=float, default=0.1,

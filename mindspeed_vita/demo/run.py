@@ -57,7 +57,8 @@ def run(args) -> int:
     from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
     from mindspeed_vita.inference.engine import Generator
     from mindspeed_vita.models.vlm import LongVitaModel
-    from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
+    from mindspeed_vita.parallel.process_groups import (destroy_parallel, initialize_parallel,
+                                                        launch_world_size)
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -72,12 +73,14 @@ def run(args) -> int:
                  "num_workers": 0, "max_num_frame": 8, "max_frames": 32},
     }, source="demo")
 
+    layout = stage.check_world_size(launch_world_size())  # refused here, before any group starts
     backend = backend_for_stage(stage, args.backend)
-    initialize_parallel(backend, tp=1, seed=1234)
+    groups = initialize_parallel(backend, layout, seed=1234)
     summary = {"backend": backend.name}
     try:
         print(f"[demo] 2/4 tiny Long-VITA on backend '{backend.name}'", flush=True)
-        model = LongVitaModel(stage.model, backend, context_token_ids=tokenizer.context_token_ids)
+        model = LongVitaModel(stage.model, backend, groups=groups,
+                              context_token_ids=tokenizer.context_token_ids)
         n_params = sum(p.numel() for p in model.parameters())
         summary["parameters"] = n_params
         print(f"[demo]     {n_params:,} parameters", flush=True)
@@ -88,7 +91,9 @@ def run(args) -> int:
                                    max_frames=stage.data.max_frames)
         pipeline = pipeline_from_config(stage, render_fn=render,
                                         pad_id=tokenizer.pad_id,
-                                        context_token_ids=tokenizer.context_token_ids)
+                                        context_token_ids=tokenizer.context_token_ids,
+                                        layout=layout, dp_rank=groups.dp_rank,
+                                        dp_size=groups.dp_size)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         print(f"[demo] 3/4 {args.steps} steps on packed {args.seq_length}-token batches "
               f"(reset mode)", flush=True)

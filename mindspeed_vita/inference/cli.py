@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-num-frame", type=positive_int, default=64,
                         help="frames sampled per video (data.max_num_frame)")
     parser.add_argument("--system-prompt", default=None,
-                        help="system message (inference.system_prompt; default none, as in training)")
+                        help="system message (inference.system_prompt; default none, as in "
+                             "training)")
     add_backend_argument(parser)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with text, token_ids and logprobs")
@@ -74,17 +75,22 @@ def run(args) -> int:
         from mindspeed_vita.inference.engine import Generator
         from mindspeed_vita.inference.sampling import SamplingParams
         from mindspeed_vita.models.build import load_pretrained
-        from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
+        from mindspeed_vita.config.schema import ParallelConfig
+        from mindspeed_vita.parallel.layout import ParallelLayout
+        from mindspeed_vita.parallel.process_groups import (destroy_parallel, initialize_parallel,
+                                                            launch_world_size)
 
         step("check the request")
         check_request(args)
         sampling = SamplingParams(greedy=args.temperature is None,
                                   temperature=args.temperature or 1.0, top_p=args.top_p)
+        # the default parallel section (no model split; more torchrun processes: data parallel)
+        layout = ParallelLayout.from_config(ParallelConfig(), launch_world_size())
         backend = get_backend(args.backend)
         step("load the checkpoint")
-        initialize_parallel(backend, tp=1)
+        groups = initialize_parallel(backend, layout)
         try:
-            model, tokenizer, _ = load_pretrained(args.checkpoint, backend)
+            model, tokenizer, _ = load_pretrained(args.checkpoint, backend, groups=groups)
         except BaseException:
             destroy_parallel()
             raise

@@ -65,13 +65,18 @@ def run(args) -> int:
     from mindspeed_vita.inference.server import create_app
     from mindspeed_vita.inference.service import GenerationService
     from mindspeed_vita.models.build import load_pretrained
-    from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
+    from mindspeed_vita.config.schema import ParallelConfig
+    from mindspeed_vita.parallel.layout import ParallelLayout
+    from mindspeed_vita.parallel.process_groups import (destroy_parallel, initialize_parallel,
+                                                        launch_world_size)
 
+    # the default parallel section (no model split; extra torchrun processes are data parallel)
+    layout = ParallelLayout.from_config(ParallelConfig(), launch_world_size())
     backend = get_backend(args.backend)
-    initialize_parallel(backend, tp=1)
+    groups = initialize_parallel(backend, layout)
     service = None
     try:
-        model, tokenizer, _ = load_pretrained(args.checkpoint, backend)
+        model, tokenizer, _ = load_pretrained(args.checkpoint, backend, groups=groups)
         model.eval()
         generator = Generator(model, tokenizer, max_num_frame=inference.max_num_frame,
                               system_prompt=inference.system_prompt)

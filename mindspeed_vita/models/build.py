@@ -1,8 +1,9 @@
 """Build a `LongVitaModel` from a config and a tokenizer, or from a checkpoint directory.
 
 `load_pretrained` accepts a native checkpoint (docs/checkpoint-format.md) or an HF InternVL
-directory (converted in memory); it must run after `parallel.process_groups.initialize_parallel`,
-and each tensor-parallel rank takes its own shard whatever tp size the checkpoint was written at.
+directory (converted in memory); it takes the `ParallelGroups` that
+`parallel.process_groups.initialize_parallel` returned, and each tensor-parallel rank takes its own
+shard whatever tp size the checkpoint was written at.
 
 `build_meta_model` builds the same model on the `meta` device (shapes and dtypes, no storage), so
 the full 14B configuration can be inspected (`parameter_counts`) on any machine.
@@ -27,12 +28,12 @@ NATIVE, HF_INTERNVL, HF_QWEN2, INTERNVIT = "native", "hf-internvl", "hf-qwen2", 
 HF_LONG_VITA = "hf-long-vita"
 
 
-def build_model(cfg: ModelConfig, backend: Backend, *, tokenizer,
-                sequence_parallel: bool = False, recompute: str = "none"):
+def build_model(cfg: ModelConfig, backend: Backend, *, groups, tokenizer,
+                recompute: str = "none"):
     """A randomly initialised `LongVitaModel` for `cfg` whose context tokens are the
     tokenizer's `<IMG_CONTEXT>`, `<PATCH_CONTEXT>` and `<VID_CONTEXT>`.
 
-    Needs megatron's parallel state. Raises UserInputError when the tokenizer has ids the
+    `groups`: the run's `ParallelGroups` (`initialize_parallel`). Raises UserInputError when the tokenizer has ids the
     vocabulary (`language.vocab_size`) cannot embed, or `recompute` is not one of
     none | vision | full.
     """
@@ -46,23 +47,22 @@ def build_model(cfg: ModelConfig, backend: Backend, *, tokenizer,
             f"the tokenizer at {tokenizer.path!r} has {len(tokenizer)} ids but "
             f"language.vocab_size={cfg.language.vocab_size}: raise language.vocab_size or import "
             f"the checkpoint with `mindspeed-vita convert import-hf`, which grows it")
-    return LongVitaModel(cfg, backend, context_token_ids=sorted(tokenizer.context_token_ids),
-                         sequence_parallel=sequence_parallel, recompute=recompute)
+    return LongVitaModel(cfg, backend, groups=groups,
+                         context_token_ids=sorted(tokenizer.context_token_ids), recompute=recompute)
 
 
-def build_meta_model(cfg: ModelConfig, backend: Backend, *, sequence_parallel: bool = False):
+def build_meta_model(cfg: ModelConfig, backend: Backend, *, groups):
     """A `LongVitaModel` for `cfg` whose parameters live on the `meta` device: every shape and
     dtype as the real model, no memory, no initialisation cost (the 14B model builds in well
     under a second). For parameter counts and shape checks; it cannot run.
 
-    Needs megatron's parallel state like `build_model`; under tensor parallel the parameters
+    Takes the run's `groups` like `build_model`; under tensor parallel the parameters
     are this rank's shards. The context-token buffer is empty (no tokenizer is needed).
     """
     from mindspeed_vita.models.vlm import LongVitaModel
 
     with meta_build(backend) as meta_backend:
-        model = LongVitaModel(cfg, meta_backend, context_token_ids=(),
-                              sequence_parallel=sequence_parallel)
+        model = LongVitaModel(cfg, meta_backend, groups=groups, context_token_ids=())
     on_other_devices = sorted({str(t.device) for t in model.state_dict().values()
                                if isinstance(t, torch.Tensor) and not t.is_meta})
     if on_other_devices:
@@ -138,15 +138,14 @@ def updated_config(cfg: ModelConfig, update: Optional[Mapping[str, Any]]) -> Mod
         raise UserInputError(f"model config override {where}: {first['msg']}") from exc
 
 
-def load_pretrained(path: str, backend: Backend, *, sequence_parallel: bool = False,
-                    recompute: str = "none",
+def load_pretrained(path: str, backend: Backend, *, groups, recompute: str = "none",
                     config_update: Optional[Mapping[str, Any]] = None
                     ) -> Tuple[Any, Any, ModelConfig]:
     """`(model, tokenizer, cfg)` from a native checkpoint, an HF InternVL directory or a
     Long-VITA release `_HF` directory.
 
-    The tensor-parallel size and rank come from megatron's parallel state
-    (`initialize_parallel` must have run); the checkpoint may have been written at any tp.
+    The tensor-parallel size and rank come from `groups` (`initialize_parallel`); the checkpoint
+    may have been written at any tp.
     `config_update` overrides config fields that do not change tensor shapes (dtype, LM head,
     chunk sizes); one that does is reported by the loader naming the tensor.
     """
@@ -161,15 +160,14 @@ def load_pretrained(path: str, backend: Backend, *, sequence_parallel: bool = Fa
         meta = read_metadata(path)
         tokenizer = load_tokenizer(os.path.join(path, TOKENIZER_DIR))
         cfg = updated_config(meta.model_config, config_update)
-        model = build_model(cfg, backend, tokenizer=tokenizer,
-                            sequence_parallel=sequence_parallel, recompute=recompute)
+        model = build_model(cfg, backend, groups=groups, tokenizer=tokenizer, recompute=recompute)
         load_checkpoint(path, model)
         return model, tokenizer, cfg
     if kind in (HF_INTERNVL, HF_LONG_VITA):
         native = import_internvl(path) if kind == HF_INTERNVL else import_long_vita(path)
         cfg = updated_config(native.cfg, config_update)
-        model = build_model(cfg, backend, tokenizer=native.tokenizer,
-                            sequence_parallel=sequence_parallel, recompute=recompute)
+        model = build_model(cfg, backend, groups=groups, tokenizer=native.tokenizer,
+                            recompute=recompute)
         label = "HF InternVL" if kind == HF_INTERNVL else "Long-VITA"
         load_full_state_into_model(model, native.state, native.cfg, f"{label} {path!r}")
         return model, native.tokenizer, cfg

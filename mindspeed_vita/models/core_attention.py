@@ -40,9 +40,11 @@ class RotarySeqParams(PackedSeqParams):
     and `rotary_cos`/`rotary_sin` are `[t, 1, d]`; `attention` holds the same bounds as the
     backend's `AttentionParams` (device tensors AND host tuples), built once per forward so no
     layer's attention call syncs the device.
+    Under context parallelism `attention` is the batch's `RingAttentionParams` instead (dense or
+    packed), which the layer spec's `RingCoreAttention` takes.
     """
 
-    attention: Optional[AttentionParams] = None
+    attention: Optional[Any] = None
     rotary_cos: Optional[torch.Tensor] = None
     rotary_sin: Optional[torch.Tensor] = None
     #: inference only: a `KVCache` (inference.kv_cache) that keeps every layer's rotated keys and
@@ -54,18 +56,13 @@ class RotarySeqParams(PackedSeqParams):
 _DENSE_CAUSAL = AttentionParams.dense("causal")
 
 
-def packed_attention_params(cu_seqlens: Sequence[int], device, *,
-                            max_seqlen: Optional[int] = None) -> AttentionParams:
+def packed_attention_params(cu_seqlens: Sequence[int], device) -> AttentionParams:
     """Causal `AttentionParams` of a packed batch from HOST cumulative lengths (leading 0).
 
     `cu_seqlens`: a list/tuple or a CPU tensor (PackedBatch's; `.tolist()` on a host tensor is
     no device sync). The device tensors are built once here, for every layer to share.
     """
-    params = AttentionParams.packed(cu_seqlens, mask="causal", device=device)
-    if max_seqlen is not None and max_seqlen < params.max_seqlen_q:
-        raise ValueError(f"max_seqlen={max_seqlen} is below the longest packed sequence "
-                         f"({params.max_seqlen_q})")
-    return params
+    return AttentionParams.packed(cu_seqlens, mask="causal", device=device)
 
 
 def attention_params_of(packed_seq_params: PackedSeqParams, device) -> AttentionParams:
@@ -116,6 +113,22 @@ class BackendCoreAttention(MegatronModule):
             return params
         return dataclasses.replace(params, scale=self.softmax_scale)
 
+    def _checked(self, attention_mask, attn_mask_type, attention_bias,
+                 packed_seq_params) -> RotarySeqParams:
+        """Refuse what megatron may pass that this causal, mask-free core cannot honour; return
+        the `RotarySeqParams` (rotary cos/sin and attention parameters of the batch)."""
+        name = type(self).__name__
+        if attention_mask is not None or attention_bias is not None:
+            raise ValueError(f"{name} takes no attention_mask / attention_bias: "
+                             "causality is built in and packed sequences use cu_seqlens")
+        if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"{name} is causal-only, got {attn_mask_type}")
+        p = packed_seq_params
+        if not isinstance(p, RotarySeqParams) or p.rotary_cos is None:
+            raise ValueError(f"{name} needs RotarySeqParams with rotary cos/sin "
+                             "(built by Qwen2LanguageModel.forward from position_ids)")
+        return p
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None,
@@ -123,15 +136,7 @@ class BackendCoreAttention(MegatronModule):
                 packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
         """q `[s, b, n_q, d]`, k/v `[s, b, n_kv, d]` -> `[s, b, n_q * d]`; packed (THD):
         q `[t, n_q, d]`, k/v `[t, n_kv, d]` -> `[t, n_q * d]`."""
-        if attention_mask is not None or attention_bias is not None:
-            raise ValueError("BackendCoreAttention takes no attention_mask / attention_bias: "
-                             "causality is built in and packed sequences use cu_seqlens")
-        if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
-            raise ValueError(f"BackendCoreAttention is causal-only, got {attn_mask_type}")
-        p = packed_seq_params
-        if not isinstance(p, RotarySeqParams) or p.rotary_cos is None:
-            raise ValueError("BackendCoreAttention needs RotarySeqParams with rotary cos/sin "
-                             "(built by Qwen2LanguageModel.forward from position_ids)")
+        p = self._checked(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         query = self.backend.apply_rotary(query, p.rotary_cos, p.rotary_sin)
         key = self.backend.apply_rotary(key, p.rotary_cos, p.rotary_sin)
         if p.qkv_format == "thd":

@@ -17,16 +17,21 @@ The batch is expected on the host, as the data loader yields it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
+from backends.attention_params import AttentionParams
 from backends.base import Backend
 from mindspeed_vita.data.types import IGNORE_INDEX, PackedBatch
 from mindspeed_vita.errors import UserInputError
-from mindspeed_vita.models.core_attention import RotarySeqParams, packed_attention_params
+from mindspeed_vita.models.core_attention import packed_attention_params
+from mindspeed_vita.parallel.ring_attention import RingAttentionParams
 from mindspeed_vita.parallel.visual_exchange import plan_visual_exchange
+from mindspeed_vita.parallel.zigzag import ZigzagShard
+
+if TYPE_CHECKING:
+    from mindspeed_vita.parallel.groups import ParallelGroups
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: Optional[Sequence[int]] = None
@@ -74,8 +79,9 @@ class ModelInputs:
 
     tokens, position_ids: `[b, s_local]` (this rank's zigzag shard under CP; the whole batch at
     CP 1). labels: `[b, s_local]` SHIFTED (row i's target), IGNORE_INDEX = no loss, or None.
-    attention: the attention parameters every decoder layer gets (packed boundaries of the
-    local shard with host max lengths), None for a dense causal batch.
+    attention: what every decoder layer's core attention gets: None for a dense causal batch,
+    packed `AttentionParams` (cumulative lengths with host max lengths) in reset mode, and
+    under context parallelism the ring's `RingAttentionParams` of the local shard.
     visual: None when the batch has no visual units.
     cp_rank / cp_size: this rank's place in the context-parallel group.
     """
@@ -83,20 +89,10 @@ class ModelInputs:
     tokens: torch.Tensor
     position_ids: torch.Tensor
     labels: Optional[torch.Tensor]
-    attention: Optional[PackedSeqParams]
+    attention: Union[None, AttentionParams, RingAttentionParams]
     visual: Optional[VisualInputs]
     cp_rank: int = 0
     cp_size: int = 1
-
-
-def _packed_params(cu_seqlens: Sequence[int], device: torch.device) -> PackedSeqParams:
-    """Packed (THD) attention boundaries with the max length computed on the host, carrying the
-    backend's AttentionParams (device tensor built once, host tuple for sync-free kernels)."""
-    attention = packed_attention_params(cu_seqlens, device)
-    return RotarySeqParams(qkv_format="thd", cu_seqlens_q=attention.cu_seqlens_q,
-                           cu_seqlens_kv=attention.cu_seqlens_kv,
-                           max_seqlen_q=attention.max_seqlen_q,
-                           max_seqlen_kv=attention.max_seqlen_kv, attention=attention)
 
 
 def _visual_inputs(tokens: torch.Tensor, pixel_values: Optional[torch.Tensor],
@@ -125,13 +121,18 @@ def _visual_inputs(tokens: torch.Tensor, pixel_values: Optional[torch.Tensor],
         context_mask=mask.contiguous().to(device), units_per_rank=plan.units_per_rank)
 
 
-def build_model_inputs(batch: PackedBatch, *, backend: Backend, context_token_ids: Sequence[int],
-                       tokens_per_tile: int, with_labels: bool = True) -> ModelInputs:
+def build_model_inputs(batch: PackedBatch, *, groups: Optional["ParallelGroups"],
+                       backend: Backend, context_token_ids: Sequence[int], tokens_per_tile: int,
+                       with_labels: bool = True) -> ModelInputs:
     """Turn a host `PackedBatch` into this rank's `ModelInputs` (see the module doc).
 
-    `context_token_ids`: the tokenizer's visual context ids; `tokens_per_tile`: context tokens
-    per tile/frame (`ModelConfig.tokens_per_tile`). `with_labels=False` leaves labels out
-    (inference: the batch's labels are ignored).
+    `groups`: the run's `ParallelGroups` (None: one process); under context parallelism
+    (`groups.cp_size > 1`) the inputs are this rank's zigzag shard, every packed sample (reset
+    mode) or row (joint mode) cut into 2 * cp chunks, and the attention parameters are those of
+    the ring (`parallel.ring_attention.RingAttentionParams`). Every rank of the CP group passes
+    the same batch. `context_token_ids`: the tokenizer's visual context ids; `tokens_per_tile`:
+    context tokens per tile/frame (`ModelConfig.tokens_per_tile`). `with_labels=False` leaves
+    labels out (inference: the batch's labels are ignored).
     """
     tokens = batch.tokens
     if tokens.dim() != 2:
@@ -139,16 +140,34 @@ def build_model_inputs(batch: PackedBatch, *, backend: Backend, context_token_id
     b, s = tokens.shape
     device = backend.device()
     cu_host = None if batch.cu_seqlens is None else [int(c) for c in batch.cu_seqlens.tolist()]
+    # shift BEFORE the split: a shard's last row predicts a token another rank holds
     labels = shift_labels(batch.labels, cu_host) if with_labels else None
-    shard_positions = [torch.arange(b * s).view(b, s)]
     pixels = batch.pixel_values if batch.pixel_values is not None and \
         batch.pixel_values.numel() else None
-    visual = _visual_inputs(tokens, pixels, shard_positions, 0, context_token_ids,
+    cp_size = 1 if groups is None else groups.cp_size
+    if cp_size == 1:
+        visual = _visual_inputs(tokens, pixels, [torch.arange(b * s).view(b, s)], 0,
+                                context_token_ids, tokens_per_tile, device)
+        return ModelInputs(
+            tokens=tokens.to(device), position_ids=batch.position_ids.to(device),
+            labels=None if labels is None else labels.to(device),
+            attention=None if cu_host is None else packed_attention_params(cu_host, device),
+            visual=visual)
+    cp_rank = groups.cp_rank
+    # every rank plans every rank's shard: the visual plan needs to know who holds which row
+    shards = [ZigzagShard.build(b, s, cp_size, rank, cu_host) for rank in range(cp_size)]
+    shard_positions = [shard.index().view(b, s // cp_size) for shard in shards]
+    mine = shards[cp_rank]
+    index = shard_positions[cp_rank].reshape(-1)
+    visual = _visual_inputs(tokens, pixels, shard_positions, cp_rank, context_token_ids,
                             tokens_per_tile, device)
     return ModelInputs(
-        tokens=tokens.to(device), position_ids=batch.position_ids.to(device),
-        labels=None if labels is None else labels.to(device),
-        attention=None if cu_host is None else _packed_params(cu_host, device), visual=visual)
+        tokens=mine.shard(tokens, index).to(device),
+        position_ids=mine.shard(batch.position_ids, index).to(device),
+        labels=None if labels is None else mine.shard(labels, index).to(device),
+        attention=RingAttentionParams.from_shard(mine, packed=cu_host is not None,
+                                                 device=device),
+        visual=visual, cp_rank=cp_rank, cp_size=cp_size)
 
 
 def batch_from_tensors(input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -13,12 +13,9 @@ GPTModel's: `embedding.word_embeddings.weight`, `decoder.layers.{i}.input_layern
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -31,6 +28,8 @@ from mindspeed_vita.config.model import LanguageConfig
 from mindspeed_vita.models.core_attention import RotarySeqParams, attention_params_of
 from mindspeed_vita.models.layer_spec import qwen2_block_spec
 from mindspeed_vita.models.rope import rotary_cos_sin
+from mindspeed_vita.parallel.groups import ParallelGroups
+from mindspeed_vita.parallel.layout import ParallelLayout
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: int) -> int:
@@ -40,11 +39,11 @@ def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tp: in
     return -(-vocab_size // multiple) * multiple
 
 
-def qwen2_transformer_config(cfg: LanguageConfig, dtype: torch.dtype, *, tp: int,
-                             sequence_parallel: bool, recompute: bool) -> TransformerConfig:
-    """megatron TransformerConfig for a Qwen2 decoder (no dropout, no fusions needing CUDA)."""
-    if sequence_parallel and tp == 1:
-        raise ValueError("sequence_parallel needs tensor parallel size > 1 (tp=1 here)")
+def qwen2_transformer_config(cfg: LanguageConfig, dtype: torch.dtype, *, layout: ParallelLayout,
+                             recompute: bool) -> TransformerConfig:
+    """megatron TransformerConfig for a Qwen2 decoder (no dropout, no fusions needing CUDA)
+    split as `layout` says (its constructor and `check_language` hold the parallel rules)."""
+    layout.check_language(cfg)
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -71,8 +70,8 @@ def qwen2_transformer_config(cfg: LanguageConfig, dtype: torch.dtype, *, tp: int
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
-        tensor_model_parallel_size=tp,
-        sequence_parallel=sequence_parallel,
+        tensor_model_parallel_size=layout.tp,
+        sequence_parallel=layout.sequence_parallel,
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
@@ -82,32 +81,25 @@ def qwen2_transformer_config(cfg: LanguageConfig, dtype: torch.dtype, *, tp: int
 class Qwen2LanguageModel(MegatronModule):
     """Qwen2 decoder (embedding -> layers -> final RMSNorm) with a vocab-parallel output layer.
 
-    Needs megatron's parallel state (`parallel.process_groups.initialize_parallel`) and a single
-    pipeline stage. `recompute=True` checkpoints every layer (megatron full/uniform, 1 layer per
-    chunk), as Long-VITA stages 3-4 do. Being a `MegatronModule`, it has megatron's
-    `sharded_state_dict()` for distributed checkpointing and a `.config` for megatron's DDP.
+    `groups` (from `parallel.process_groups.initialize_parallel`) gives the tensor-parallel
+    split and sequence parallelism (`groups.layout`, which refuses pipeline parallelism);
+    megatron's layers inside read the same groups from its parallel state. `recompute=True`
+    checkpoints every layer (megatron full/uniform, 1 layer per chunk), as Long-VITA stages 3-4
+    do. Being a `MegatronModule`, it has megatron's `sharded_state_dict()` for distributed
+    checkpointing and a `.config` for megatron's DDP.
     """
 
     def __init__(self, cfg: LanguageConfig, backend: Backend, dtype: torch.dtype = torch.bfloat16,
-                 *, sequence_parallel: bool = False, recompute: bool = False):
-        if parallel_state.get_pipeline_model_parallel_world_size() != 1:
-            raise ValueError("Qwen2LanguageModel runs as one pipeline stage; "
-                             "pipeline parallel size must be 1")
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if cfg.num_attention_heads % tp:
-            raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not divisible "
-                             f"by tensor parallel size {tp}")
-        if cfg.num_query_groups % tp and tp % cfg.num_query_groups:
-            raise ValueError(f"num_query_groups={cfg.num_query_groups} and tensor parallel size "
-                             f"{tp}: one must divide the other")
-        super().__init__(config=qwen2_transformer_config(
-            cfg, dtype, tp=tp, sequence_parallel=sequence_parallel, recompute=recompute))
+                 *, groups: ParallelGroups, recompute: bool = False):
+        super().__init__(config=qwen2_transformer_config(cfg, dtype, layout=groups.layout,
+                                                         recompute=recompute))
         self.cfg = cfg
         self.backend = backend
-        self.sequence_parallel = sequence_parallel
+        self.groups = groups
+        self.sequence_parallel = groups.sequence_parallel
         self.vocab_size = cfg.vocab_size
         self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
-                                                   tp)
+                                                   groups.tp_size)
         self.embedding = LanguageModelEmbedding(
             config=self.config, vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings, position_embedding_type="none")
@@ -136,41 +128,44 @@ class Qwen2LanguageModel(MegatronModule):
             raise ValueError(f"input_ids must be [b, s], got shape {tuple(input_ids.shape)}")
         return self.embedding(input_ids, position_ids=None)
 
-    def rotary_params(self, position_ids: torch.Tensor,
-                      packed_seq_params: Optional[PackedSeqParams] = None) -> RotarySeqParams:
-        """The per-batch attention inputs every layer gets: cos/sin of `position_ids [b, s]`
-        in megatron's layout, plus the packed-sequence boundaries when given (THD)."""
+    def rotary_params(self, position_ids: torch.Tensor, attention=None) -> RotarySeqParams:
+        """The per-batch attention inputs every layer gets: cos/sin of `position_ids [b, s]` in
+        megatron's layout and the attention parameters (`attention`, see `forward`); packed
+        parameters (`attention.is_packed`) select megatron's THD layout."""
         # NOTE: dynamic-NTK scaling reads the sequence length from the largest position here
         # (one host sync per forward); under CP each rank sees only its shard's positions
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rotary_base,
                                   self.config.params_dtype, self.cfg.rope_scaling,
                                   max_position_embeddings=self.cfg.max_position_embeddings
                                   )  # [b, s, d]
-        if packed_seq_params is None:
-            return RotarySeqParams(qkv_format="sbhd", rotary_cos=cos.transpose(0, 1)[:, :, None],
+        if isinstance(attention, PackedSeqParams):
+            if attention.qkv_format != "thd":
+                raise ValueError(f"packed_seq_params.qkv_format={attention.qkv_format!r}: "
+                                 f"packed batches use 'thd'")
+            # the backend's attention params, once per forward (not per layer)
+            attention = attention_params_of(attention, position_ids.device)
+        if attention is None or not attention.is_packed:
+            return RotarySeqParams(qkv_format="sbhd", attention=attention,
+                                   rotary_cos=cos.transpose(0, 1)[:, :, None],
                                    rotary_sin=sin.transpose(0, 1)[:, :, None])
-        if packed_seq_params.qkv_format != "thd":
-            raise ValueError(f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r}: "
-                             f"packed batches use 'thd'")
-        fields = {f.name: getattr(packed_seq_params, f.name)
-                  for f in dataclasses.fields(PackedSeqParams)}
-        # the backend's attention params, once per forward (not per layer)
-        attention = attention_params_of(packed_seq_params, position_ids.device)
         # THD flattens the batch row-major, as cu_seqlens counts tokens: [b, s, d] -> [t, 1, d]
-        return RotarySeqParams(**fields, attention=attention,
+        return RotarySeqParams(qkv_format="thd", attention=attention,
                                rotary_cos=cos.reshape(-1, 1, cos.shape[-1]),
                                rotary_sin=sin.reshape(-1, 1, sin.shape[-1]))
 
     # ----------------------------------------------------------------- forward
     def forward(self, decoder_input: torch.Tensor, position_ids: torch.Tensor,
-                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+                attention=None) -> torch.Tensor:
         """Decoder layers and final norm: `[s, b, h]` -> `[s, b, h]` (`[s / tp, b, h]` in and
         out under sequence parallel).
 
-        `position_ids [b, s]` (full sequence) drive RoPE, so packed reset-mode batches restart
-        positions per sample. `packed_seq_params` (megatron's, `qkv_format="thd"`,
-        `cu_seqlens_q/kv` over the row-major flattened `b * s` tokens with a leading 0) keeps
-        attention inside each sample.
+        `position_ids [b, s]` drive RoPE, so packed reset-mode batches restart positions per
+        sample and a context-parallel shard rotates with its own positions. `attention`: None
+        for a dense causal batch; the batch's packed `AttentionParams` (cumulative lengths over
+        the row-major flattened `b * s` tokens, leading 0), which keep attention inside each
+        sample; under context parallelism the `RingAttentionParams` the spec's ring core takes
+        (`models.inputs.build_model_inputs` builds each once per batch). A megatron
+        `PackedSeqParams` (`qkv_format="thd"`) is accepted too.
         """
         if decoder_input.dim() != 3 or decoder_input.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"decoder_input must be [s, b, {self.cfg.hidden_size}], "
@@ -178,8 +173,8 @@ class Qwen2LanguageModel(MegatronModule):
         b = decoder_input.shape[1]
         if position_ids.dim() != 2 or position_ids.shape[0] != b:
             raise ValueError(f"position_ids must be [b={b}, s], got {tuple(position_ids.shape)}")
-        params = self.rotary_params(position_ids, packed_seq_params)
-        if packed_seq_params is None or b == 1:
+        params = self.rotary_params(position_ids, attention)
+        if params.qkv_format != "thd" or b == 1:
             return self.decoder(decoder_input, attention_mask=None, packed_seq_params=params)
         if self.sequence_parallel:
             raise ValueError("packed batches with b > 1 rows cannot be sequence-parallel "

@@ -5,7 +5,10 @@ parallel linears (`ColumnParallelLinear` for qkv and fc1, `RowParallelLinear` fo
 only the kernels are ours:
 
 * norms: `BackendRMSNorm` -> `backend.rms_norm` (fp32 statistics, cast, times weight),
-* core attention: `BackendCoreAttention` -> `backend.apply_rotary` + `backend.attention`,
+* core attention: `BackendCoreAttention` -> `backend.apply_rotary` + `backend.attention`, or
+  under context parallelism (a CP group of more than one rank) `RingCoreAttention` ->
+  `backend.apply_rotary` + zigzag ring attention over that group; the choice is made here, once,
+  so no attention module branches on the CP size,
 * MLP activation: `BackendSwiGLU` -> `backend.swiglu` on megatron's gated fc1 output, whose
   per-rank layout is `[gate; up]`.
 
@@ -19,6 +22,7 @@ fields set by `Qwen2LanguageModel`; the MLP activation hook is megatron's
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -33,6 +37,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from backends.base import Backend
 from mindspeed_vita.models.core_attention import BackendCoreAttention
+from mindspeed_vita.models.ring_core_attention import RingCoreAttention
 
 
 class BackendRMSNorm(MegatronModule):
@@ -69,8 +74,18 @@ class BackendSwiGLU(MegatronModule):
         return self.backend.swiglu(x)
 
 
-def qwen2_layer_spec(backend: Backend) -> ModuleSpec:
-    """One Qwen2 decoder layer: pre-norm causal GQA self-attention and pre-norm SwiGLU MLP."""
+def core_attention_spec(backend: Backend, cp_group=None) -> ModuleSpec:
+    """The core attention of a layer: the backend's local attention, or ring attention over
+    `cp_group` (the context-parallel process group) when that group has more than one rank."""
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        return ModuleSpec(module=RingCoreAttention,
+                          params={"backend": backend, "cp_group": cp_group})
+    return ModuleSpec(module=BackendCoreAttention, params={"backend": backend})
+
+
+def qwen2_layer_spec(backend: Backend, cp_group=None) -> ModuleSpec:
+    """One Qwen2 decoder layer: pre-norm causal GQA self-attention (ring attention over
+    `cp_group` under context parallelism) and pre-norm SwiGLU MLP."""
     norm = ModuleSpec(module=BackendRMSNorm, params={"backend": backend})
     return ModuleSpec(
         module=TransformerLayer,
@@ -81,8 +96,7 @@ def qwen2_layer_spec(backend: Backend) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=ModuleSpec(module=BackendCoreAttention,
-                                              params={"backend": backend}),
+                    core_attention=core_attention_spec(backend, cp_group),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -103,9 +117,11 @@ def qwen2_layer_spec(backend: Backend) -> ModuleSpec:
     )
 
 
-def qwen2_block_spec(backend: Backend, num_layers: int) -> TransformerBlockSubmodules:
-    """`num_layers` Qwen2 layers followed by the final RMSNorm, for megatron's TransformerBlock."""
+def qwen2_block_spec(backend: Backend, num_layers: int,
+                     cp_group=None) -> TransformerBlockSubmodules:
+    """`num_layers` Qwen2 layers followed by the final RMSNorm, for megatron's TransformerBlock;
+    `cp_group`: the context-parallel group (`ParallelGroups.cp`), None at CP 1."""
     return TransformerBlockSubmodules(
-        layer_specs=[qwen2_layer_spec(backend)] * num_layers,
+        layer_specs=[qwen2_layer_spec(backend, cp_group)] * num_layers,
         layer_norm=ModuleSpec(module=BackendRMSNorm, params={"backend": backend}),
     )

@@ -8,7 +8,7 @@ step backpropagates `loss_sum / global_num_tokens` on every rank and SUMS gradie
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,11 +26,12 @@ class LossTerms(NamedTuple):
         return self.loss_sum / self.num_tokens.clamp(min=1).to(self.loss_sum.dtype)
 
 
-def reduce_loss(terms: LossTerms, group: Optional[dist.ProcessGroup]) -> LossTerms:
-    """`terms` summed over `group` (the dp x cp group: `ParallelGroups.dp_cp`), DETACHED: for
-    logging and for the global token count a step divides by. One all-reduce of both values
-    (fp64, so token counts stay exact); a group of one rank (or None) returns them detached."""
+def reduce_loss(terms: LossTerms, groups) -> LossTerms:
+    """`terms` summed over the dp x cp group of `groups` (`ParallelGroups.dp_cp`; None: one
+    process), DETACHED: for logging and for the global token count a step divides by. One
+    all-reduce of both values (fp64, so token counts stay exact)."""
     loss_sum = terms.loss_sum.detach()
+    group = None if groups is None else groups.dp_cp
     if group is None or dist.get_world_size(group) == 1:
         return LossTerms(loss_sum, terms.num_tokens.detach())
     both = torch.stack([loss_sum.double(), terms.num_tokens.double()])

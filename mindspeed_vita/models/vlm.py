@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 
 from backends.base import Backend
 from mindspeed_vita.config.model import ModelConfig
@@ -28,6 +28,7 @@ from mindspeed_vita.models.lm_head import build_lm_head
 from mindspeed_vita.models.loss import LossTerms
 from mindspeed_vita.models.projector import VisionProjector
 from mindspeed_vita.models.vision import InternViT
+from mindspeed_vita.parallel.groups import ParallelGroups
 from mindspeed_vita.parallel.visual_exchange import exchange_feature_rows
 
 
@@ -35,17 +36,19 @@ class LongVitaModel(torch.nn.Module):
     """InternViT + projector + Qwen2 decoder + LM head.
 
     `context_token_ids`: token ids whose embedding rows receive visual features (from the
-    tokenizer). Needs megatron's parallel state (`parallel.process_groups.initialize_parallel`).
+    tokenizer). `groups`: the `ParallelGroups` from `parallel.process_groups.initialize_parallel`
+    (tensor-parallel split, sequence parallelism via `groups.layout`).
     `recompute`: "none" | "vision" (ViT + projector) | "full" (ViT, projector and every decoder
     layer).
     """
 
-    def __init__(self, cfg: ModelConfig, backend: Backend, *, context_token_ids: Sequence[int],
-                 sequence_parallel: bool = False, recompute: str = "none"):
+    def __init__(self, cfg: ModelConfig, backend: Backend, *, groups: ParallelGroups,
+                 context_token_ids: Sequence[int], recompute: str = "none"):
         super().__init__()
         self.cfg = cfg
         self.backend = backend
-        self.sequence_parallel = sequence_parallel
+        self.groups = groups
+        self.sequence_parallel = groups.sequence_parallel
         dtype = getattr(torch, cfg.params_dtype)
         device = backend.device()
         recompute_visual = recompute in ("vision", "full")
@@ -54,8 +57,7 @@ class LongVitaModel(torch.nn.Module):
         self.projector = VisionProjector(cfg.projector, cfg.vision.hidden_size,
                                          cfg.language.hidden_size, recompute=recompute_visual
                                          ).to(device=device, dtype=dtype)
-        self.language = Qwen2LanguageModel(cfg.language, backend, dtype,
-                                           sequence_parallel=sequence_parallel,
+        self.language = Qwen2LanguageModel(cfg.language, backend, dtype, groups=groups,
                                            recompute=recompute == "full")
         # the real vocabulary size: the head masks the TP padding ids out of loss and logits
         self.head = build_lm_head(cfg.lm_head, cfg.lm_head_chunk_size,
@@ -68,7 +70,7 @@ class LongVitaModel(torch.nn.Module):
     # ----------------------------------------------------------------- inputs
     def build_inputs(self, batch: PackedBatch, *, with_labels: bool = True) -> ModelInputs:
         """`build_model_inputs` with this model's backend, context tokens and tile size."""
-        return build_model_inputs(batch, backend=self.backend,
+        return build_model_inputs(batch, groups=None, backend=self.backend,
                                   context_token_ids=self.context_ids,
                                   tokens_per_tile=self.cfg.tokens_per_tile,
                                   with_labels=with_labels)
@@ -108,9 +110,9 @@ class LongVitaModel(torch.nn.Module):
         # that of its own slice.
         full = rows.new_zeros(s_local * b, h).index_copy(0, visual.context_rows, rows)
         full = tensor_parallel.scatter_to_sequence_parallel_region(
-            full.view(s_local, b, h), group=parallel_state.get_tensor_model_parallel_group())
+            full.view(s_local, b, h), group=self.groups.tp)
         s_tp = embeddings.shape[0]
-        start = parallel_state.get_tensor_model_parallel_rank() * s_tp
+        start = self.groups.tp_rank * s_tp
         local_mask = visual.context_mask[start:start + s_tp].unsqueeze(-1)  # [s/tp, b, 1]
         return torch.where(local_mask, full, embeddings)
 
@@ -135,7 +137,8 @@ class LongVitaModel(torch.nn.Module):
 
     def gather_vocab(self, local_logits: torch.Tensor) -> torch.Tensor:
         """Local vocabulary shards `[..., V_pad/tp]` -> full logits `[..., vocab_size]`."""
-        full = tensor_parallel.gather_from_tensor_model_parallel_region(local_logits)
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(local_logits,
+                                                                 group=self.groups.tp)
         return full[..., : self.cfg.language.vocab_size]
 
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -18,7 +18,6 @@ through the fakes; the long multi-block GPU case uses flash-attn's own criterion
 most twice that of naive bf16 attention, against an fp64 result).
 """
 import dataclasses
-import importlib.util
 import math
 import sys
 import warnings
@@ -33,6 +32,7 @@ from backends.attention_params import AttentionParams
 from backends.base import BackendUnavailableError
 from backends.cpu import CPUBackend
 from backends.cuda import CUDABackend
+from backends.cuda_kernels import FlashAttnKernels
 from backends.fakes.flash_fake import FakeAtenFlash, fake_flash_attn_modules, varlen_forward
 from backends.npu import NPUBackend
 
@@ -182,16 +182,6 @@ def test_flash_fallback_on_device(monkeypatch):
     assert "tensors on cpu" in cuda_module._flash_unsupported_reason(q, q, q)
 
 
-def test_dense_input_becomes_uniform_varlen():
-    q, k = _randn(3, 5, 2, 8, seed=0), _randn(3, 7, 1, 8, seed=1)
-    p = cuda_module._to_varlen(q, k, k, AttentionParams.dense("causal"))
-    assert p.q.shape == (15, 2, 8) and p.k.shape == (21, 1, 8) and torch.equal(p.q[5:10], q[1])
-    assert p.cu_q.dtype == p.cu_kv.dtype == torch.int32
-    assert p.cu_q.tolist() == [0, 5, 10, 15] and p.cu_kv.tolist() == [0, 7, 14, 21]
-    assert (p.max_q, p.max_kv, p.dense) == (5, 7, (3, 5))
-    assert (p.lengths_q, p.lengths_kv) == ([5] * 3, [7] * 3)
-
-
 def _tensor_params(mask, cu_q, cu_kv=None, max_q=None, max_kv=None):
     """Params carrying device tensors only (no host tuples), as a caller without them passes."""
     return AttentionParams(mask=mask, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv, max_seqlen_q=max_q,
@@ -203,7 +193,7 @@ def test_packed_cu_seqlens_conversion_and_when_lengths_are_read(monkeypatch):
     cu64 = torch.tensor([0, 4, 4, 9], dtype=torch.int64)
     p = cuda_module._to_varlen(q, q, q, _tensor_params("causal", cu64))
     assert p.cu_q.dtype == torch.int32 and p.cu_q.tolist() == [0, 4, 4, 9] and p.cu_kv is p.cu_q
-    assert (p.max_q, p.max_kv, p.lengths_q) == (5, 5, [4, 0, 5]) and p.dense is None
+    assert (p.max_q, p.max_kv, p.lengths_q) == (5, 5, [4, 0, 5])
 
     calls = []
     real = cuda_module._host_lengths
@@ -415,7 +405,8 @@ def test_flash_attn_package_signatures_bind_and_match(kernel_path, monkeypatch, 
         _check_parity(backend, CPUBackend(), q, k, v, dout, params, FP32_TOL, FP32_TOL,
                       lambda t: t)
     assert backend._kernels().name == "flash_attn"
-    assert "forward" in interface.calls and "backward" in interface.calls
+    form = "" if params.is_packed else "dense_"  # dense input takes the dense functions
+    assert set(interface.calls) == {form + "forward", form + "backward"}
     assert backend._aten.forward_calls == []  # PyTorch's kernels were not used
 
 
@@ -446,7 +437,7 @@ def test_flash_attn_missing(kernel_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails like a missing package
     q, k, v, dout, params = _case_tensors("dense_causal", torch.float32)
     with pytest.raises(BackendUnavailableError,
-                       match=r"not installed; pip install 'mindspeed-vita\[gpu\]'"):
+                       match="not installed; pip install flash-attn --no-build-isolation"):
         _fake_backend(impl="flash_attn").attention_forward(q, k, v, params)
     backend = _fake_backend(impl="auto")
     with warnings.catch_warnings():
@@ -474,10 +465,14 @@ def test_flash_attn_broken_build_falls_back_with_one_warning(kernel_path, monkey
 
 # ================================================================= GPU: real CUDA kernels
 def _gpu_impls():
+    """torch, plus flash_attn when its compiled kernels load and bind (a build for another
+    torch is found by importlib but fails to load: ci/run_gpu_tests.sh reports why)."""
     impls = ["torch"]
-    if importlib.util.find_spec("flash_attn") is not None:
-        impls.append("flash_attn")
-    return impls
+    try:
+        FlashAttnKernels.load()
+    except Exception:  # noqa: BLE001 - absent or unusable: the torch kernels only
+        return impls
+    return impls + ["flash_attn"]
 
 
 @pytest.fixture(params=_gpu_impls())
@@ -592,6 +587,45 @@ def test_gpu_fused_layers_match_cpu_forward_and_backward(gpu_backend, dtype, tol
 
 
 @pytest.mark.gpu
+def test_gpu_attention_makes_no_host_sync(gpu_backend):
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call: none in a
+    dense (megatron's transposed views), ViT (unbind views), packed (host lengths, also
+    bottom-right with other kv lengths) or decode attention, forward or backward."""
+    def rnd(*shape, seed):
+        return _randn(*shape, seed=seed, dtype=torch.bfloat16).cuda()
+
+    q_sbhd, kv_sbhd = rnd(64, 2, 8, 64, seed=1), rnd(64, 2, 2, 128, seed=2)
+    k_sbhd, v_sbhd = kv_sbhd.split(64, dim=-1)
+    qkv = rnd(3, 65, 3, 4, 64, seed=3)
+    packed_q, packed_k, packed_v = rnd(96, 8, 64, seed=4), rnd(96, 2, 64, seed=5), \
+        rnd(96, 2, 64, seed=6)
+    calls = [
+        ((q_sbhd.transpose(0, 1), k_sbhd.transpose(0, 1), v_sbhd.transpose(0, 1)),
+         AttentionParams.dense("causal")),
+        (qkv.unbind(2), AttentionParams.dense("none")),
+        ((packed_q, packed_k, packed_v),
+         AttentionParams.packed([0, 32, 40, 96], mask="causal", device="cuda")),
+        ((packed_q, packed_k, packed_v),
+         AttentionParams.packed([0, 32, 40, 96], [0, 40, 48, 96], mask="causal_bottom_right",
+                                device="cuda")),
+        ((packed_q[:3], packed_k, packed_v),  # one decode step of three sequences
+         AttentionParams.packed([0, 1, 2, 3], [0, 40, 48, 96], mask="causal_bottom_right",
+                                device="cuda")),
+    ]
+    for (q, k, v), params in calls:
+        gpu_backend.attention_forward(q, k, v, params)  # warm: kernel binding, lse probe
+        out, lse = gpu_backend.attention_forward(q, k, v, params)
+        gpu_backend.attention_backward(torch.ones_like(out), q, k, v, out, lse, params)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, lse = gpu_backend.attention_forward(q, k, v, params)
+            gpu_backend.attention_backward(torch.ones_like(out), q, k, v, out, lse, params)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
 def test_gpu_runtime(gpu_backend):
     gpu_backend.set_device(0)
     assert gpu_backend.device() == torch.device("cuda", torch.cuda.current_device()) == \
@@ -602,3 +636,238 @@ def test_gpu_runtime(gpu_backend):
     gpu_backend.synchronize()
     assert gpu_backend.max_memory_allocated() >= x.numel() * 4
     assert gpu_backend.describe()["attention_kernels"] == gpu_backend.attention_impl
+
+
+# ================================== CPU: no host syncs, no copies of views, edge cases (issue 12)
+_BACKEND_FILES = ("backends/cuda.py", "backends/cuda_kernels.py")
+
+
+class _HostSyncSpy:
+    """Counts what backends/cuda*.py does that needs the host to wait for the device or copy
+    host values to it: tensors built from host lists (`torch.tensor` / `as_tensor`), values
+    read back (`.item()`, `.tolist()`, `.cpu()`, `.numpy()`, `bool()` / `int()` / `float()`
+    of a tensor). Calls made by the fakes or the tests are not counted (caller's file)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for owner, names in ((torch, ("tensor", "as_tensor")),
+                             (torch.Tensor, ("item", "tolist", "cpu", "numpy", "__bool__",
+                                             "__int__", "__float__", "__index__"))):
+            for name in names:
+                monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name), name))
+
+    def _wrap(self, fn, name):
+        spy = self
+
+        def wrapped(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if caller.endswith(_BACKEND_FILES):
+                spy.calls.append(f"{name} in {caller.rsplit('/', 1)[-1]}")
+            return fn(*args, **kwargs)
+        return wrapped
+
+
+@pytest.mark.parametrize("mask,q_len,kv_len", [
+    ("causal", 24, 24), ("none", 12, 40), ("causal_bottom_right", 1, 30),
+    ("causal", 40, 12), ("causal", 12, 40)])
+def test_dense_attention_makes_no_host_sync_and_calls_the_dense_kernel(
+        kernel_path, monkeypatch, mask, q_len, kv_len):
+    """Dense [b, s, n, d] input: the kernels' dense form, no cu_seqlens built from host lists,
+    nothing read back - in forward, backward and autograd through both (GQA, decode s_q = 1,
+    top-left causal with s_q != s_kv split on slices)."""
+    backend = _fake_backend()
+    q, k, v = _randn(2, q_len, 4, 16, seed=1), _randn(2, kv_len, 2, 16, seed=2), \
+        _randn(2, kv_len, 2, 16, seed=3)
+    dout = _randn(2, q_len, 4, 16, seed=4)
+    params = AttentionParams.dense(mask)
+    ref_out, ref_lse = reference.attention_reference(q, k, v, params)
+    spy = _HostSyncSpy(monkeypatch)
+    out, lse = backend.attention_forward(q, k, v, params)
+    grads = backend.attention_backward(dout, q, k, v, out, lse, params)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    backend.attention(*leaves, params).backward(dout)
+    assert spy.calls == []
+    monkeypatch.undo()  # the checks below may read values
+    fake = backend._aten
+    assert fake.forward_calls and all(c["dense"] for c in fake.forward_calls)
+    assert fake.backward_calls and all(c["dense"] for c in fake.backward_calls)
+    torch.testing.assert_close(out, ref_out, **FP32_TOL)
+    torch.testing.assert_close(lse, ref_lse, **FP32_TOL)
+    ref_grads = reference.attention_backward_reference(dout, q, k, v, ref_out, ref_lse, params)
+    for got, autograd_got, expected in zip(grads, (t.grad for t in leaves), ref_grads):
+        torch.testing.assert_close(got, expected, **FP32_TOL)
+        torch.testing.assert_close(autograd_got, expected, **FP32_TOL)
+
+
+@pytest.mark.parametrize("mask,lengths_kv", [
+    ("causal", None), ("none", [9, 3, 20]), ("causal_bottom_right", [9, 3, 20])])
+def test_packed_attention_with_host_lengths_makes_no_host_sync(kernel_path, monkeypatch, mask,
+                                                              lengths_kv):
+    backend = _fake_backend()
+    lengths_q = [7, 3, 20]
+    kv = lengths_kv or lengths_q
+    q, k, v = _randn(30, 4, 16, seed=1), _randn(sum(kv), 2, 16, seed=2), \
+        _randn(sum(kv), 2, 16, seed=3)
+    dout = _randn(30, 4, 16, seed=4)
+    params = AttentionParams.packed(_cu(lengths_q).tolist(), _cu(kv).tolist(), mask=mask)
+    spy = _HostSyncSpy(monkeypatch)
+    out, lse = backend.attention_forward(q, k, v, params)
+    backend.attention_backward(dout, q, k, v, out, lse, params)
+    assert spy.calls == []
+    monkeypatch.undo()
+    torch.testing.assert_close(out, reference.attention_reference(q, k, v, params)[0], **FP32_TOL)
+
+
+def test_packed_top_left_split_reads_nothing_back(kernel_path, monkeypatch):
+    """The split (top-left causal, s_q != s_kv) builds row indices from the host lengths - host
+    tensors copied without blocking - and reads nothing back from the device."""
+    backend = _fake_backend()
+    q, k, v = _randn(20, 4, 16, seed=1), _randn(19, 2, 16, seed=2), _randn(19, 2, 16, seed=3)
+    params = AttentionParams.packed(_cu([3, 5, 6, 6]).tolist(), _cu([0, 8, 4, 7]).tolist(),
+                                    mask="causal")
+    spy = _HostSyncSpy(monkeypatch)
+    out, lse = backend.attention_forward(q, k, v, params)
+    backend.attention_backward(torch.ones_like(out), q, k, v, out, lse, params)
+    reads = [c for c in spy.calls if not c.startswith(("tensor ", "as_tensor "))]
+    assert reads == [] and spy.calls  # host-built index tensors only
+    monkeypatch.undo()
+    torch.testing.assert_close(out, reference.attention_reference(q, k, v, params)[0], **FP32_TOL)
+
+
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_strided_views_reach_the_kernels_uncopied(kernel_path):
+    """The kernels need only stride(-1) == 1: the ViT's q/k/v (unbind views of one fused qkv),
+    megatron's transposed [s, b, n, d] tensors and its split-view v go in as they are."""
+    backend = _fake_backend()
+    fake = backend._aten
+    # ViT: dense, no mask, q/k/v unbind views of [tiles, tokens, 3, heads, dim]
+    qkv = _randn(3, 17, 3, 2, 16, seed=1)
+    views = qkv.unbind(2)
+    params = AttentionParams.dense("none")
+    out, lse = backend.attention_forward(*views, params)
+    backend.attention_backward(torch.ones_like(out), *views, out, lse, params)
+    assert fake.forward_calls[-1]["storages"] == (_storage(qkv),) * 3
+    assert fake.backward_calls[-1]["storages"][:3] == (_storage(qkv),) * 3
+    # megatron: [s, b, n, d] tensors transposed to [b, s, n, d]; v a split view of fused kv
+    q_sbhd = _randn(20, 2, 4, 16, seed=2)
+    kv_sbhd = _randn(20, 2, 2, 32, seed=3)
+    k_view, v_view = kv_sbhd.split(16, dim=-1)
+    qv, kv_, vv = q_sbhd.transpose(0, 1), k_view.transpose(0, 1), v_view.transpose(0, 1)
+    params = AttentionParams.dense("causal")
+    out, lse = backend.attention_forward(qv, kv_, vv, params)
+    backend.attention_backward(torch.ones_like(out), qv, kv_, vv, out, lse, params)
+    expected = (_storage(q_sbhd), _storage(kv_sbhd), _storage(kv_sbhd))
+    assert fake.forward_calls[-1]["storages"] == expected
+    assert fake.backward_calls[-1]["storages"][:3] == expected
+    # packed: unbind views of [t, 3, heads, dim]
+    packed_qkv = _randn(30, 3, 2, 16, seed=4)
+    pq, pk, pv = packed_qkv.unbind(1)
+    params = AttentionParams.packed(_cu([7, 3, 20]).tolist(), mask="causal")
+    out, lse = backend.attention_forward(pq, pk, pv, params)
+    backend.attention_backward(torch.ones_like(out), pq, pk, pv, out, lse, params)
+    assert fake.forward_calls[-1]["storages"] == (_storage(packed_qkv),) * 3
+    assert fake.backward_calls[-1]["storages"][:3] == (_storage(packed_qkv),) * 3
+    ref, _ = reference.attention_reference(pq, pk, pv, params)
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+@pytest.mark.parametrize("style", ["2.6", "2.7"])
+def test_flash_attn_gets_views_uncopied_and_the_deterministic_flag(kernel_path, monkeypatch,
+                                                                  style):
+    interface = _install_flash_attn(monkeypatch, style)
+    backend = _fake_backend(impl="flash_attn")
+    dense_qkv, packed_qkv = _randn(3, 17, 3, 2, 16, seed=1), _randn(51, 3, 2, 16, seed=2)
+    for fused, params in ((dense_qkv, AttentionParams.dense("causal")),
+                          (packed_qkv, AttentionParams.packed([0, 17, 34, 51], mask="causal"))):
+        views = fused.unbind(-3)
+        out, lse = backend.attention_forward(*views, params)
+        for flag in (False, True):
+            torch.use_deterministic_algorithms(flag)
+            try:
+                backend.attention_backward(torch.ones_like(out), *views, out, lse, params)
+            finally:
+                torch.use_deterministic_algorithms(False)
+            assert interface.records[-1]["deterministic"] is flag
+        form = "" if params.is_packed else "dense_"
+        assert [r["name"] for r in interface.records[-3:]] == [
+            form + "forward", form + "backward", form + "backward"]
+        assert all(r["storages"][:3] == (_storage(fused),) * 3 for r in interface.records[-3:])
+
+
+def test_gqa_decode_with_an_empty_query_segment(kernel_path):
+    """max_seqlen_q == 1 with GQA is the kernels' decode path, which assumes one query per
+    sequence: a sequence without a new token must not reach it (the fake fails like the
+    kernel)."""
+    backend = _fake_backend()
+    q, k, v = _randn(2, 8, 16, seed=1), _randn(12, 2, 16, seed=2), _randn(12, 2, 16, seed=3)
+    params = AttentionParams.packed([0, 1, 1, 2], [0, 5, 9, 12], mask="causal_bottom_right")
+    out, lse = backend.attention_forward(q, k, v, params)
+    ref_out, ref_lse = reference.attention_reference(q, k, v, params)
+    torch.testing.assert_close(out, ref_out, **FP32_TOL)
+    torch.testing.assert_close(lse, ref_lse, **FP32_TOL)
+    with pytest.raises(RuntimeError, match="is invalid for input of size"):  # the fake is faithful
+        backend._aten._flash_attention_forward(q, k, v, params.cu_seqlens_q, params.cu_seqlens_kv,
+                                               1, 5, 0.0, False, False)
+    full = AttentionParams.packed([0, 1, 2, 3], [0, 5, 9, 12], mask="causal_bottom_right")
+    out, _ = backend.attention_forward(_randn(3, 8, 16, seed=4), k, v, full)
+    assert backend._aten.forward_calls[-1]["max_q"] == 1  # the decode path when it is safe
+
+
+@pytest.fixture()
+def half_kernels(monkeypatch):
+    """CPU tensors take the kernel path; the kernel dtypes are the real ones (fp16 / bf16)."""
+    monkeypatch.setattr(cuda_module, "_device_reason", lambda device: None)
+
+
+def test_mixed_dtypes_run_the_kernels_in_the_half_dtype(half_kernels):
+    """fp32 q/k (RoPE with fp32 cos/sin) and bf16 v: the kernels run in bf16 (one warning),
+    out comes back in q's dtype and each gradient in its input's dtype."""
+    backend = _fake_backend()
+    q, k, v, dout, _ = _case_tensors("gqa_causal", torch.float32)
+    v = v.bfloat16()
+    params = AttentionParams.dense("causal")
+    with pytest.warns(UserWarning, match="flash kernels run in torch.bfloat16"):
+        out, lse = backend.attention_forward(q, k, v, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = backend.attention_backward(dout, q, k, v, out, lse, params)
+    assert backend._aten.forward_calls and backend._aten.backward_calls  # not the reference
+    assert out.dtype == torch.float32 and [g.dtype for g in grads] == [q.dtype, k.dtype, v.dtype]
+    ref_out, ref_lse = reference.attention_reference(q, k, v.float(), params)
+    torch.testing.assert_close(out, ref_out, **BF16_TOL)
+    ref_grads = reference.attention_backward_reference(dout, q, k, v.float(), ref_out, ref_lse,
+                                                       params)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), expected, atol=5e-2, rtol=5e-2)
+
+
+def test_fp32_uses_the_reference_up_to_a_size_limit(half_kernels):
+    """All-fp32 q/k/v: the exact reference (one warning) up to `reference_max_score_bytes` of
+    scores per call, a clear error above. Under autocast too: autocast is off in the backward
+    pass, and forward and backward must take the same path."""
+    backend = _fake_backend()
+    q, k, v, dout, _ = _case_tensors("dense_causal", torch.float32)  # scores: 2*2*24*24*4 B
+    params = AttentionParams.dense("causal")
+    backend.reference_max_score_bytes = 2 * 2 * 24 * 24 * 4
+    with pytest.warns(UserWarning, match="reference attention"), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = backend.attention_forward(q, k, v, params)
+        ref_out, ref_lse = reference.attention_reference(q, k, v, params)
+    grads = backend.attention_backward(dout, q, k, v, out, lse, params)
+    assert backend._aten.forward_calls == [] and backend._aten.backward_calls == []
+    torch.testing.assert_close(out, ref_out)
+    for got, expected in zip(grads, reference.attention_backward_reference(
+            dout, q, k, v, out, lse, params)):
+        torch.testing.assert_close(got, expected)
+    backend.reference_max_score_bytes -= 1
+    with pytest.raises(ValueError, match=r"cannot take dtype torch.float32.*fp32 scores.*bf16"):
+        backend.attention_forward(q, k, v, params)
+    packed = AttentionParams.packed([0, 20, 30], mask="causal")  # longest: 2 * 20 * 20 * 4
+    backend.reference_max_score_bytes = 2 * 20 * 20 * 4 - 1
+    pq, pk, pv = (_randn(30, 2, 16, seed=s) for s in (5, 6, 7))
+    with pytest.raises(ValueError, match="fp32 scores"):
+        backend.attention_forward(pq, pk, pv, packed)
+    assert backend._aten.forward_calls == []

@@ -4,7 +4,7 @@ import torch
 
 from backends.megatron_cpu import (
     applied_adaptations, apply_megatron_cpu_adaptations, revert_megatron_cpu_adaptations)
-from tests.dist_utils import as_tensors, by_value, run_distributed
+from tests.dist_utils import run_distributed
 
 IN, OUT, SEQ, BATCH = 8, 6, 4, 2
 
@@ -75,11 +75,12 @@ def test_rng_tracker_streams_on_host_generator():
 
 def _column_parallel_body(rank, world_size, weight, bias, x):
     from backends import get_backend
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import initialize_parallel
 
-    initialize_parallel(get_backend("cpu"), tp=world_size)
-    return by_value({sp: _column_parallel_step(rank, world_size, weight, bias, x, sp)
-                      for sp in (False, True)})
+    initialize_parallel(get_backend("cpu"), ParallelLayout(tp=world_size))
+    return {sp: _column_parallel_step(rank, world_size, weight, bias, x, sp)
+            for sp in (False, True)}
 
 
 def _column_parallel_step(rank, world_size, weight, bias, x, sequence_parallel):
@@ -128,8 +129,7 @@ def test_column_parallel_linear_tp2_matches_nn_linear():
     x = torch.randn(SEQ, BATCH, IN, generator=gen)
     y_ref, dx_ref, dw_ref, db_ref = _reference(weight, bias, x, 2)
     rows = OUT // 2
-    per_rank = as_tensors(run_distributed(_column_parallel_body, world_size=2,
-                                           args=(weight, bias, x)))
+    per_rank = run_distributed(_column_parallel_body, world_size=2, args=(weight, bias, x))
     for sequence_parallel in (False, True):
         for rank, results in enumerate(per_rank):
             y, dx, dw, db = results[sequence_parallel]
@@ -151,15 +151,18 @@ def _init_from_env_body(rank, world_size):
     from megatron.core import parallel_state, tensor_parallel
 
     from backends import get_backend
+    from mindspeed_vita.config.schema import ConfigError
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
     backend = get_backend("cpu")
     assert not dist.is_initialized()  # the runner left it to us, as torchrun does
-    with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
-        initialize_parallel(backend, tp=3)
-    initialize_parallel(backend, tp=2, seed=7)
+    with pytest.raises(ConfigError, match="= 3 processes, but this launch has world size 2"):
+        initialize_parallel(backend, ParallelLayout(tp=3))
+    assert not dist.is_initialized()  # refused before any process group started
+    initialize_parallel(backend, ParallelLayout(tp=2), seed=7)
     with pytest.raises(RuntimeError, match="already initialised"):
-        initialize_parallel(backend, tp=2)
+        initialize_parallel(backend, ParallelLayout(tp=2))
     layout = (dist.get_backend(), parallel_state.get_tensor_model_parallel_rank(),
               parallel_state.get_tensor_model_parallel_world_size(),
               parallel_state.get_data_parallel_world_size())
@@ -168,7 +171,6 @@ def _init_from_env_body(rank, world_size):
     default_draw = torch.rand(3)
     destroy_parallel()
     destroy_parallel()  # safe twice
-    # plain lists: tensors would travel as shared memory whose sender exits right away
     return layout, model_parallel_draw.tolist(), default_draw.tolist(), dist.is_initialized()
 
 
@@ -184,6 +186,7 @@ def test_initialize_parallel_names_missing_env(monkeypatch):
     import torch.distributed as dist
 
     from backends import get_backend
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import initialize_parallel
 
     assert not dist.is_initialized()
@@ -192,4 +195,4 @@ def test_initialize_parallel_names_missing_env(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(RuntimeError, match="incomplete: WORLD_SIZE, MASTER_PORT not set"):
-        initialize_parallel(get_backend("cpu"), tp=1)
+        initialize_parallel(get_backend("cpu"), ParallelLayout())

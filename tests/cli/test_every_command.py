@@ -4,6 +4,7 @@
 unknown flag, missing argument) give exit 2 and exactly one stderr line
 `mindspeed-vita: error: ...`: no usage block, no traceback, no third-party warning.
 """
+
 import argparse
 import json
 import os
@@ -37,7 +38,9 @@ def one_error_line(capsys, argv):
 def test_the_walk_finds_every_registered_command():
     registered = []
     for name, target, _ in COMMANDS:
-        registered += [name] if isinstance(target, str) else [f"{name} {sub}" for sub, _, _ in target]
+        registered += (
+            [name] if isinstance(target, str) else [f"{name} {sub}" for sub, _, _ in target]
+        )
     assert sorted(registered) == IDS and len(IDS) >= 10
 
 
@@ -46,13 +49,18 @@ def test_help_exits_0_and_shows_defaults(capsys, words, parser):
     capsys.readouterr()
     assert main([*words, "--help"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith(f"usage: mindspeed-vita {' '.join(words)}") and captured.err == ""
+    assert (
+        captured.out.startswith(f"usage: mindspeed-vita {' '.join(words)}") and captured.err == ""
+    )
     for action in parser._actions:
         if not action.option_strings or action.default in (None, False, argparse.SUPPRESS, []):
             continue
         assert action.help, f"{words} {action.option_strings} has no help text"
     assert "(default" in captured.out or all(
-        a.default in (None, False, argparse.SUPPRESS, []) for a in parser._actions if a.option_strings)
+        a.default in (None, False, argparse.SUPPRESS, [])
+        for a in parser._actions
+        if a.option_strings
+    )
 
 
 def _bad_values(action):
@@ -95,8 +103,9 @@ def _cases():
 CASES = _cases()
 
 
-@pytest.mark.parametrize("words, argv, what", CASES,
-                         ids=[f"{' '.join(w)} {' '.join(a)} ({k})" for w, a, k in CASES])
+@pytest.mark.parametrize(
+    "words, argv, what", CASES, ids=[f"{' '.join(w)} {' '.join(a)} ({k})" for w, a, k in CASES]
+)
 def test_bad_arguments_are_one_error_line(capsys, words, argv, what):
     line = one_error_line(capsys, [*words, *argv])
     if what == "directory for a file":
@@ -107,8 +116,17 @@ def test_bad_arguments_are_one_error_line(capsys, words, argv, what):
 
 def test_every_kind_of_bad_value_is_exercised():
     kinds = {what for _, _, what in CASES}
-    assert {"unknown flag", "missing argument", "zero", "negative", "wrong type", "missing file",
-            "directory for a file", "unknown choice", "file for a directory"} <= kinds
+    assert {
+        "unknown flag",
+        "missing argument",
+        "zero",
+        "negative",
+        "wrong type",
+        "missing file",
+        "directory for a file",
+        "unknown choice",
+        "file for a directory",
+    } <= kinds
 
 
 @pytest.mark.parametrize("argv", [["data"], ["bench"], ["convert"], ["nonsense"], []])
@@ -132,21 +150,33 @@ def test_help_and_argument_errors_import_nothing_heavy():
         "from mindspeed_vita.cli import build_parser, iter_commands, main\n"
         "words = [w for w, _ in iter_commands(build_parser())]\n"
         "for w in words:\n"
-        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    out, err = io.StringIO(), io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
         "        assert main([*w, '--help']) == 0\n"
         "        assert main([*w, '--no-such-flag']) == 2\n"
         f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
 
 
 def _run_cli(*argv, **env):
-    return subprocess.run([sys.executable, "-m", "mindspeed_vita.cli", *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=REPO, **env))
+    return subprocess.run(
+        [sys.executable, "-m", "mindspeed_vita.cli", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO, **env),
+    )
 
 
 def test_config_world_size_zero_negative_and_unknown_key_in_a_fresh_process(tmp_path):
@@ -155,7 +185,8 @@ def test_config_world_size_zero_negative_and_unknown_key_in_a_fresh_process(tmp_
         assert r.returncode == 2 and r.stdout == ""
         assert r.stderr.splitlines() == [
             f"mindspeed-vita: error: argument --world-size: must be a positive integer, got "
-            f"{int(size)} (see `mindspeed-vita config --help`)"]
+            f"{int(size)} (see `mindspeed-vita config --help`)"
+        ]
     r = _run_cli("config", "configs/data/stage3.yaml")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and len(r.stderr) < 400
     assert "unknown config key 'sources'" in r.stderr and "..." in r.stderr
@@ -173,6 +204,7 @@ def test_a_late_failure_after_megatron_is_imported_shows_no_third_party_warning(
     assert all(line.startswith("[infer] ") for line in lines[:-1]), r.stderr
     assert "Warning" not in r.stderr and "Traceback" not in r.stderr
     # with --verbose the routed warnings are in the debug log
-    r = _run_cli("infer", "--checkpoint", str(checkpoint), "--prompt", "Hi", "--backend", "cpu",
-                 "--verbose")
+    r = _run_cli(
+        "infer", "--checkpoint", str(checkpoint), "--prompt", "Hi", "--backend", "cpu", "--verbose"
+    )
     assert r.returncode == 2 and "Transformer Engine and Apex are not installed" in r.stderr

@@ -1,5 +1,6 @@
 """Weight files get the umask's mode like every other file; the demo's model config ships in
 the package (and equals configs/model/tiny.yaml); setup.py ships it as package data."""
+
 import os
 import stat
 import subprocess
@@ -59,9 +60,24 @@ def test_a_built_wheel_ships_the_demo_config(tmp_path):
         (src / name).write_bytes(open(os.path.join(REPO, name), "rb").read())
     for package in ("mindspeed_vita", "backends"):
         subprocess.run(["cp", "-r", os.path.join(REPO, package), str(src / package)], check=True)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "--no-index", "-q", "-w", str(tmp_path / "dist"), str(src)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     (wheel,) = os.listdir(tmp_path / "dist")
     names = zipfile.ZipFile(tmp_path / "dist" / wheel).namelist()

@@ -1,5 +1,6 @@
 """The shared progress helper: lines with count, rate and time left off a terminal; a bar on
 one; silent when disabled."""
+
 import io
 import re
 
@@ -17,7 +18,9 @@ def test_log_lines_have_count_share_rate_and_eta():
         pass
     lines = stream.getvalue().splitlines()
     assert lines[0] == "[t] records: 0/50 (0%) 00:00<?, ? records/s"  # printed at the start
-    assert re.fullmatch(r"\[t\] records: 50/50 \(100%\) \d\d:\d\d<00:00, [\d.]+ records/s", lines[-1])
+    assert re.fullmatch(
+        r"\[t\] records: 50/50 \(100%\) \d\d:\d\d<00:00, [\d.]+ records/s", lines[-1]
+    )
     assert len(lines) == len(set(lines))  # the final state is not repeated on close
     assert "\r" not in stream.getvalue()
 
@@ -48,7 +51,9 @@ def test_steps_name_each_phase_at_once_and_the_total_time():
         step("import")
         assert stream.getvalue() == "[x] 1/2 import\n"  # shown before the slow phase runs
         step("load")
-    assert re.fullmatch(r"\[x\] 1/2 import\n\[x\] 2/2 load\n\[x\] ready in [\d.]+ s\n", stream.getvalue())
+    assert re.fullmatch(
+        r"\[x\] 1/2 import\n\[x\] 2/2 load\n\[x\] ready in [\d.]+ s\n", stream.getvalue()
+    )
     failed = io.StringIO()
     try:
         with steps(["a"], desc="[x]", stream=failed) as step:
@@ -57,3 +62,19 @@ def test_steps_name_each_phase_at_once_and_the_total_time():
     except ValueError:
         pass
     assert failed.getvalue() == "[x] 1/1 a\n"  # no "ready" after a failure
+
+
+def test_notice_after_speaks_only_when_the_block_is_slow():
+    import time
+
+    from mindspeed_vita.progress import notice_after
+
+    quick, slow = io.StringIO(), io.StringIO()
+    with notice_after(5.0, "[x] still importing", stream=quick):
+        pass
+    with notice_after(0.05, "[x] still importing", stream=slow):
+        deadline = time.monotonic() + 60
+        while not slow.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    time.sleep(0.1)
+    assert quick.getvalue() == "" and slow.getvalue() == "[x] still importing\n"

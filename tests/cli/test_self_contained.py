@@ -1,6 +1,7 @@
 """No file in the repository refers to a document outside it: the design notes it relies on
 are in docs/, and a user has only the repository. Fails on references to the build machine's
 shared documents (their names or paths) and on absolute paths of a build machine."""
+
 import os
 import re
 import subprocess
@@ -9,15 +10,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: what only a build machine has: its shared design documents (by name or path) and its paths
 OUTSIDE = re.compile(
     r"\.\./shared|long-vita-facts|npu-api-facts|reference-algorithms|shared design doc"
-    r"|shared docs|fact sheet|(?<![\w.])/work/")
+    r"|shared docs|fact sheet|(?<![\w.])/work/"
+)
 #: the docs that code and comments cite instead; each must exist
 DOCS = ("docs/architecture.md", "docs/npu-op-contract.md", "docs/long-vita.md")
 
 
 def _tracked_files():
     # the files a clone holds (committed or staged); this test file names the patterns itself
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     here = os.path.relpath(os.path.abspath(__file__), REPO)
     return [p for p in out.splitlines() if p != here and os.path.isfile(os.path.join(REPO, p))]
 

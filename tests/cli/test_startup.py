@@ -1,5 +1,6 @@
 """Start-up of the command: third-party warnings routed to the debug log, megatron-core's
 `torch.compile` decorations deferred to the first call (same result, compiled once)."""
+
 import json
 import os
 import subprocess
@@ -25,8 +26,14 @@ logging.getLogger("megatron.core.foo").warning("a third-party warning with news"
 
 
 def _stderr_of(mode):
-    r = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=REPO, capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert r.returncode == 0, r.stderr
     return r.stderr
 
@@ -66,12 +73,20 @@ def test_lazy_compile_compiles_once_on_first_call_with_the_same_options():
 
 def test_the_cli_imports_megatron_without_dynamo():
     repo = REPO
-    script = ("import json, sys\nfrom mindspeed_vita import startup\nstartup.prepare()\n"
-              "import megatron.core\nfrom megatron.core.transformer import TransformerConfig\n"
-              "from megatron.core import jit\nimport torch\n"
-              "print(json.dumps(['torch._dynamo' in sys.modules, torch.compile.__module__]))\n")
-    r = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True,
-                       timeout=600, env=dict(os.environ, PYTHONPATH=repo))
+    script = (
+        "import json, sys\nfrom mindspeed_vita import startup\nstartup.prepare()\n"
+        "import megatron.core\nfrom megatron.core.transformer import TransformerConfig\n"
+        "from megatron.core import jit\nimport torch\n"
+        "print(json.dumps(['torch._dynamo' in sys.modules, torch.compile.__module__]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=repo),
+    )
     assert r.returncode == 0, r.stderr
     dynamo_loaded, compile_module = json.loads(r.stdout)
     assert not dynamo_loaded  # the seconds of TorchDynamo + Inductor import were not paid

@@ -16,16 +16,20 @@ from mindspeed_vita.convert.checkpoint import (
 from mindspeed_vita.convert.qwen2_weights import hf_to_native_qwen2
 from mindspeed_vita.errors import CheckpointError, UserInputError
 from mindspeed_vita.models.build import build_model, load_pretrained
+from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 from tests.tiny_hf import randomize_, save_tiny_qwen2, save_tiny_tokenizer, tiny_model_config
 
 
 @pytest.fixture(scope="module")
-def backend():
-    cpu = get_backend("cpu")
-    initialize_parallel(cpu, tp=1)
-    yield cpu
+def groups():
+    yield initialize_parallel(get_backend("cpu"), ParallelLayout())
     destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def backend(groups):
+    return get_backend("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +38,10 @@ def tokenizer(tmp_path_factory):
                                with_long_vita_tokens=True)
 
 
-def random_model(backend, tokenizer, seed, **language_overrides):
+def random_model(backend, groups, tokenizer, seed, **language_overrides):
     torch.manual_seed(seed)
     model = build_model(tiny_model_config(projector="long-vita", **language_overrides), backend,
-                        tokenizer=tokenizer)
+                        groups=groups, tokenizer=tokenizer)
     with torch.no_grad():  # megatron zero-inits biases and sets norms to 1: make all visible
         gen = torch.Generator().manual_seed(seed)
         for p in model.parameters():
@@ -82,8 +86,8 @@ def test_reshard_rejects_an_uneven_split():
 
 
 # --------------------------------------------------------------- save / load
-def test_save_then_load_is_exact(backend, tokenizer, tmp_path):
-    model = random_model(backend, tokenizer, seed=1)
+def test_save_then_load_is_exact(backend, tokenizer, tmp_path, groups):
+    model = random_model(backend, groups, tokenizer, seed=1)
     path = str(tmp_path / "ckpt")
     save_checkpoint(model, path, tokenizer)
     assert sorted(os.listdir(path)) == sorted([METADATA_FILE, "tokenizer",
@@ -97,13 +101,13 @@ def test_save_then_load_is_exact(backend, tokenizer, tmp_path):
     raw = json.load(open(os.path.join(path, METADATA_FILE)))
     assert raw["format_version"] == 1 and raw["weight_files"] == [weight_file_name(0, 1)]
 
-    other = random_model(backend, tokenizer, seed=2)
+    other = random_model(backend, groups, tokenizer, seed=2)
     load_checkpoint(path, other)
     want, got = tensors(model), tensors(other)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
 
-    loaded, loaded_tokenizer, cfg = load_pretrained(path, backend)
+    loaded, loaded_tokenizer, cfg = load_pretrained(path, backend, groups=groups)
     assert cfg == model.cfg and len(loaded_tokenizer) == len(tokenizer)
     ids = torch.tensor([tokenizer.encode("The dog is sleeping under the tree.")])
     positions = torch.arange(ids.shape[1])[None]
@@ -111,8 +115,8 @@ def test_save_then_load_is_exact(backend, tokenizer, tmp_path):
         assert torch.equal(model.logits(ids, positions), loaded.eval().logits(ids, positions))
 
 
-def test_written_at_tp2_loads_at_tp1(backend, tokenizer, tmp_path):
-    model = random_model(backend, tokenizer, seed=3)
+def test_written_at_tp2_loads_at_tp1(backend, tokenizer, tmp_path, groups):
+    model = random_model(backend, groups, tokenizer, seed=3)
     native = NativeModel(cfg=model.cfg, state=tensors(model), tokenizer=tokenizer)
     path = str(tmp_path / "tp2")
     meta = write_checkpoint(native, path, tp_size=2)
@@ -123,7 +127,7 @@ def test_written_at_tp2_loads_at_tp1(backend, tokenizer, tmp_path):
                        full_qkv[full_qkv.shape[0] // 2:])
     assert torch.equal(shard["vision.layers.0.attn.qkv.weight"],
                        native.state["vision.layers.0.attn.qkv.weight"])  # replicated
-    other = random_model(backend, tokenizer, seed=4)
+    other = random_model(backend, groups, tokenizer, seed=4)
     load_checkpoint(path, other)
     got = tensors(other)
     assert all(torch.equal(got[k], v) for k, v in native.state.items())
@@ -144,13 +148,14 @@ class _FailingTokenizer:
         raise OSError("disk full")
 
 
-def test_save_replaces_atomically(backend, tokenizer, tmp_path):
+def test_save_replaces_atomically(backend, tokenizer, tmp_path, groups):
     path = str(tmp_path / "ckpt")
-    first, second = random_model(backend, tokenizer, 5), random_model(backend, tokenizer, 6)
+    first = random_model(backend, groups, tokenizer, 5)
+    second = random_model(backend, groups, tokenizer, 6)
     save_checkpoint(first, path, tokenizer)
     save_checkpoint(second, path, tokenizer)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no .partial / .old left behind
-    restored = random_model(backend, tokenizer, 7)
+    restored = random_model(backend, groups, tokenizer, 7)
     load_checkpoint(path, restored)
     assert all(torch.equal(v, tensors(second)[k]) for k, v in tensors(restored).items())
 
@@ -161,10 +166,10 @@ def test_save_replaces_atomically(backend, tokenizer, tmp_path):
 
 
 # ------------------------------------------------------------------ bad input
-def test_shape_mismatch_names_tensor_shapes_and_config_key(backend, tokenizer, tmp_path):
+def test_shape_mismatch_names_tensor_shapes_and_config_key(backend, tokenizer, tmp_path, groups):
     path = str(tmp_path / "hidden32")
-    save_checkpoint(random_model(backend, tokenizer, 8, hidden_size=32), path, tokenizer)
-    model = random_model(backend, tokenizer, 9)  # hidden 64
+    save_checkpoint(random_model(backend, groups, tokenizer, 8, hidden_size=32), path, tokenizer)
+    model = random_model(backend, groups, tokenizer, 9)  # hidden 64
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path, model)
     message = str(err.value)
@@ -174,8 +179,8 @@ def test_shape_mismatch_names_tensor_shapes_and_config_key(backend, tokenizer, t
     assert "language.hidden_size (config 64, checkpoint 32)" in message
 
 
-def test_missing_weight_file_is_named(backend, tokenizer, tmp_path):
-    model = random_model(backend, tokenizer, 10)
+def test_missing_weight_file_is_named(backend, tokenizer, tmp_path, groups):
+    model = random_model(backend, groups, tokenizer, 10)
     path = str(tmp_path / "tp2")
     write_checkpoint(NativeModel(model.cfg, tensors(model), tokenizer), path, tp_size=2)
     os.remove(os.path.join(path, weight_file_name(1, 2)))
@@ -183,8 +188,8 @@ def test_missing_weight_file_is_named(backend, tokenizer, tmp_path):
         load_checkpoint(path, model)
 
 
-def test_missing_and_unexpected_tensors_are_named(backend, tokenizer, tmp_path):
-    model = random_model(backend, tokenizer, 11)
+def test_missing_and_unexpected_tensors_are_named(backend, tokenizer, tmp_path, groups):
+    model = random_model(backend, groups, tokenizer, 11)
     path = str(tmp_path / "ckpt")
     save_checkpoint(model, path, tokenizer)
     file = os.path.join(path, weight_file_name(0, 1))
@@ -196,7 +201,7 @@ def test_missing_and_unexpected_tensors_are_named(backend, tokenizer, tmp_path):
         load_checkpoint(path, model)
 
     deeper = str(tmp_path / "three_layers")
-    save_checkpoint(random_model(backend, tokenizer, 12, num_layers=3), deeper, tokenizer)
+    save_checkpoint(random_model(backend, groups, tokenizer, 12, num_layers=3), deeper, tokenizer)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(deeper, model)
     assert "tensor 'language.decoder.layers.2." in str(err.value)
@@ -220,26 +225,26 @@ def test_bad_metadata_is_named(tmp_path):
         read_metadata(str(tmp_path / "nowhere"))
 
 
-def test_unknown_directory_type_is_named(backend, tmp_path):
+def test_unknown_directory_type_is_named(backend, tmp_path, groups):
     llama = tmp_path / "llama"
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointError, match=r"llama/config\.json: model_type 'llama' is not "
                                               r"supported"):
-        load_pretrained(str(llama), backend)
+        load_pretrained(str(llama), backend, groups=groups)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match=r"'.*empty' is neither a mindspeed-vita "
                                               r"checkpoint"):
-        load_pretrained(str(empty), backend)
+        load_pretrained(str(empty), backend, groups=groups)
     qwen2 = str(tmp_path / "qwen2")
     save_tiny_qwen2(qwen2)
     with pytest.raises(CheckpointError, match=r"is a hf-qwen2 directory, not a full model"):
-        load_pretrained(qwen2, backend)
+        load_pretrained(qwen2, backend, groups=groups)
 
 
-def test_context_token_mismatch_is_named(backend, tokenizer, tmp_path):
-    model = random_model(backend, tokenizer, 13)
+def test_context_token_mismatch_is_named(backend, tokenizer, tmp_path, groups):
+    model = random_model(backend, groups, tokenizer, 13)
     path = str(tmp_path / "ckpt")
     save_checkpoint(model, path, tokenizer)
     meta_file = os.path.join(path, METADATA_FILE)
@@ -251,19 +256,19 @@ def test_context_token_mismatch_is_named(backend, tokenizer, tmp_path):
         load_checkpoint(path, model)
 
 
-def test_bf16_checkpoint_loads_into_an_fp32_model(backend, tokenizer, tmp_path):
-    model = random_model(backend, tokenizer, 14)
+def test_bf16_checkpoint_loads_into_an_fp32_model(backend, tokenizer, tmp_path, groups):
+    model = random_model(backend, groups, tokenizer, 14)
     bf16 = {k: v.to(torch.bfloat16) for k, v in tensors(model).items()}
     cfg = model.cfg.model_copy(update={"params_dtype": "bfloat16"})
     path = str(tmp_path / "bf16")
     assert write_checkpoint(NativeModel(cfg, bf16, tokenizer), path).dtype == "bfloat16"
     assert load_file(os.path.join(path, weight_file_name(0, 1)))[
         "vision.class_embedding"].dtype == torch.bfloat16
-    loaded, _, loaded_cfg = load_pretrained(path, backend,
+    loaded, _, loaded_cfg = load_pretrained(path, backend, groups=groups,
                                             config_update={"params_dtype": "float32"})
     assert loaded_cfg.params_dtype == "float32"
     got = tensors(loaded)
     assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.float())
                for k, v in bf16.items())
     with pytest.raises(UserInputError, match=r"model config override params_dtype"):
-        load_pretrained(path, backend, config_update={"params_dtype": "float64"})
+        load_pretrained(path, backend, groups=groups, config_update={"params_dtype": "float64"})

@@ -158,7 +158,7 @@ def test_bad_invocations_give_one_clear_line(dirs, tmp_path, capsys):
         capsys, "import-hf", dirs["qwen2"], dst, "--vision", dirs["qwen2"])
     assert "--vision pairs a vision encoder with a Qwen2" in error_of(
         capsys, "import-hf", dirs["internvl"], dst, "--vision", dirs["internvit"])
-    assert "tp=3 does not divide language.num_attention_heads=4" in error_of(
+    assert "'language.num_attention_heads' = 4 is not divisible by --tp = 3" in error_of(
         capsys, "import-hf", dirs["internvl"], dst, "--tp", "3")
     assert "holds a internvl projector" in error_of(
         capsys, "import-hf", dirs["internvl"], dst, "--projector", "long-vita")

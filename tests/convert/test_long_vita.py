@@ -21,7 +21,7 @@ import skimage.data
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, GotOcr2ImageProcessor
+from transformers import AutoTokenizer
 
 from mindspeed_vita.cli import main
 from mindspeed_vita.convert.checkpoint import TOKENIZER_DIR, read_metadata
@@ -30,9 +30,10 @@ from mindspeed_vita.data.render import render_sample
 from mindspeed_vita.data.tokenizer import load_tokenizer
 from mindspeed_vita.errors import CheckpointError
 from mindspeed_vita.inference.engine import build_request
-from tests.tiny_long_vita import (IMAGE_SIZE, RELEASE_GENERATION_CONFIG, RELEASE_TOKENS,
-                                  TOKENS_PER_TILE, internvl_reference, release_config,
-                                  save_tiny_long_vita)
+from tests.tiny_long_vita import (RELEASE_GENERATION_CONFIG, RELEASE_TOKENS,
+                                  internvl_reference, release_config, save_tiny_long_vita)
+from tests.tiny_long_vita import release_inputs as tiny_release_inputs
+from tests.tiny_long_vita import reference_generate as tiny_reference_generate
 
 NEW_TOKENS = 20
 LOGPROB_TOL = 1e-4
@@ -50,54 +51,16 @@ def dirs(tmp_path_factory):
     return paths, state
 
 
+COFFEE_GRID = (3, 2)  # 600 x 400 -> 3 columns x 2 rows (+ thumbnail)
+
+
 def release_inputs(hf_dir, question, image_path):
-    """`(ids [1, s], pixel_values)` built as the release builds them, from transformers only."""
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-
-    def enc(text):
-        return tok(text, add_special_tokens=False).input_ids
-
-    ids = {t: tok.convert_tokens_to_ids(t) for t in RELEASE_TOKENS + ["<|im_start|>",
-                                                                      "<|im_end|>"]}
-    nl = enc("\n")
-    content = enc("<image>\n" + question)
-    tokens = ([ids["<|im_start|>"]] + enc("user") + nl + content + [ids["<|im_end|>"]] + nl
-              + [ids["<|im_start|>"]] + enc("assistant") + nl)
-    processor = GotOcr2ImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=True, min_patches=1,
-        max_patches=12, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-    out = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
-    pixels = out["pixel_values"]
-    assert int(out["num_patches"][0]) == 7  # 600 x 400 -> 3 columns x 2 rows + thumbnail
-    cols, rows = 3, 2
-    span = [ids["<img>"]] + [ids["<IMG_CONTEXT>"]] * TOKENS_PER_TILE + [ids["</img>"]]
-    for _ in range(rows):
-        span += nl
-        for _ in range(cols):
-            span += ([ids["<patch>"]] + [ids["<PATCH_CONTEXT>"]] * TOKENS_PER_TILE
-                     + [ids["</patch>"]])
-    at = tokens.index(ids["<image>"])
-    tokens = tokens[:at] + span + tokens[at + 1:]
-    # the release puts the thumbnail first; transformers' processor puts it last
-    pixels = torch.cat((pixels[-1:], pixels[:-1]))
-    return torch.tensor([tokens]), pixels, ids
+    return tiny_release_inputs(hf_dir, question, image_path, COFFEE_GRID)
 
 
 def reference_generate(state, ids, pixels, token_ids, stops):
     model = internvl_reference(state, token_ids["<IMG_CONTEXT>"])
-    # InternVL fills the rows of its one image token; the release's patch context rows receive
-    # the tile features in the same order, so both become the image token for the reference
-    hf_ids = ids.clone()
-    hf_ids[hf_ids == token_ids["<PATCH_CONTEXT>"]] = token_ids["<IMG_CONTEXT>"]
-    with torch.no_grad():
-        out = model.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids),
-                             pixel_values=pixels, max_new_tokens=NEW_TOKENS, do_sample=False,
-                             eos_token_id=stops, pad_token_id=stops[0], output_logits=True,
-                             return_dict_in_generate=True)
-    new = out.sequences[0, ids.shape[1]:].tolist()
-    logprobs = [float(torch.log_softmax(step[0].float(), -1)[t])
-                for step, t in zip(out.logits, new)]
-    return new, logprobs
+    return tiny_reference_generate(model, ids, pixels, token_ids, stops, NEW_TOKENS)
 
 
 def test_import_detects_the_release_layout(dirs):

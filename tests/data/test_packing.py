@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from mindspeed_vita.data.packing import Packer, PackingStats, row_multiple, segment_multiple_for, stack_rows
+from mindspeed_vita.config.schema import ConfigError, DataConfig
+from mindspeed_vita.data.packing import Packer, PackingStats, packer_for, stack_rows
+from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.data.types import IGNORE_INDEX, RenderedSample
 
 PAD = 0
@@ -136,7 +138,7 @@ def test_no_sample_waits_long():
 
 
 def test_seq_length_must_be_a_multiple_of_pad_multiple():
-    with pytest.raises(ValueError, match=r"seq_length \(100\).*pad_multiple \(16 = 2 \* cp \* tp\)"):
+    with pytest.raises(ValueError, match=r"seq_length \(100\).*pad_multiple \(16\)"):
         Packer(100, pad_multiple=16)
     with pytest.raises(ValueError, match="mode"):
         Packer(64, mode="flat")
@@ -266,9 +268,30 @@ def test_stack_rows_rebases_cu_seqlens():
     assert stacked.num_real_tokens == 100
 
 
-@pytest.mark.parametrize("tp, cp, sp, row, segment", [
-    (8, 1, False, 1, 1), (8, 1, True, 8, 1), (8, 2, True, 32, 4), (8, 8, False, 16, 16), (1, 4, False, 8, 8),
+@pytest.mark.parametrize("tp, cp, sp, packing, row, segment", [
+    (8, 1, False, "reset", 1, 1), (8, 1, True, "reset", 8, 1), (8, 2, True, "reset", 32, 4),
+    (8, 8, False, "joint", 16, 1), (1, 4, False, "reset", 8, 8),
 ])
-def test_row_and_segment_multiples_of_a_layout(tp, cp, sp, row, segment):
-    assert row_multiple(tp=tp, cp=cp, sequence_parallel=sp) == row
-    assert segment_multiple_for(cp=cp) == segment
+def test_packer_for_takes_the_multiples_of_the_layout(tp, cp, sp, packing, row, segment):
+    layout = ParallelLayout(tp=tp, cp=cp, sequence_parallel=sp)
+    data = DataConfig(seq_length=256, packing=packing, pack_lookahead=3, on_overlong="truncate")
+    packer = packer_for(layout, data, pad_id=PAD, tokens_per_unit=4)
+    assert (packer.pad_multiple, packer.segment_multiple) == (row, segment)
+    assert (packer.mode, packer.lookahead, packer.on_overlong) == (packing, 3, "truncate")
+    assert (packer.pad_id, packer.tokens_per_unit, packer.seq_length) == (PAD, 4, 256)
+
+
+def test_packer_for_refuses_a_row_the_layout_cannot_split():
+    with pytest.raises(ConfigError, match=r"'data.seq_length' = 100 is not divisible by "
+                                          r"2 \* 'parallel.cp' = 8"):
+        packer_for(ParallelLayout(cp=4), DataConfig(seq_length=100), pad_id=PAD)
+
+
+def test_reset_samples_of_a_cp_layout_can_all_be_split():
+    """Every packed sample (and the tail padding segment) is a multiple of 2 * cp."""
+    layout = ParallelLayout(cp=2)
+    samples = [make_sample(i, n) for i, n in enumerate((5, 9, 1, 13, 7, 22))]
+    rows = pack_all(packer_for(layout, DataConfig(seq_length=64), pad_id=PAD), samples)
+    for row in rows:
+        bounds = row.cu_seqlens.tolist()
+        assert all((b - a) % layout.segment_multiple == 0 for a, b in zip(bounds, bounds[1:]))

@@ -13,6 +13,7 @@ from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
 from mindspeed_vita.inference.engine import Generator, build_request
 from mindspeed_vita.inference.sampling import SamplingParams, choose_next_token
 from mindspeed_vita.models.vlm import LongVitaModel
+from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,8 +26,9 @@ def tiny(tmp_path_factory):
     with open(os.path.join(REPO, "configs", "model", "tiny.yaml")) as f:
         cfg = ModelConfig.model_validate(yaml.safe_load(f))
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1, seed=7)
-    model = LongVitaModel(cfg, backend, context_token_ids=tok.context_token_ids).eval()
+    groups = initialize_parallel(backend, ParallelLayout(), seed=7)
+    model = LongVitaModel(cfg, backend, groups=groups,
+                          context_token_ids=tok.context_token_ids).eval()
     from PIL import Image
 
     img = out / "wide.png"

@@ -24,6 +24,7 @@ from mindspeed_vita.inference.sampling import SamplingParams  # noqa: E402
 from mindspeed_vita.inference.server import create_app  # noqa: E402
 from mindspeed_vita.inference.service import GenerationService  # noqa: E402
 from mindspeed_vita.models.vlm import LongVitaModel  # noqa: E402
+from mindspeed_vita.parallel.layout import ParallelLayout  # noqa: E402
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,8 +53,9 @@ def server(tmp_path_factory):
     with open(os.path.join(REPO, "configs", "model", "tiny.yaml")) as f:
         cfg = ModelConfig.model_validate(yaml.safe_load(f))
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1, seed=11)
-    model = LongVitaModel(cfg, backend, context_token_ids=tok.context_token_ids).eval()
+    groups = initialize_parallel(backend, ParallelLayout(), seed=11)
+    model = LongVitaModel(cfg, backend, groups=groups,
+                          context_token_ids=tok.context_token_ids).eval()
     gen = Generator(model, tok)
     limits = InferenceConfig(max_prompt_tokens=600, max_images=2, max_new_tokens=64,
                           max_request_bytes=200_000, request_timeout=120.0,

@@ -21,6 +21,7 @@ from mindspeed_vita.config.model import ModelConfig
 from mindspeed_vita.convert.hf_internvl import expected_native_shapes
 from mindspeed_vita.models.build import build_meta_model, parameter_counts
 from mindspeed_vita.models.vlm import LongVitaModel
+from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -113,10 +114,10 @@ def tiny_cfg():
 
 def test_meta_model_has_the_shapes_of_the_real_model(tiny_cfg):
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1)
+    groups = initialize_parallel(backend, ParallelLayout())
     try:
-        real = LongVitaModel(tiny_cfg, backend, context_token_ids=[5, 6, 7])
-        meta = build_meta_model(tiny_cfg, backend)
+        real = LongVitaModel(tiny_cfg, backend, groups=groups, context_token_ids=[5, 6, 7])
+        meta = build_meta_model(tiny_cfg, backend, groups=groups)
         # the build leaves megatron's allocations on the host afterwards
         assert torch.cuda.current_device() == torch.device("cpu")
         assert torch.empty(1).device == torch.device("cpu")
@@ -136,12 +137,12 @@ def test_meta_model_has_the_shapes_of_the_real_model(tiny_cfg):
 def test_converter_shape_table_matches_the_model(tiny_cfg):
     # the shapes import/export check against are the ones the model builds, tied or not
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1)
+    groups = initialize_parallel(backend, ParallelLayout())
     try:
         tied = tiny_cfg.language.model_copy(update={"tie_word_embeddings": True,
                                                     "qkv_bias": False})
         for cfg in (tiny_cfg, tiny_cfg.model_copy(update={"language": tied})):
-            model = build_meta_model(cfg, backend)
+            model = build_meta_model(cfg, backend, groups=groups)
             built = {k: tuple(v.shape) for k, v in model.state_dict().items()
                      if isinstance(v, torch.Tensor)}
             assert expected_native_shapes(cfg) == built

@@ -5,6 +5,8 @@ The oracle is a tiny random Qwen2 in fp32 with eager attention (hidden 64, 2 lay
 2 kv heads, vocab 1000, rope_theta 1e6) whose qkv biases and norm weights are random too, so a
 wrong bias layout or a norm that ignores its weight shows up.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from backends import get_backend
 from mindspeed_vita.config.model import LanguageConfig
 from mindspeed_vita.convert.qwen2_weights import hf_to_native_qwen2, native_to_hf_qwen2
 from mindspeed_vita.models.language import Qwen2LanguageModel, padded_vocab_size
+from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
 VOCAB = 1000
@@ -49,14 +52,15 @@ def tiny_hf_qwen2(cfg: LanguageConfig, seed: int = 0) -> Qwen2ForCausalLM:
 
 @pytest.fixture(scope="module")
 def parallel():
+    """The CPU backend and the one-process groups."""
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1)
-    yield backend
+    yield SimpleNamespace(backend=backend, groups=initialize_parallel(backend, ParallelLayout()))
     destroy_parallel()
 
 
-def native_model(cfg, backend, hf, **kwargs) -> Qwen2LanguageModel:
-    model = Qwen2LanguageModel(cfg, backend, torch.float32, **kwargs)
+def native_model(cfg, parallel, hf, **kwargs) -> Qwen2LanguageModel:
+    model = Qwen2LanguageModel(cfg, parallel.backend, torch.float32, groups=parallel.groups,
+                               **kwargs)
     model.load_state_dict(hf_to_native_qwen2(hf.state_dict(), cfg, 0, 1), strict=True)
     return model
 
@@ -102,7 +106,7 @@ def test_bfloat16_model_tracks_bfloat16_hf(parallel):
     """bf16 end to end (params, rotary cos/sin, norms): close to HF run in bf16."""
     cfg = language_config()
     hf = tiny_hf_qwen2(cfg)
-    model = Qwen2LanguageModel(cfg, parallel, torch.bfloat16)
+    model = Qwen2LanguageModel(cfg, parallel.backend, torch.bfloat16, groups=parallel.groups)
     native = hf_to_native_qwen2(hf.state_dict(), cfg, 0, 1)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in native.items()}, strict=True)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -200,14 +204,14 @@ def test_recompute_is_bit_identical(parallel):
 def test_sharded_state_dict_covers_every_parameter(parallel):
     """megatron distributed checkpointing sees every parameter (all modules are MegatronModules)."""
     cfg = language_config(num_layers=1)
-    model = Qwen2LanguageModel(cfg, parallel, torch.float32)
+    model = Qwen2LanguageModel(cfg, parallel.backend, torch.float32, groups=parallel.groups)
     sharded = model.sharded_state_dict()
     assert {name for name, _ in model.named_parameters()} <= set(sharded)
 
 
 def test_model_rejects_bad_shapes(parallel):
     cfg = language_config(num_layers=1)
-    model = Qwen2LanguageModel(cfg, parallel, torch.float32)
+    model = Qwen2LanguageModel(cfg, parallel.backend, torch.float32, groups=parallel.groups)
     with pytest.raises(ValueError, match=r"input_ids must be \[b, s\]"):
         model.embed(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"decoder_input must be \[s, b, 64\]"):

@@ -8,7 +8,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mindspeed_vita.config.model import LanguageConfig
 from mindspeed_vita.convert.qwen2_weights import native_to_hf_qwen2
-from tests.dist_utils import as_tensors, by_value, run_distributed
+from tests.dist_utils import run_distributed
 
 VOCAB, SEQ = 1000, 10
 TOL = 1e-4  # fp32 parity bound (measured ~1e-6)
@@ -46,10 +46,11 @@ def _tp2_body(rank, world_size, cfg, hf_state, ids, positions, targets):
     from backends import get_backend
     from mindspeed_vita.convert.qwen2_weights import hf_to_native_qwen2
     from mindspeed_vita.models.language import Qwen2LanguageModel
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import initialize_parallel
 
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=world_size)
+    groups = initialize_parallel(backend, ParallelLayout(tp=world_size))
     native = hf_to_native_qwen2(hf_state, cfg, rank, world_size)
     cu = torch.tensor([0, LENGTHS[0], sum(LENGTHS)], dtype=torch.int32)
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
@@ -57,7 +58,8 @@ def _tp2_body(rank, world_size, cfg, hf_state, ids, positions, targets):
     packed_positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
     out = {}
     for sp in (False, True):
-        model = Qwen2LanguageModel(cfg, backend, torch.float32, sequence_parallel=sp)
+        model = Qwen2LanguageModel(cfg, backend, torch.float32,
+                                   groups=groups.with_sequence_parallel(sp))
         model.load_state_dict(native, strict=True)
         model.train()
         logits = model.logits(model(model.embed(ids), positions))  # [s, b, V_pad / tp]
@@ -75,7 +77,7 @@ def _tp2_body(rank, world_size, cfg, hf_state, ids, positions, targets):
         seq_parallel_params = sorted(n for n, p in model.named_parameters()
                                      if getattr(p, "sequence_parallel", False))
         out[sp] = (logits.detach(), packed_logits, grads, seq_parallel_params)
-    return by_value(out)
+    return out
 
 
 def test_tp2_logits_packed_and_gradients_match_hf():
@@ -91,8 +93,8 @@ def test_tp2_logits_packed_and_gradients_match_hf():
         ref_packed = [hf(input_ids=ids[:1, a:b]).logits[0]
                       for a, b in ((0, LENGTHS[0]), (LENGTHS[0], SEQ))]
 
-    per_rank = as_tensors(run_distributed(_tp2_body, world_size=2,
-                                           args=(cfg, hf.state_dict(), ids, positions, targets)))
+    per_rank = run_distributed(_tp2_body, world_size=2,
+                               args=(cfg, hf.state_dict(), ids, positions, targets))
     for sp in (False, True):
         logits = torch.cat([r[sp][0] for r in per_rank], dim=-1)[..., :VOCAB].transpose(0, 1)
         assert (logits - ref_logits.detach()).abs().max() <= TOL, f"sequence_parallel={sp}"

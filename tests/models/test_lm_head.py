@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from backends import get_backend
 from mindspeed_vita.models.lm_head import (
     IGNORE_INDEX, ChunkedHead, FullHead, LogitsMaskedHead, build_lm_head)
+from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 from tests.dist_utils import run_distributed
 
@@ -79,8 +80,7 @@ def run_head(head, hidden, weight, labels, **kwargs):
 @pytest.fixture(scope="module")
 def tp1():
     """A 1-rank world with megatron's parallel state (TP = 1), torn down after the module."""
-    initialize_parallel(get_backend("cpu"), tp=1)
-    yield
+    yield initialize_parallel(get_backend("cpu"), ParallelLayout())
     destroy_parallel()
 
 
@@ -250,9 +250,10 @@ def test_bad_input_errors(tp1):
 # ------------------------------------------------------------------------- TP = 2 (gloo)
 def _tp2_body(rank, world_size):
     from megatron.core import parallel_state
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import initialize_parallel
 
-    initialize_parallel(get_backend("cpu"), tp=2)
+    initialize_parallel(get_backend("cpu"), ParallelLayout(tp=2))
     assert parallel_state.get_tensor_model_parallel_rank() == rank
     hidden, weight, labels = make_batch()
     v_local, s_local = VOCAB // world_size, SEQ // world_size

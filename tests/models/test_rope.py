@@ -74,7 +74,10 @@ def test_rope_scaling_config_is_validated():
 def test_decoder_with_scaled_rope_matches_hf_qwen2(rope):
     """The scaling reaches every decoder layer: logits at positions beyond the trained length
     equal transformers' Qwen2 with the same rope settings."""
+    from types import SimpleNamespace
+
     from backends import get_backend
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
     from tests.models.test_language import VOCAB, language_config, native_logits, native_model
     from transformers import Qwen2ForCausalLM
@@ -92,9 +95,9 @@ def test_decoder_with_scaled_rope_matches_hf_qwen2(rope):
                          **cfg.rope_scaling.model_dump(exclude_none=True)},
         attn_implementation="eager")).float().eval()
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1)
+    groups = initialize_parallel(backend, ParallelLayout())
     try:
-        model = native_model(cfg, backend, hf)
+        model = native_model(cfg, SimpleNamespace(backend=backend, groups=groups), hf)
         ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
         positions = (torch.arange(40) * 25)[None]  # up to ~4x the trained length
         with torch.no_grad():

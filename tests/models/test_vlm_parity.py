@@ -12,6 +12,7 @@ from mindspeed_vita.convert.hf_internvl import import_internvl
 from mindspeed_vita.convert.hf_split import import_split
 from mindspeed_vita.data.tokenizer import LONG_VITA_SPECIAL_TOKENS
 from mindspeed_vita.models.build import build_model, load_pretrained
+from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 from tests.tiny_hf import (
     IMAGE_SIZE, TOKENS_PER_TILE, save_tiny_internvit, save_tiny_internvl, save_tiny_qwen2)
@@ -20,11 +21,14 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def backend():
-    cpu = get_backend("cpu")
-    initialize_parallel(cpu, tp=1)
-    yield cpu
+def groups():
+    yield initialize_parallel(get_backend("cpu"), ParallelLayout())
     destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def backend(groups):
+    return get_backend("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +71,9 @@ def max_diff(a, b):
 
 
 @torch.no_grad()
-def test_internvl_text_and_images_match_transformers(backend, internvl):
+def test_internvl_text_and_images_match_transformers(backend, internvl, groups):
     hf_dir, hf, _ = internvl
-    model, tokenizer, cfg = load_pretrained(hf_dir, backend)
+    model, tokenizer, cfg = load_pretrained(hf_dir, backend, groups=groups)
     model.eval()
     assert cfg.projector.variant == "internvl" and cfg.image_layout == "internvl"
     ids, positions = text_batch(tokenizer)
@@ -84,10 +88,10 @@ def test_internvl_text_and_images_match_transformers(backend, internvl):
 
 
 @torch.no_grad()
-def test_native_checkpoint_gives_the_same_logits(backend, internvl):
+def test_native_checkpoint_gives_the_same_logits(backend, internvl, groups):
     hf_dir, hf, native_dir = internvl
-    from_hf, tokenizer, _ = load_pretrained(hf_dir, backend)
-    from_native, native_tokenizer, cfg = load_pretrained(native_dir, backend)
+    from_hf, tokenizer, _ = load_pretrained(hf_dir, backend, groups=groups)
+    from_native, native_tokenizer, cfg = load_pretrained(native_dir, backend, groups=groups)
     assert len(native_tokenizer) == len(tokenizer)
     ids, positions, pixels = image_batch(tokenizer)
     expected = from_hf.eval().logits(ids, positions, pixels)
@@ -96,12 +100,12 @@ def test_native_checkpoint_gives_the_same_logits(backend, internvl):
 
 
 @torch.no_grad()
-def test_qwen2_through_split_import_matches_transformers(backend, tmp_path):
+def test_qwen2_through_split_import_matches_transformers(backend, tmp_path, groups):
     qwen2_dir, vit_dir = str(tmp_path / "qwen2"), str(tmp_path / "vit")
     hf = save_tiny_qwen2(qwen2_dir, seed=12)
     save_tiny_internvit(vit_dir, seed=13)
     native = import_split(qwen2_dir, vit_dir, projector_variant="long-vita")
-    model = build_model(native.cfg, backend, tokenizer=native.tokenizer).eval()
+    model = build_model(native.cfg, backend, groups=groups, tokenizer=native.tokenizer).eval()
     load_full_state_into_model(model, native.state, native.cfg, "split import")
     ids, positions = text_batch(native.tokenizer)
     # positions need not start at 0 or be contiguous: RoPE follows them, as in Qwen2

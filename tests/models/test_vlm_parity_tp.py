@@ -46,19 +46,21 @@ def _tp2_body(rank, world_size, hf_dir, tp1_dir, tp2_dir, text_ids, image_ids, p
     from backends import get_backend
     from mindspeed_vita.convert.checkpoint import save_checkpoint
     from mindspeed_vita.models.build import load_pretrained
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import initialize_parallel
 
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=world_size)
+    groups = initialize_parallel(backend, ParallelLayout(tp=world_size))
     out = {}
     for sp in (False, True):
         # the TP=1 native checkpoint, resharded to this rank's TP=2 slice on load
-        model, tokenizer, _ = load_pretrained(tp1_dir, backend, sequence_parallel=sp)
+        model, tokenizer, _ = load_pretrained(tp1_dir, backend,
+                                              groups=groups.with_sequence_parallel(sp))
         out[sp] = _logits(model.eval(), text_ids, image_ids, pixels)
-    out["hf_dir"] = _logits(load_pretrained(hf_dir, backend)[0].eval(), text_ids, image_ids,
-                            pixels)
+    out["hf_dir"] = _logits(load_pretrained(hf_dir, backend, groups=groups)[0].eval(), text_ids,
+                            image_ids, pixels)
     save_checkpoint(model, tp2_dir, tokenizer)
-    reloaded, _, _ = load_pretrained(tp2_dir, backend, sequence_parallel=True)
+    reloaded, _, _ = load_pretrained(tp2_dir, backend, groups=groups.with_sequence_parallel(True))
     out["tp2_reloaded"] = _logits(reloaded.eval(), text_ids, image_ids, pixels)
     out["language_shard"] = {k: v.clone() for k, v in model.state_dict().items()
                              if k.startswith("language.") and isinstance(v, torch.Tensor)}
@@ -110,6 +112,7 @@ def test_tp1_to_tp2_and_back_is_bit_identical(tp2_run):
     and a TP=1 model loaded from it gives bit-identical logits."""
     from backends import get_backend
     from mindspeed_vita.models.build import load_pretrained
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
     _, original = read_full_state(tp2_run["tp1_dir"])
@@ -118,11 +121,11 @@ def test_tp1_to_tp2_and_back_is_bit_identical(tp2_run):
     assert all(torch.equal(original[k], round_trip[k]) for k in original)
 
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1)
+    groups = initialize_parallel(backend, ParallelLayout())
     try:
-        before = _logits(load_pretrained(tp2_run["tp1_dir"], backend)[0].eval(),
+        before = _logits(load_pretrained(tp2_run["tp1_dir"], backend, groups=groups)[0].eval(),
                          *tp2_run["inputs"])
-        after = _logits(load_pretrained(tp2_run["tp2_dir"], backend)[0].eval(),
+        after = _logits(load_pretrained(tp2_run["tp2_dir"], backend, groups=groups)[0].eval(),
                         *tp2_run["inputs"])
     finally:
         destroy_parallel()

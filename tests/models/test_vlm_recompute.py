@@ -11,6 +11,7 @@ from backends import get_backend
 from mindspeed_vita.config.model import ModelConfig
 from mindspeed_vita.models.inputs import batch_from_tensors
 from mindspeed_vita.models.vlm import LongVitaModel
+from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,11 +24,12 @@ SEQ, BATCH, TILES = 16, 2, 3
 def models():
     """{recompute: model} for "none" and "vision", with the same weights."""
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1, seed=9)
+    groups = initialize_parallel(backend, ParallelLayout(), seed=9)
     with open(os.path.join(REPO, "configs", "model", "tiny.yaml")) as f:
         raw = yaml.safe_load(f)
     cfg = ModelConfig.model_validate(dict(raw, params_dtype="float32"))
-    built = {mode: LongVitaModel(cfg, backend, context_token_ids=[CONTEXT_ID], recompute=mode)
+    built = {mode: LongVitaModel(cfg, backend, groups=groups, context_token_ids=[CONTEXT_ID],
+                                 recompute=mode)
              for mode in ("none", "vision")}
     built["vision"].load_state_dict(built["none"].state_dict())
     yield built

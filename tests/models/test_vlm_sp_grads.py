@@ -64,14 +64,16 @@ def _tp2_body(rank, world_size, state, batch):
     from backends import get_backend
     from mindspeed_vita.convert.checkpoint import load_full_state_into_model
     from mindspeed_vita.models.vlm import LongVitaModel
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import initialize_parallel
 
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=world_size)
+    groups = initialize_parallel(backend, ParallelLayout(tp=world_size))
     cfg = tiny_config()
     out = {}
     for sp in (False, True):
-        model = LongVitaModel(cfg, backend, context_token_ids=[CONTEXT_ID], sequence_parallel=sp)
+        model = LongVitaModel(cfg, backend, groups=groups.with_sequence_parallel(sp),
+                              context_token_ids=[CONTEXT_ID])
         load_full_state_into_model(model, state, cfg, "the TP=1 reference model")
         marked = {name for name, p in model.named_parameters()
                   if getattr(p, "sequence_parallel", False)}
@@ -84,12 +86,13 @@ def runs():
     """(TP=1 loss and grads, per-rank TP=2 results) for the same weights and batch."""
     from backends import get_backend
     from mindspeed_vita.models.vlm import LongVitaModel
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
     backend = get_backend("cpu")
-    initialize_parallel(backend, tp=1, seed=5)
+    groups = initialize_parallel(backend, ParallelLayout(), seed=5)
     try:
-        model = LongVitaModel(tiny_config(), backend, context_token_ids=[CONTEXT_ID])
+        model = LongVitaModel(tiny_config(), backend, groups=groups, context_token_ids=[CONTEXT_ID])
         state = {k: v.detach().clone() for k, v in model.state_dict().items()
                  if isinstance(v, torch.Tensor)}
         batch = make_batch()

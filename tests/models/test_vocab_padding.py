@@ -17,6 +17,7 @@ from mindspeed_vita.models.inputs import batch_from_tensors
 from mindspeed_vita.models.language import padded_vocab_size
 from mindspeed_vita.models.lm_head import (
     IGNORE_INDEX, ChunkedHead, FullHead, LogitsMaskedHead, build_lm_head)
+from mindspeed_vita.parallel.layout import ParallelLayout
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 from tests.dist_utils import run_distributed
 
@@ -73,8 +74,8 @@ def run_head(head, hidden, weight, labels, **kwargs):
 
 @pytest.fixture
 def tp1():
-    initialize_parallel(get_backend("cpu"), tp=1)
-    yield
+    """The one-process groups (TP = 1)."""
+    yield initialize_parallel(get_backend("cpu"), ParallelLayout())
     destroy_parallel()
 
 
@@ -139,9 +140,10 @@ def test_padding_label_is_rejected(tp1):
 
 # ------------------------------------------------------------------------- TP = 2 (gloo)
 def _tp2_body(rank, world_size, v_pad):
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import initialize_parallel
 
-    initialize_parallel(get_backend("cpu"), tp=world_size)
+    initialize_parallel(get_backend("cpu"), ParallelLayout(tp=world_size))
     hidden, weight, labels = make_batch(v_pad)
     v_local, s_local = v_pad // world_size, SEQ // world_size
     shard = weight[rank * v_local:(rank + 1) * v_local]
@@ -190,7 +192,7 @@ def test_model_loss_ignores_padding_rows(tp1, lm_head):
     raw.update(params_dtype="float32", lm_head=lm_head, lm_head_chunk_size=7)
     raw["language"]["vocab_size"] = 1000
     cfg = ModelConfig.model_validate(raw)
-    model = LongVitaModel(cfg, get_backend("cpu"), context_token_ids=[999])
+    model = LongVitaModel(cfg, get_backend("cpu"), groups=tp1, context_token_ids=[999])
     weight = model.language.output_weight
     assert weight.shape[0] == 1024
     gen = torch.Generator().manual_seed(6)

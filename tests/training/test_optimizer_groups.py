@@ -28,7 +28,7 @@ def test_vit_layer_decay_rule_of_the_paper():
         assert vision_lr_factor(name, training, 24) == pytest.approx(0.1 * 0.9 ** (25 - layer))
 
 
-def _groups_of(stage_yaml):
+def _groups_of(stage_yaml, groups):
     """(optimizer, {param name: group}, model) of a demo stage's tiny model, 1 process."""
     from backends import get_backend
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -36,7 +36,7 @@ def _groups_of(stage_yaml):
 
     stage = load_config(stage_yaml)
     backend = get_backend("cpu")
-    model = LongVitaModel(stage.model, backend, context_token_ids=[5])
+    model = LongVitaModel(stage.model, backend, groups=groups, context_token_ids=[5])
     apply_freezing(model, stage.training.trainable)
     ddp = DistributedDataParallel(model.language.decoder.config,
                                   DistributedDataParallelConfig(),
@@ -56,10 +56,10 @@ def _groups_of(stage_yaml):
 @pytest.fixture()
 def parallel():
     from backends import get_backend
+    from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
 
-    initialize_parallel(get_backend("cpu"), tp=1, seed=3)
-    yield
+    yield initialize_parallel(get_backend("cpu"), ParallelLayout(), seed=3)
     destroy_parallel()
 
 
@@ -68,7 +68,7 @@ def test_stage_groups(parallel):
     trained_parts = {1: {"projector"}, 2: {"vision", "projector", "language"},
                      3: {"projector", "language"}, 4: {"projector", "language"}}
     for stage_no, parts in trained_parts.items():
-        stage, opt, scheduler, by_name, model = _groups_of(DEMO_STAGES.format(stage_no))
+        stage, opt, scheduler, by_name, model = _groups_of(DEMO_STAGES.format(stage_no), parallel)
         assert {n.split(".")[0] for n in by_name} == parts, stage_no
         for name, param in model.named_parameters():
             assert param.requires_grad == (name.split(".")[0] in parts), name
@@ -97,7 +97,7 @@ def test_stage_groups(parallel):
 
 def test_cosine_schedule_with_warmup(parallel):
     """3% warmup from 0, cosine to min_lr at train_iters, per group."""
-    stage, opt, scheduler, by_name, model = _groups_of(DEMO_STAGES.format(2))
+    stage, opt, scheduler, by_name, model = _groups_of(DEMO_STAGES.format(2), parallel)
     training = stage.training.model_copy(update={"train_iters": 100})
     scheduler = build_scheduler(opt, training)
     assert warmup_steps(training) == 3
@@ -123,7 +123,7 @@ def test_a_stage_that_freezes_everything_is_refused(parallel):
     from mindspeed_vita.models.vlm import LongVitaModel
 
     stage = load_config(DEMO_STAGES.format(1))
-    model = LongVitaModel(stage.model, get_backend("cpu"), context_token_ids=[5])
+    model = LongVitaModel(stage.model, get_backend("cpu"), groups=parallel, context_token_ids=[5])
     with pytest.raises(ConfigError, match="training.trainable"):
         apply_freezing(model, [])
     with pytest.raises(Exception, match="training.trainable|trainable"):
