@@ -24,7 +24,11 @@ API (for any command, the trainer included):
         step("import engine")                 # named phases of one slow task: shows
         ...                                   # "[infer] 1/3 import engine" and the time taken
 
-`enabled=False` (e.g. for `--json` runs that want a silent stderr) turns either into a no-op.
+    with notice_after(2.0, "[inspect] importing torch, reading the inputs"):
+        ...                                   # one line, only if the block is still running
+                                              # after 2 s (a quick failure stays one error line)
+
+`enabled=False` (e.g. for `--json` runs that want a silent stderr) turns these into no-ops.
 Set MINDSPEED_VITA_PROGRESS=0 in the environment to silence all progress output.
 """
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -165,3 +170,23 @@ def steps(
     elif show and done:
         stream.write(f"{desc} ready in {elapsed:.1f} s\n")
         stream.flush()
+
+
+@contextmanager
+def notice_after(seconds: float, message: str, *, stream: Optional[IO] = None,
+                 enabled: bool = True) -> Iterator[None]:
+    """Print `message` (one line) if the block is still running after `seconds`.
+
+    For a slow start (imports, reading inputs) whose failures should stay a single error line:
+    a failure within `seconds` prints nothing extra; a slow start shows that work is going on."""
+    stream = stream or sys.stderr
+    if not (enabled and progress_enabled(stream)):
+        yield
+        return
+    timer = threading.Timer(seconds, lambda: (stream.write(message + "\n"), stream.flush()))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -72,7 +72,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    """Run the benchmark."""
-    from mindspeed_vita.bench.data import run as run_benchmark
+    """Run the benchmark (a line on stderr if its imports take more than 2 s)."""
+    from mindspeed_vita.progress import notice_after
 
+    with notice_after(2.0, "[bench data] importing torch and the data pipeline"):
+        from mindspeed_vita.bench.data import run as run_benchmark
     return run_benchmark(args)

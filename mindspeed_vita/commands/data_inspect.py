@@ -109,15 +109,20 @@ def run(args) -> int:
     """Entry point of `mindspeed-vita data inspect`."""
     import tempfile
 
-    from mindspeed_vita.bench.common import print_json
-    from mindspeed_vita.data.inspect import format_report, inspect_mixture, resolve_target
     from mindspeed_vita.errors import UserInputError
+    from mindspeed_vita.progress import notice_after
 
     overrides = {key: getattr(args, key) for key in DATA_OVERRIDES}
-    target = resolve_target(args.input, model_config=args.model_config, data_overrides=overrides)
-    tokenizer_path = args.tokenizer or target.stage.model.tokenizer
     with tempfile.TemporaryDirectory(prefix="mindspeed-vita-inspect-") as scratch:
-        tokenizer, description = _tokenizer_for(tokenizer_path, scratch)
+        with notice_after(2.0, "[inspect] importing torch, reading the config and the tokenizer"):
+            from mindspeed_vita.bench.common import print_json
+            from mindspeed_vita.data.inspect import format_report, inspect_mixture, resolve_target
+
+            target = resolve_target(
+                args.input, model_config=args.model_config, data_overrides=overrides
+            )
+            tokenizer_path = args.tokenizer or target.stage.model.tokenizer
+            tokenizer, description = _tokenizer_for(tokenizer_path, scratch)
         report = inspect_mixture(
             target,
             tokenizer,

@@ -29,7 +29,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    """Run the demo."""
+    """Run the demo; the first line comes before the slow imports (torch, megatron-core)."""
+    print("[demo] importing torch and megatron-core", flush=True)
     from mindspeed_vita.demo.run import run as run_demo
 
     return run_demo(args)

@@ -104,7 +104,9 @@ class Qwen2LanguageModel(MegatronModule):
             config=self.config, vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings, position_embedding_type="none")
         self.decoder = TransformerBlock(config=self.config,
-                                        spec=qwen2_block_spec(backend, cfg.num_layers))
+                                        spec=qwen2_block_spec(
+                                            backend, cfg.num_layers,
+                                            cp_group=groups.cp if groups.cp_size > 1 else None))
         self.output_layer = ColumnParallelLinear(
             cfg.hidden_size, self.padded_vocab_size, config=self.config,
             init_method=self.config.init_method, bias=False, skip_bias_add=False,

@@ -65,12 +65,13 @@ class LongVitaModel(torch.nn.Module):
         #: visual context ids on the host: `build_inputs` plans the batch there
         self.context_ids = tuple(sorted(set(int(i) for i in context_token_ids)))
         #: context-parallel group the visual feature rows are exchanged over (None: CP 1)
-        self.cp_group = None
+        self.cp_group = groups.cp if groups.cp_size > 1 else None
 
     # ----------------------------------------------------------------- inputs
     def build_inputs(self, batch: PackedBatch, *, with_labels: bool = True) -> ModelInputs:
-        """`build_model_inputs` with this model's backend, context tokens and tile size."""
-        return build_model_inputs(batch, groups=None, backend=self.backend,
+        """`build_model_inputs` with this model's groups, backend, context tokens and tile size:
+        under context parallelism, this rank's zigzag shard of `batch`."""
+        return build_model_inputs(batch, groups=self.groups, backend=self.backend,
                                   context_token_ids=self.context_ids,
                                   tokens_per_tile=self.cfg.tokens_per_tile,
                                   with_labels=with_labels)
@@ -144,7 +145,12 @@ class LongVitaModel(torch.nn.Module):
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full-vocabulary logits `[b, s, vocab]` of a whole (unsharded) batch: parity checks
-        and small inputs."""
+        and small inputs, at CP 1 (under context parallelism each rank holds only its shard's
+        hidden states; logits of a shard come from `hidden_states` and the head)."""
+        if self.cp_group is not None:
+            raise ValueError("LongVitaModel.logits() returns the whole sequence's logits and "
+                             "runs at context parallel size 1; under CP use hidden_states() on "
+                             "this rank's shard")
         inputs = self.build_inputs(batch_from_tensors(input_ids, position_ids, pixel_values),
                                    with_labels=False)
         hidden = self.hidden_states(inputs)

@@ -117,8 +117,17 @@ class ParallelLayout:
         return 2 * self.cp if self.cp > 1 else 1
 
     def _seq_multiple_text(self) -> str:
-        what = "2 * 'parallel.cp'" if self.cp > 1 else "1"
-        return what + (" * 'parallel.tp'" if self.sequence_parallel else "")
+        """How seq_multiple is made, naming the keys, e.g. "2 * 'parallel.cp' = 6
+        ('parallel.cp' = 3)"."""
+        terms, values = [], []
+        if self.cp > 1:
+            terms.append("2 * 'parallel.cp'")
+            values.append(f"'parallel.cp' = {self.cp}")
+        if self.sequence_parallel:
+            terms.append("'parallel.tp'")
+            values.append(f"'parallel.tp' = {self.tp}")
+        what = " * ".join(terms) or "1"
+        return f"{what} = {self.seq_multiple}" + (f" ({', '.join(values)})" if values else "")
 
     # ------------------------------------------------------------------ rules
     def check_language(self, language: "LanguageConfig", *, prefix: str = "model.language",
@@ -137,7 +146,7 @@ class ParallelLayout:
         sequence parallelism): seq_length % seq_multiple == 0."""
         if seq_length % self.seq_multiple:
             raise ConfigError(f"config key {_name(key)} = {seq_length} is not divisible by "
-                              f"{self._seq_multiple_text()} = {self.seq_multiple}")
+                              f"{self._seq_multiple_text()}")
 
     def check_segment_multiple(self, segment_multiple: int, *,
                                key: str = "segment_multiple") -> None:
@@ -146,5 +155,5 @@ class ParallelLayout:
         if segment_multiple < 1 or segment_multiple % self.segment_multiple:
             raise ConfigError(
                 f"{_name(key)} = {segment_multiple}: reset-mode samples must be padded to a "
-                f"multiple of 2 * 'parallel.cp' = {self.segment_multiple} so context "
-                f"parallelism can split every sample")
+                f"multiple of 2 * 'parallel.cp' = {self.segment_multiple} ('parallel.cp' = "
+                f"{self.cp}) so context parallelism can split every sample")

@@ -62,3 +62,19 @@ def test_steps_name_each_phase_at_once_and_the_total_time():
     except ValueError:
         pass
     assert failed.getvalue() == "[x] 1/1 a\n"  # no "ready" after a failure
+
+
+def test_notice_after_speaks_only_when_the_block_is_slow():
+    import time
+
+    from mindspeed_vita.progress import notice_after
+
+    quick, slow = io.StringIO(), io.StringIO()
+    with notice_after(5.0, "[x] still importing", stream=quick):
+        pass
+    with notice_after(0.05, "[x] still importing", stream=slow):
+        deadline = time.monotonic() + 60
+        while not slow.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    time.sleep(0.1)
+    assert quick.getvalue() == "" and slow.getvalue() == "[x] still importing\n"

@@ -87,12 +87,13 @@ def test_seq_length_rule_names_key_value_and_multiple():
     ParallelLayout(cp=2).check_seq_length(1000)
     with pytest.raises(ConfigError) as e:
         ParallelLayout(cp=2).check_seq_length(1001)
-    assert "config key 'data.seq_length' = 1001 is not divisible by 2 * 'parallel.cp' = 4" in str(
-        e.value)
+    assert ("config key 'data.seq_length' = 1001 is not divisible by 2 * 'parallel.cp' = 4 "
+            "('parallel.cp' = 2)") in str(e.value)
     with pytest.raises(ConfigError) as e:
         ParallelLayout(tp=8, cp=2, sequence_parallel=True).check_seq_length(4100)
-    assert "= 4100 is not divisible by 2 * 'parallel.cp' * 'parallel.tp' = 32" in str(e.value)
-    with pytest.raises(ConfigError, match="'parallel.tp' = 4"):
+    assert ("= 4100 is not divisible by 2 * 'parallel.cp' * 'parallel.tp' = 32 ('parallel.cp' = "
+            "2, 'parallel.tp' = 8)") in str(e.value)
+    with pytest.raises(ConfigError, match=r"by 'parallel.tp' = 4 \('parallel.tp' = 4\)"):
         ParallelLayout(tp=4, sequence_parallel=True).check_seq_length(6)
 
 
