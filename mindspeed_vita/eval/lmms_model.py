@@ -15,6 +15,7 @@ dtype, e.g. float32 on CPU), `batch_size` (must be 1).
 """
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from typing import List, Optional, Tuple
@@ -68,6 +69,8 @@ class MindSpeedVitaLmms(lmms):
                                    system_prompt=system_prompt)
         self.tokenizer = tokenizer
         self._media_dir = tempfile.mkdtemp(prefix="mindspeed_vita_eval_")
+        # the images of the last batch are removed when the evaluation process ends
+        atexit.register(lambda: shutil.rmtree(self._media_dir, ignore_errors=True))
 
     @property
     def batch_size(self) -> int:

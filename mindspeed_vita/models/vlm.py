@@ -145,7 +145,12 @@ class LongVitaModel(torch.nn.Module):
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full-vocabulary logits `[b, s, vocab]` of a whole (unsharded) batch: parity checks
-        and small inputs."""
+        and small inputs, at CP 1 (under context parallelism each rank holds only its shard's
+        hidden states; logits of a shard come from `hidden_states` and the head)."""
+        if self.cp_group is not None:
+            raise ValueError("LongVitaModel.logits() returns the whole sequence's logits and "
+                             "runs at context parallel size 1; under CP use hidden_states() on "
+                             "this rank's shard")
         inputs = self.build_inputs(batch_from_tensors(input_ids, position_ids, pixel_values),
                                    with_labels=False)
         hidden = self.hidden_states(inputs)

@@ -200,7 +200,7 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
             step = int(state["step"])
             skipped_steps = int(state["counters"].get("skipped_steps", 0))
             in_a_row = int(state["counters"].get("in_a_row", 0))
-            note = " (different layout: data position and RNG start fresh)" \
+            note = " (written at another parallel layout: resharded)" \
                 if state["resharded"] else ""
             say(f"[train] resuming from {plan.resume} at step {step}{note}", flush=True)
         elif plan.weights:
