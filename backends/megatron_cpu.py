@@ -44,6 +44,10 @@ Shims:
   in their constructors and raise on anything else. While those two constructors run (and only
   then), ``Tensor.type()`` without arguments names a host tensor as its CUDA twin, so host
   bf16 parameters get fp32 master weights exactly as on a GPU.
+* ``DistributedOptimizer.get_parameter_state_dp_zero`` (the gather behind the 'fully_reshardable'
+  optimizer checkpoint, which lets a checkpoint resume at another TP / DP size) moves its send
+  buffers with ``.cuda()`` unless told to use the gloo data-parallel group. On the CPU every
+  group is gloo, so it is always called with ``use_gloo_comm=True``.
 """
 from __future__ import annotations
 
@@ -260,6 +264,13 @@ def _patch_cuda_literals() -> None:
     _patch(optimizer_module, "clip_grad_by_total_norm_fp32", _clip_grads_by_total_norm)
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    gather = _ORIGINALS.get((DistributedOptimizer, "get_parameter_state_dp_zero"),
+                            DistributedOptimizer.get_parameter_state_dp_zero)
+
+    def get_parameter_state_dp_zero(self, use_gloo_comm=True, **kwargs):
+        return gather(self, use_gloo_comm=True, **kwargs)
+
+    _patch(DistributedOptimizer, "get_parameter_state_dp_zero", get_parameter_state_dp_zero)
     for cls in (DistributedOptimizer, optimizer_module.Float16OptimizerWithFloat16Params):
         if (cls, "__init__") not in _ORIGINALS:  # idempotent: wrap the original once
             _wrap_init(cls)

@@ -25,6 +25,8 @@ PROG = "mindspeed-vita"
 COMMANDS: List[Tuple] = [
     ("env", "mindspeed_vita.commands.env", "show the selected backend and library versions"),
     ("config", "mindspeed_vita.commands.config", "validate a stage config and print it resolved"),
+    ("train", "mindspeed_vita.training.cli",
+     "train one stage from its config (same command again resumes)"),
     ("demo", "mindspeed_vita.commands.demo",
      "build the tiny demo (data, tokenizer, model) and run it"),
     ("infer", "mindspeed_vita.inference.cli", "generate from a checkpoint (native or HF directory)"),

@@ -13,7 +13,9 @@ forward + backward and is measured in this run:
   total length it should fall close to 1/CP of the single-process peak.
 * overlap (CP > 1): compute alone (no transfers), communication alone (the same transfers with
   a backend that computes nothing; only the fp32 merges remain) and the real ring, all ranks
-  at once, slowest rank; hidden = (compute + comm - ring) / comm, clipped to [0, 1].
+  at once, slowest rank, alternating within each round; hidden = (compute + comm - ring) /
+  comm, clipped to [0, 1]. On a machine with fewer free cores than CP processes (or other
+  load) this share is dominated by scheduling noise; read it on an otherwise idle host.
 
 The workers use the CPU backend with one thread each (so CP processes do not oversubscribe
 the cores); accelerators need their own launcher (torchrun) and are not covered here.
@@ -83,19 +85,22 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _lockstep_seconds(fn, repeats: int) -> float:
-    """Fastest over repeats of the slowest rank's time, all ranks starting together (the
-    fastest, because on a shared machine interference only ever adds time)."""
+def _lockstep_seconds(fns: Dict[str, object], repeats: int) -> Dict[str, float]:
+    """Per function, the fastest over rounds of the slowest rank's time, all ranks starting
+    together. The functions alternate within every round, so a burst of outside load hits
+    them alike; the fastest, because on a shared machine interference only adds time."""
     import torch.distributed as dist
 
-    fn()  # warmup
-    times = []
+    best = {name: float("inf") for name in fns}
+    for fn in fns.values():
+        fn()  # warmup
     for _ in range(repeats):
-        dist.barrier()
-        elapsed = torch.tensor([_seconds(fn)], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        times.append(float(elapsed))
-    return min(times)
+        for name, fn in fns.items():
+            dist.barrier()
+            elapsed = torch.tensor([_seconds(fn)], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            best[name] = min(best[name], float(elapsed))
+    return best
 
 
 def _turns_seconds(fns: Dict[str, object], rank: int, cp: int, repeats: int) -> Dict[str, float]:
@@ -138,8 +143,9 @@ def _worker_body(rank: int, cp: int, cfg: Dict) -> Dict:
     def ring_step():
         return _zigzag_step(backend, q, k, v, params, ring)
 
+    # the peak is the same every call: two calls (after a warmup) are enough
     result = {"rank": rank,
-              "peak_bytes": measure(ring_step, backend, repeats=repeats)["peak_bytes"]}
+              "peak_bytes": measure(ring_step, backend, repeats=min(repeats, 2))["peak_bytes"]}
     dist.barrier()
     if cp == 1:
         return result
@@ -149,11 +155,10 @@ def _worker_body(rank: int, cp: int, cfg: Dict) -> Dict:
         "zigzag_s": lambda: _zigzag_step(backend, q, k, v, params, ring, communicate=False),
         "contiguous_s": lambda: _contiguous_step(backend, q, k, v, rank)}, rank, cp, repeats)
     result.update(times)
-    result["compute_s"] = _lockstep_seconds(
-        lambda: _zigzag_step(backend, q, k, v, params, ring, communicate=False), repeats)
-    result["comm_s"] = _lockstep_seconds(
-        lambda: _zigzag_step(_NoCompute(), q, k, v, params, ring), repeats)
-    result["ring_s"] = _lockstep_seconds(ring_step, repeats)
+    result.update(_lockstep_seconds({
+        "compute_s": lambda: _zigzag_step(backend, q, k, v, params, ring, communicate=False),
+        "comm_s": lambda: _zigzag_step(_NoCompute(), q, k, v, params, ring),
+        "ring_s": ring_step}, repeats))
     return result
 
 

@@ -109,9 +109,12 @@ def lr_overrides(model: torch.nn.Module, training: TrainingConfig, num_vision_la
             by_factor[factor].append(name)
             depth_of[factor] = vision_layer_id(name, num_vision_layers)
     for factor, names in sorted(by_factor.items()):
+        # NOTE: megatron 0.16's scheduler reads max_lr / min_lr; lr_mult is recorded too because
+        # the distributed optimizer matches saved groups to live ones by (wd_mult, lr_mult, ...)
+        # when a checkpoint loads: without it every ViT depth would look like the same group.
         overrides[ParamKey(name=tuple(names))] = {
             "max_lr": training.lr * factor, "min_lr": training.min_lr * factor,
-            "group_name": f"vision.layer{depth_of[factor]}"}
+            "lr_mult": factor, "group_name": f"vision.layer{depth_of[factor]}"}
     return overrides
 
 

@@ -1,6 +1,7 @@
 """Zigzag sharding: the chunk rule, per-sample splits, round trips, refusals, and the gather."""
 import pytest
 import torch
+import torch.distributed as dist
 
 from mindspeed_vita.parallel.zigzag import (ZigzagShard, zigzag_gather, zigzag_positions,
                                             zigzag_unshard)
@@ -99,6 +100,16 @@ def test_positions_helper_matches_plan():
 
 
 def _gather_body(rank, world_size):
+    # the group is started here rather than by run_distributed, whose teardown imports
+    # megatron (seconds of CPU per process) that this test never uses
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        return _gather_both_modes(rank, world_size)
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather_both_modes(rank, world_size):
     x = torch.arange(2 * 16, dtype=torch.float32).view(2, 16, 1).expand(2, 16, 2).contiguous()
     gathered = []
     for cu in (None, [0, 4, 16, 32]):  # joint, reset
@@ -108,7 +119,7 @@ def _gather_body(rank, world_size):
 
 
 def test_gather_reassembles_across_processes():
-    results = run_distributed(_gather_body, world_size=2)
+    results = run_distributed(_gather_body, world_size=2, init_process_group=False)
     x = torch.arange(2 * 16, dtype=torch.float32).view(2, 16, 1).expand(2, 16, 2)
     for per_rank in results:
         for r in per_rank:
