@@ -27,6 +27,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MINDSPEED_VITA_BACKEND=cuda
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# deterministic-mode checks (tests, audit) run cuBLAS too, which needs a fixed workspace
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 START=$SECONDS
 BUDGET=${GPU_JOB_BUDGET_S:-540}
 FAILED=()
