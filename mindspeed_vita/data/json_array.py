@@ -25,7 +25,6 @@ _QUOTE, _BACKSLASH, _NEWLINE = 34, 92, 10
 _OPEN = (91, 123)  # [ {
 _CLOSE = (93, 125)  # ] }
 _COMMA = 44
-_WHITESPACE = (32, 9, 10, 13)
 
 
 def first_non_space_byte(path: str, limit: int = 1 << 16) -> int:
@@ -90,72 +89,105 @@ def build_element_index(path: str, *, chunk_bytes: int = 1 << 22
     return starts, bounds[1:].astype(np.int64) if len(starts) else starts, lines
 
 
+_SPACE = b" \t\r\n"
+#: bytes that matter to the structure; everything else is skipped in one vectorised pass
+_SPECIAL = np.zeros(256, dtype=bool)
+_SPECIAL[[_QUOTE, _BACKSLASH, _COMMA, *_OPEN, *_CLOSE]] = True
+
+
+def _escaped(quotes: np.ndarray, backslashes: np.ndarray, carried: int) -> np.ndarray:
+    """For each quote position, whether an odd run of backslashes ends just before it (a run
+    touching the chunk start continues the `carried` backslashes of the previous chunk)."""
+    if not backslashes.size:
+        return np.full(quotes.shape, carried % 2 == 1) & (quotes == 0)
+    # first position of the run each backslash belongs to
+    new_run = np.ones(backslashes.shape, dtype=bool)
+    new_run[1:] = backslashes[1:] != backslashes[:-1] + 1
+    run_start = backslashes[np.maximum.accumulate(np.where(new_run, np.arange(len(new_run)), 0))]
+    last = np.searchsorted(backslashes, quotes) - 1  # the backslash just before each quote
+    valid = (last >= 0) & (backslashes[np.maximum(last, 0)] == quotes - 1)
+    length = quotes - run_start[np.maximum(last, 0)]
+    length = np.where(run_start[np.maximum(last, 0)] == 0, length + carried, length)
+    length = np.where(valid, length, np.where(quotes == 0, carried, 0))
+    return length % 2 == 1
+
+
 def _scan_chunk(data: np.ndarray, offset: int, state: _Scan, path: str) -> None:
+    """Advance the scan over one chunk. Only the positions of quotes, backslashes, brackets
+    and commas are looked at after one pass over the bytes, so the cost is a few passes plus
+    work proportional to those positions."""
     def fail(detail: str) -> DataError:
         return DataError("invalid_json", detail, path=path)
 
-    n = len(data)
-    index = np.arange(n, dtype=np.int64)
-    # a byte is escaped when an odd run of backslashes precedes it (runs may span chunks)
-    backslash = data == _BACKSLASH
-    last_other = np.maximum.accumulate(np.where(backslash, -1, index))
-    run_before = np.empty(n, dtype=np.int64)
-    run_before[0] = state.backslashes
-    run_before[1:] = index[:-1] - last_other[:-1]
-    run_before[1:] += np.where(last_other[:-1] < 0, state.backslashes, 0)
-    quote = (data == _QUOTE) & (run_before % 2 == 0)
-    in_string = (np.cumsum(quote) + state.in_string) % 2 == 1  # an opening quote counts inside
-    outside = ~in_string & ~quote
-    opens = outside & np.isin(data, _OPEN)
-    closes = outside & np.isin(data, _CLOSE)
-    depth = state.depth + np.cumsum(opens.astype(np.int64) - closes.astype(np.int64))
-    non_space = ~np.isin(data, _WHITESPACE)
-    non_space_at = np.flatnonzero(non_space)
-    if not state.seen_value and non_space_at.size:
-        if data[non_space_at[0]] != _OPEN[0]:
+    raw = data.tobytes()
+    n = len(raw)
+    first = n - len(raw.lstrip(_SPACE))  # first non-space position (n: none)
+    if not state.seen_value and first < n:
+        if raw[first] != _OPEN[0]:
             raise fail("not a JSON array (the file does not start with '[')")
         state.seen_value = True
+    if state.closed and first < n:
+        raise fail("text after the end of the JSON array")
+    special = np.flatnonzero(_SPECIAL[data])
+    codes = data[special]
+    quotes = special[codes == _QUOTE]
+    real = quotes[~_escaped(quotes, special[codes == _BACKSLASH], state.backslashes)]
+    structural = special[(codes != _QUOTE) & (codes != _BACKSLASH)]
+    # a structural byte is outside strings when an even number of real quotes precedes it
+    before = np.searchsorted(real, structural) + int(state.in_string)
+    structural = structural[before % 2 == 0]
+    kinds = data[structural]
+    step = np.isin(kinds, _OPEN).astype(np.int64) - np.isin(kinds, _CLOSE).astype(np.int64)
+    depth = state.depth + np.cumsum(step)
     if (depth < 0).any():
         raise fail("unbalanced brackets in the JSON array")
-    closing = np.flatnonzero(closes & (depth == 0))
-    if state.closed and non_space_at.size or closing.size and (
-            closing.size > 1 or non_space_at[-1] > closing[0]):
+    at_top = (depth == 0) & (step < 0)  # the array's closing bracket
+    if at_top.sum() > 1 or (at_top.any() and raw[int(structural[at_top][0]) + 1:].strip(_SPACE)):
         raise fail("text after the end of the JSON array")
-    array_open = opens & (depth == 1) & (index == (non_space_at[0] if non_space_at.size else -1))
-    array_open &= not state.boundaries  # only the file's first "[" opens the array
-    commas = outside & (data == _COMMA) & (depth == 1)
-    bounds = np.flatnonzero(array_open | commas | (closes & (depth == 0)))
-    newlines_upto = np.cumsum(data == _NEWLINE)
-    # next non-space position at or after each index (n when none is left in this chunk)
-    next_non_space = np.minimum.accumulate(np.where(non_space, index, n)[::-1])[::-1]
-    is_close = closes & (depth == 0)
+    opening = (step > 0) & (depth == 1) & (structural == first) & (not state.boundaries)
+    is_bound = opening | ((kinds == _COMMA) & (depth == 1)) | at_top
+    bounds = structural[is_bound]
+    bound_kinds = kinds[is_bound]
+    close_at = int(structural[at_top][0]) if at_top.any() else -1
+    newlines = np.flatnonzero(data == _NEWLINE)
+    found = []  # chunk positions of the elements that start in this chunk
 
     def element_at(position: int) -> None:
-        if commas[position]:
+        if raw[position] == _COMMA:
             raise fail("malformed JSON array (an empty element: a doubled comma)")
-        if not is_close[position]:  # "[ ]": the gap before the closing bracket is no element
-            state.starts.append(offset + position)
-            state.lines.append(state.newlines + int(newlines_upto[position]) + 1)
+        found.append(position)
 
-    if state.pending and non_space_at.size:
-        element_at(int(non_space_at[0]))
+    if state.pending and first < n:
         state.pending = False
-    for b in bounds.tolist():
-        if is_close[b]:
+        if first != close_at:
+            element_at(first)
+    for b, kind in zip(bounds.tolist(), bound_kinds.tolist()):
+        if kind in _CLOSE:
             state.closed = True
             continue
-        after = int(next_non_space[b + 1]) if b + 1 < n else n
-        if after == n:
+        rest = raw[b + 1:b + 1 + 4096]
+        after = b + 1 + len(rest) - len(rest.lstrip(_SPACE))
+        while after - b - 1 == len(rest) and after < n:  # a long run of spaces
+            rest = raw[after:after + 4096]
+            after += len(rest) - len(rest.lstrip(_SPACE))
+        if after >= n:
             state.pending = True
+        elif after == close_at:
+            continue  # "[ ]" or a trailing comma: counted by build_element_index
         else:
             element_at(after)
+    if found:
+        positions = np.array(found, dtype=np.int64)
+        state.starts.extend((positions + offset).tolist())
+        state.lines.extend((state.newlines + np.searchsorted(newlines, positions) + 1).tolist())
     if bounds.size:
-        state.boundaries.append(bounds + offset)
-    state.in_string = bool(in_string[-1])
-    tail = n - 1 - int(last_other[-1])
-    state.backslashes = tail + (state.backslashes if last_other[-1] < 0 else 0)
-    state.depth = int(depth[-1])
-    state.newlines += int(newlines_upto[-1])
+        state.boundaries.append(bounds.astype(np.int64) + offset)
+    state.in_string = bool((int(state.in_string) + len(real)) % 2)
+    trailing = n - len(raw.rstrip(b"\\"))
+    state.backslashes = trailing + (state.backslashes if trailing == n else 0)
+    if depth.size:
+        state.depth = int(depth[-1])
+    state.newlines += len(newlines)
 
 
 class JsonArraySource(JsonlSource):

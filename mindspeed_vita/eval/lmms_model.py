@@ -15,6 +15,7 @@ dtype, e.g. float32 on CPU), `batch_size` (must be 1).
 """
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from typing import List, Optional, Tuple
@@ -37,9 +38,12 @@ class MindSpeedVitaLmms(lmms):
                  batch_size: int = 1, **_ignored) -> None:
         super().__init__()
         from backends import get_backend
+        from mindspeed_vita.config.schema import ParallelConfig
         from mindspeed_vita.inference.engine import Generator
         from mindspeed_vita.models.build import load_pretrained
-        from mindspeed_vita.parallel.process_groups import initialize_parallel
+        from mindspeed_vita.parallel.layout import ParallelLayout
+        from mindspeed_vita.parallel.process_groups import (destroy_parallel, initialize_parallel,
+                                                            launch_world_size)
 
         if not checkpoint:
             raise UserInputError("--model_args needs checkpoint=DIR (a native checkpoint or an "
@@ -50,14 +54,23 @@ class MindSpeedVitaLmms(lmms):
         self.batch_size_per_gpu = 1
         self.default_max_new_tokens = int(max_new_tokens)
         device_backend = get_backend(backend)
-        initialize_parallel(device_backend, tp=1)
+        # the default parallel section, as `infer`: no model split
+        layout = ParallelLayout.from_config(ParallelConfig(), launch_world_size())
+        groups = initialize_parallel(device_backend, layout)
         update = {"params_dtype": dtype} if dtype else None
-        model, tokenizer, _ = load_pretrained(checkpoint, device_backend, config_update=update)
+        try:
+            model, tokenizer, _ = load_pretrained(checkpoint, device_backend, groups=groups,
+                                                  config_update=update)
+        except BaseException:
+            destroy_parallel()
+            raise
         model.eval()
         self.generator = Generator(model, tokenizer, max_num_frame=int(max_num_frame),
                                    system_prompt=system_prompt)
         self.tokenizer = tokenizer
         self._media_dir = tempfile.mkdtemp(prefix="mindspeed_vita_eval_")
+        # the images of the last batch are removed when the evaluation process ends
+        atexit.register(lambda: shutil.rmtree(self._media_dir, ignore_errors=True))
 
     @property
     def batch_size(self) -> int:

@@ -19,13 +19,16 @@ import os
 import pytest
 import skimage.data
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from mindspeed_vita.cli import main
 from mindspeed_vita.convert.checkpoint import TOKENIZER_DIR, read_metadata
-from mindspeed_vita.convert.long_vita import import_long_vita
+from mindspeed_vita.config.model import ModelConfig
+from mindspeed_vita.convert.long_vita import (import_long_vita, long_vita_config_json,
+                                              model_config_from_long_vita)
 from mindspeed_vita.data.render import render_sample
 from mindspeed_vita.data.tokenizer import load_tokenizer
 from mindspeed_vita.errors import CheckpointError
@@ -36,6 +39,8 @@ from tests.tiny_long_vita import release_inputs as tiny_release_inputs
 from tests.tiny_long_vita import reference_generate as tiny_reference_generate
 
 NEW_TOKENS = 20
+MODEL_14B = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "model", "long_vita_14b.yaml")
 LOGPROB_TOL = 1e-4
 QUESTION = "What is in the picture? Describe it."
 
@@ -167,3 +172,32 @@ def test_shape_disagreeing_with_config_is_refused(dirs, tmp_path):
     save_file(broken, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"up_proj.*intermediate_size=128.*config\.json"):
         import_long_vita(bad)
+
+
+def test_the_released_14b_config_is_our_14b_model():
+    # config.json of Long-VITA-*_HF as released (long_vita_qwen2_intern/config_14B.json)
+    visual = {"architectures": ["InternVisionModel"], "attention_dropout": 0.0,
+              "drop_path_rate": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": 1024,
+              "image_size": 448, "initializer_factor": 1.0, "initializer_range": 0.02,
+              "intermediate_size": 4096, "layer_norm_eps": 1e-06, "model_type": "intern_vit_6b",
+              "norm_type": "layer_norm", "num_attention_heads": 16, "num_channels": 3,
+              "num_hidden_layers": 24, "patch_size": 14, "qk_normalization": False,
+              "qkv_bias": True, "torch_dtype": "bfloat16", "use_flash_attn": True}
+    release = {"visual": visual, "architectures": ["LongVITAForCausalLM"],
+               "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+               "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02,
+               "intermediate_size": 13824, "max_position_embeddings": 1310720,
+               "max_window_layers": 70, "model_type": "long_vita", "num_attention_heads": 40,
+               "num_hidden_layers": 48, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+               "rope_theta": 1000000.0, "sliding_window": 1310720, "tie_word_embeddings": False,
+               "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+               "vocab_size": 152064}
+    ours = ModelConfig.model_validate(yaml.safe_load(open(MODEL_14B)))
+    imported = model_config_from_long_vita(release, "config.json")
+    for part in ("vision", "projector", "language"):
+        assert getattr(imported, part) == getattr(ours, part).model_copy(
+            update={"layer_scale_init": 1.0} if part == "vision" else {}), part
+    assert (imported.image_layout, imported.min_tiles, imported.max_tiles,
+            imported.params_dtype) == ("long-vita", 1, 12, "bfloat16")
+    # and it writes back as the release wrote it
+    assert long_vita_config_json(imported, release) == release

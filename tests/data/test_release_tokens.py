@@ -68,3 +68,24 @@ def test_the_17_tokens_get_the_release_ids(qwen25_sized, tmp_path):
     for tag in ("<image>", "<video>"):
         assert again.encode(f"a{tag}b") == again.encode("a") + [again.token_to_id(tag)] + \
             again.encode("b")
+
+
+def test_role_header_is_its_own_piece_as_in_the_release(tmp_path):
+    """Content that starts with whitespace tokenises as the release's training code does:
+    im_start + ids(role) + ids("\\n") + ids(content) + im_end + ids("\\n"), per turn."""
+    from mindspeed_vita.data.template import render_conversation
+    from mindspeed_vita.data.types import Message
+    from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
+
+    tok = load_tokenizer(build_tiny_tokenizer(str(tmp_path / "tok")))
+    turns = [("user", "\n\n  Where is the dog?"), ("assistant", " It sleeps\nunder the tree.")]
+    ids, labels = render_conversation([Message(r, c) for r, c in turns], tok, image_grids=[],
+                                      video_frames=[], tokens_per_tile=4)
+    nl = tok.encode("\n")
+    expected, learned = [], []
+    for role, content in turns:
+        header = [tok.im_start_id] + tok.encode(role) + nl
+        body = tok.encode(content) + [tok.im_end_id] + nl
+        expected += header + body
+        learned += [-100] * len(header) + (body if role == "assistant" else [-100] * len(body))
+    assert ids == expected and labels == learned

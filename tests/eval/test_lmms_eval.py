@@ -15,6 +15,7 @@ answer is checked to be non-empty. Two entries are run, each in its own process:
 The tests skip only when lmms-eval (the optional extra `[eval]`) is not installed.
 """
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -26,7 +27,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-pytest.importorskip("lmms_eval", reason="lmms-eval (the optional extra [eval]) is not installed")
+# skip only when the extra is absent: an installed but broken lmms-eval must fail, not skip
+if importlib.util.find_spec("lmms_eval") is None:
+    pytest.skip("lmms-eval (the optional extra [eval]) is not installed", allow_module_level=True)
 
 from mindspeed_vita.data.tokenizer import load_tokenizer  # noqa: E402
 from tests.tiny_long_vita import (internvl_reference, reference_generate,  # noqa: E402

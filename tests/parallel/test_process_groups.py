@@ -89,3 +89,23 @@ def test_groups_at_world_size_4_equal_megatrons():
                 assert ours[axis] == megatron[axis] == expected[axis][rank], (layout, axis)
                 assert sums[axis] == len(expected[axis][rank])
                 assert ranks[axis] == expected[axis][rank].index(rank)
+
+
+def test_a_layout_for_another_world_is_refused_before_any_group_starts(monkeypatch):
+    import torch.distributed as dist
+
+    from backends import get_backend
+    from mindspeed_vita.errors import ConfigError
+    from mindspeed_vita.parallel.process_groups import initialize_parallel
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)  # a plain `python` process: world size 1
+    assert not dist.is_initialized()
+    with pytest.raises(ConfigError, match=r"tp=2 \* pp=1 \* cp=2 \* dp=1 = 4 processes, but this "
+                                          r"launch has world size 1"):
+        initialize_parallel(get_backend("cpu"), ParallelLayout(tp=2, cp=2))
+    assert not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two' is not an integer"):
+        initialize_parallel(get_backend("cpu"), ParallelLayout())
+    assert not dist.is_initialized()
