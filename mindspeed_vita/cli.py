@@ -52,6 +52,8 @@ COMMANDS: List[Tuple] = [
          "render + pack throughput and packing utilisation"),
         ("ring", "mindspeed_vita.commands.bench_ring",
          "zigzag ring attention: balance, memory, overlap"),
+        ("decode", "mindspeed_vita.commands.bench_decode",
+         "KV-cache CP decode vs the paper's fixed-length decode: tokens/s"),
     ], "benchmarks that print ratios against a baseline measured in the same run"),
 ]
 

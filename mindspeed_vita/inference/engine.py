@@ -1,23 +1,25 @@
-"""Single-process generation with a KV cache: render the request, prefill once, decode.
+"""Generation: render the request, prefill once, decode (one process, TP and/or CP).
 
 request (text, images, videos) --render--> token ids + pixels --prefill--> KV cache + logits of
-the last row only --> choose a token --> decode: one new row per step against the cache -->
-stop at `<|im_end|>` / end-of-text or the token budget.
+the predicting row only --> choose a token --> decode: one new row per step against the cache
+--> stop at `<|im_end|>` / end-of-text or the token budget. Under context parallelism the
+prompt is zigzag-sharded and prefilled with ring attention, each rank keeps the keys of its
+slices and every step merges all shards (`inference.decoding`, `models.cached_attention`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, FrozenSet, List, Optional, Sequence
+from typing import Callable, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 from mindspeed_vita.data.errors import DataError
 from mindspeed_vita.data.render import render_sample
 from mindspeed_vita.data.types import Message, Sample
 from mindspeed_vita.errors import UserInputError
-from mindspeed_vita.inference.kv_cache import KVCache
+from mindspeed_vita.inference.decoding import DECODE_MODES, make_decoding
 from mindspeed_vita.inference.sampling import SamplingParams, choose_next_token
-from mindspeed_vita.models.inputs import batch_from_tensors
 
 
 @dataclass
@@ -55,16 +57,6 @@ def build_request(prompt: str, images: Sequence[str] = (), videos: Sequence[str]
                   images=list(images), videos=list(videos), path="<prompt>")
 
 
-def _cached_forward(model, decoder_input: torch.Tensor, position_ids: torch.Tensor,
-                    cache: KVCache) -> torch.Tensor:
-    """Decoder + final norm for this step's rows, reading and extending the KV cache."""
-    params = model.language.rotary_params(position_ids)
-    params.kv_cache = cache
-    hidden = model.language.decoder(decoder_input, attention_mask=None, packed_seq_params=params)
-    cache.advance()
-    return hidden
-
-
 def visual_token_ids(tokenizer) -> FrozenSet[int]:
     """Ids a model must never generate: visual context tokens and the tags around them
     (fed back, a context token would ask for visual features that do not exist)."""
@@ -77,18 +69,27 @@ def visual_token_ids(tokenizer) -> FrozenSet[int]:
     return frozenset(int(i) for i in ids)
 
 
-def _embed(model, input_ids: torch.Tensor, positions: torch.Tensor,
-           pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Embeddings (visual rows included) of this step's tokens through the model's inputs seam."""
-    batch = batch_from_tensors(input_ids, positions, pixel_values)
-    return model.embed(model.build_inputs(batch, with_labels=False))
+def agree_on_step(tokens: torch.Tensor, stop: bool) -> Tuple[torch.Tensor, bool]:
+    """World rank 0's chosen tokens `[b]` and stop decision, on every rank (one broadcast of
+    b + 1 ints; nothing when there is one process). Every rank computes the same logits, but
+    only rank 0 knows the request's stop strings, deadline and client."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tokens, stop
+    packed = torch.cat([tokens.long(), torch.tensor([int(stop)], device=tokens.device)])
+    dist.broadcast(packed, src=0)
+    return packed[:-1], bool(packed[-1])
 
 
 class Generator:
-    """Generates from a `LongVitaModel` (tp=1 or tp>1 with every rank calling in step)."""
+    """Generates from a `LongVitaModel`: one process, tensor parallel and/or context parallel
+    (every rank of the world calls in step, with the same request)."""
 
     def __init__(self, model, tokenizer, *, max_num_frame: int = 64,
-                 system_prompt: Optional[str] = None):
+                 system_prompt: Optional[str] = None, decode_mode: str = "kv-cache"):
+        if decode_mode not in DECODE_MODES:
+            raise UserInputError(f"--decode-mode {decode_mode!r}: choose one of "
+                                 f"{', '.join(DECODE_MODES)}")
+        self.decode_mode = decode_mode
         self.model = model
         self.tokenizer = tokenizer
         self.max_num_frame = max_num_frame
@@ -122,42 +123,69 @@ class Generator:
         """Generate from ready token ids `[1, s]` (+ pixels); see `generate`.
 
         `on_token(token_id)` is called after each chosen token; returning True ends the
-        generation there (stop strings, timeouts, a client that went away)."""
+        generation there (stop strings, timeouts, a client that went away). In a multi-rank
+        run every rank calls this in step; the tokens and the stop decision of world rank 0
+        are broadcast, so all ranks feed the same tokens and stop together (`on_token` is
+        only consulted on rank 0)."""
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"generate_ids takes one request [1, s], got "
+                             f"{tuple(input_ids.shape)}: use generate_batch")
+        return self.generate_batch(input_ids, pixel_values, max_new_tokens, sampling, seed,
+                                   on_token=on_token)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                       max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                       seed: int = 0, on_token: Optional[Callable[[int], bool]] = None
+                       ) -> List[GenerationResult]:
+        """Generate for `b` prompts of one length, `input_ids [b, s]` (pixels of all rows in
+        row order), until every row has emitted a stop token or `max_new_tokens`.
+
+        The prompt is prefilled once (zigzag-sharded over the CP group with ring attention
+        under CP), then decoded one token per step against the KV cache (`decode_mode`
+        "kv-cache"), or re-run at a fixed padded length per token ("fixed-length").
+        `on_token` (b = 1 only): see `generate_ids`."""
         model = self.model
         device = model.backend.device()
-        input_ids = input_ids.to(device)
+        b, prompt_len = input_ids.shape
+        if on_token is not None and b != 1:
+            raise ValueError("on_token takes one request (b = 1)")
         if pixel_values is not None and pixel_values.numel() == 0:
             pixel_values = None
         if pixel_values is not None:
             pixel_values = pixel_values.to(device)
-        prompt_len = input_ids.shape[1]
-        cache = KVCache(model.cfg.language.num_layers, prompt_len + max_new_tokens)
+        decoding = make_decoding(self.decode_mode, model, input_ids, pixel_values,
+                                 max_new_tokens)
         generator = torch.Generator(device=device).manual_seed(seed)
-        positions = torch.arange(prompt_len, device=device)[None]
-        hidden = _cached_forward(model, _embed(model, input_ids, positions, pixel_values),
-                                 positions, cache)
-        result = GenerationResult(text="", prompt_tokens=prompt_len)
+        results = [GenerationResult(text="", prompt_tokens=prompt_len) for _ in range(b)]
+        done = [False] * b
+        logits = decoding.prefill()
         for step in range(max_new_tokens):
-            logits = model.last_logits(hidden)
             token, logprob = choose_next_token(logits, sampling, generator,
                                                banned_ids=self.banned_ids)
-            token_id = int(token[0])
-            result.token_ids.append(token_id)
-            result.logprobs.append(float(logprob[0]))
-            if token_id in self.stop_ids:
-                result.stop_reason = "stop_token"
+            stop = False
+            if on_token is not None and int(token[0]) not in self.stop_ids:
+                stop = bool(on_token(int(token[0])))
+            token, stop = agree_on_step(token, stop)
+            for row in range(b):
+                if done[row]:
+                    continue
+                token_id = int(token[row])
+                results[row].token_ids.append(token_id)
+                results[row].logprobs.append(float(logprob[row]))
+                if token_id in self.stop_ids:
+                    results[row].stop_reason = "stop_token"
+                    done[row] = True
+                elif stop:
+                    results[row].stop_reason = "stopped"
+                    done[row] = True
+            if all(done) or step + 1 == max_new_tokens:
                 break
-            if on_token is not None and on_token(token_id):
-                result.stop_reason = "stopped"
-                break
-            if step + 1 == max_new_tokens:
-                break
-            new = token.view(1, 1)
-            pos = torch.full((1, 1), prompt_len + step, device=device, dtype=torch.long)
-            hidden = _cached_forward(model, _embed(model, new, pos), pos, cache)
-        shown = [t for t in result.token_ids if t not in self.stop_ids]
-        result.text = self.tokenizer.decode(shown, skip_special_tokens=True)
-        return result
+            logits = decoding.step(token.to(device), prompt_len + step)
+        for result in results:
+            shown = [t for t in result.token_ids if t not in self.stop_ids]
+            result.text = self.tokenizer.decode(shown, skip_special_tokens=True)
+        return results
 
     def generate(self, prompt: str, images: Sequence[str] = (), videos: Sequence[str] = (), *,
                  max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),

@@ -47,9 +47,11 @@ class RotarySeqParams(PackedSeqParams):
     attention: Optional[Any] = None
     rotary_cos: Optional[torch.Tensor] = None
     rotary_sin: Optional[torch.Tensor] = None
-    #: inference only: a `KVCache` (inference.kv_cache) that keeps every layer's rotated keys and
-    #: values; the step's rows attend to all cached positions.
-    kv_cache: Optional[Any] = None
+    #: inference only: the KV cache the model's `prefill` / `decode_step` were given
+    #: (`inference.kv_cache.KVCache`, or its `ShardedKVCache` under CP), threaded to every
+    #: layer; the layer spec's cached core attention (`models.cached_attention`) stores this
+    #: step's keys there and attends to what is cached. None: an ordinary forward.
+    inference: Optional[Any] = None
 
 
 #: dense causal self-attention; the params hold no tensors, so one object serves every call
@@ -147,17 +149,8 @@ class BackendCoreAttention(MegatronModule):
             return out.reshape(out.shape[0], -1)
         if p.qkv_format != "sbhd":
             raise ValueError(f"qkv_format={p.qkv_format!r}: expected 'sbhd' or 'thd'")
-        params = _DENSE_CAUSAL
-        if p.kv_cache is not None:
-            key, value = p.kv_cache.update(self.layer_number, key, value)
-            if query.shape[0] != key.shape[0] and query.shape[0] != 1:
-                raise ValueError("KV-cache attention takes a prefill into an empty cache or "
-                                 "one new token per step")
-            # the step's rows come after the cached ones: row i sees keys j <= i + s_kv - s_q
-            # (a prefill into an empty cache has s_q == s_kv, where this is plain causal)
-            params = params.with_mask("causal_bottom_right")
         # megatron is [s, b, n, d]; backends take [b, s, n, d]
         out = self.backend.attention(query.transpose(0, 1), key.transpose(0, 1),
-                                     value.transpose(0, 1), self._with_scale(params))
+                                     value.transpose(0, 1), self._with_scale(_DENSE_CAUSAL))
         out = out.transpose(0, 1)
         return out.reshape(out.shape[0], out.shape[1], -1)

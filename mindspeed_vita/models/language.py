@@ -13,6 +13,7 @@ GPTModel's: `embedding.word_embeddings.weight`, `decoder.layers.{i}.input_layern
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,9 @@ class Qwen2LanguageModel(MegatronModule):
             config=self.config, vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings, position_embedding_type="none")
         self.decoder = TransformerBlock(config=self.config,
-                                        spec=qwen2_block_spec(backend, cfg.num_layers))
+                                        spec=qwen2_block_spec(
+                                            backend, cfg.num_layers,
+                                            cp_group=groups.cp if groups.cp_size > 1 else None))
         self.output_layer = ColumnParallelLinear(
             cfg.hidden_size, self.padded_vocab_size, config=self.config,
             init_method=self.config.init_method, bias=False, skip_bias_add=False,
@@ -128,16 +131,23 @@ class Qwen2LanguageModel(MegatronModule):
             raise ValueError(f"input_ids must be [b, s], got shape {tuple(input_ids.shape)}")
         return self.embedding(input_ids, position_ids=None)
 
-    def rotary_params(self, position_ids: torch.Tensor, attention=None) -> RotarySeqParams:
+    def rotary_params(self, position_ids: torch.Tensor, attention=None, *, inference=None,
+                      rope_seq_len: Optional[int] = None) -> RotarySeqParams:
         """The per-batch attention inputs every layer gets: cos/sin of `position_ids [b, s]` in
         megatron's layout and the attention parameters (`attention`, see `forward`); packed
-        parameters (`attention.is_packed`) select megatron's THD layout."""
-        # NOTE: dynamic-NTK scaling reads the sequence length from the largest position here
-        # (one host sync per forward); under CP each rank sees only its shard's positions
+        parameters (`attention.is_packed`) select megatron's THD layout. `inference`: the KV
+        cache of a cached inference forward (see `forward`)."""
+        scaling = self.cfg.rope_scaling
+        if scaling is not None and scaling.rope_type == "dynamic" and rope_seq_len is None \
+                and self.groups.cp_size > 1:
+            # dynamic NTK needs the whole sequence's length; a CP rank sees only its shard
+            raise ValueError("language.rope_scaling.rope_type='dynamic' with parallel.cp > 1 "
+                             "needs the global sequence length (rope_seq_len); the training "
+                             "forward does not know it: use linear or yarn scaling under CP")
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rotary_base,
-                                  self.config.params_dtype, self.cfg.rope_scaling,
-                                  max_position_embeddings=self.cfg.max_position_embeddings
-                                  )  # [b, s, d]
+                                  self.config.params_dtype, scaling,
+                                  max_position_embeddings=self.cfg.max_position_embeddings,
+                                  seq_len=rope_seq_len)  # [b, s, d]
         if isinstance(attention, PackedSeqParams):
             if attention.qkv_format != "thd":
                 raise ValueError(f"packed_seq_params.qkv_format={attention.qkv_format!r}: "
@@ -145,17 +155,18 @@ class Qwen2LanguageModel(MegatronModule):
             # the backend's attention params, once per forward (not per layer)
             attention = attention_params_of(attention, position_ids.device)
         if attention is None or not attention.is_packed:
-            return RotarySeqParams(qkv_format="sbhd", attention=attention,
+            return RotarySeqParams(qkv_format="sbhd", attention=attention, inference=inference,
                                    rotary_cos=cos.transpose(0, 1)[:, :, None],
                                    rotary_sin=sin.transpose(0, 1)[:, :, None])
         # THD flattens the batch row-major, as cu_seqlens counts tokens: [b, s, d] -> [t, 1, d]
-        return RotarySeqParams(qkv_format="thd", attention=attention,
+        return RotarySeqParams(qkv_format="thd", attention=attention, inference=inference,
                                rotary_cos=cos.reshape(-1, 1, cos.shape[-1]),
                                rotary_sin=sin.reshape(-1, 1, sin.shape[-1]))
 
     # ----------------------------------------------------------------- forward
     def forward(self, decoder_input: torch.Tensor, position_ids: torch.Tensor,
-                attention=None) -> torch.Tensor:
+                attention=None, *, inference=None, rope_seq_len: Optional[int] = None
+                ) -> torch.Tensor:
         """Decoder layers and final norm: `[s, b, h]` -> `[s, b, h]` (`[s / tp, b, h]` in and
         out under sequence parallel).
 
@@ -166,6 +177,9 @@ class Qwen2LanguageModel(MegatronModule):
         sample; under context parallelism the `RingAttentionParams` the spec's ring core takes
         (`models.inputs.build_model_inputs` builds each once per batch). A megatron
         `PackedSeqParams` (`qkv_format="thd"`) is accepted too.
+        `inference`: the KV cache of a cached inference forward (`inference.kv_cache`), handed
+        to every layer's core attention; `rope_seq_len`: the sequence length dynamic-NTK RoPE
+        scales by (default: the largest position + 1, which under CP is only the shard's).
         """
         if decoder_input.dim() != 3 or decoder_input.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"decoder_input must be [s, b, {self.cfg.hidden_size}], "
@@ -173,7 +187,8 @@ class Qwen2LanguageModel(MegatronModule):
         b = decoder_input.shape[1]
         if position_ids.dim() != 2 or position_ids.shape[0] != b:
             raise ValueError(f"position_ids must be [b={b}, s], got {tuple(position_ids.shape)}")
-        params = self.rotary_params(position_ids, attention)
+        params = self.rotary_params(position_ids, attention, inference=inference,
+                                    rope_seq_len=rope_seq_len)
         if params.qkv_format != "thd" or b == 1:
             return self.decoder(decoder_input, attention_mask=None, packed_seq_params=params)
         if self.sequence_parallel:

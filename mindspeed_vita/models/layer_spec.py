@@ -8,7 +8,8 @@ only the kernels are ours:
 * core attention: `BackendCoreAttention` -> `backend.apply_rotary` + `backend.attention`, or
   under context parallelism (a CP group of more than one rank) `RingCoreAttention` ->
   `backend.apply_rotary` + zigzag ring attention over that group; the choice is made here, once,
-  so no attention module branches on the CP size,
+  so no attention module branches on the CP size (the spec builds their KV-cache subclasses
+  from `models.cached_attention`, which inference drives),
 * MLP activation: `BackendSwiGLU` -> `backend.swiglu` on megatron's gated fc1 output, whose
   per-rank layout is `[gate; up]`.
 
@@ -36,8 +37,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from backends.base import Backend
-from mindspeed_vita.models.core_attention import BackendCoreAttention
-from mindspeed_vita.models.ring_core_attention import RingCoreAttention
+from mindspeed_vita.models.cached_attention import CachedCoreAttention, CachedRingCoreAttention
 
 
 class BackendRMSNorm(MegatronModule):
@@ -76,11 +76,15 @@ class BackendSwiGLU(MegatronModule):
 
 def core_attention_spec(backend: Backend, cp_group=None) -> ModuleSpec:
     """The core attention of a layer: the backend's local attention, or ring attention over
-    `cp_group` (the context-parallel process group) when that group has more than one rank."""
+    `cp_group` (the context-parallel process group) when that group has more than one rank.
+
+    Both are the KV-cache-capable subclasses (`models.cached_attention`): identical to the
+    plain classes in training, and the strategy a cached inference forward needs (a local
+    cache, or a cache sharded over the CP group) when the forward carries one."""
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
-        return ModuleSpec(module=RingCoreAttention,
+        return ModuleSpec(module=CachedRingCoreAttention,
                           params={"backend": backend, "cp_group": cp_group})
-    return ModuleSpec(module=BackendCoreAttention, params={"backend": backend})
+    return ModuleSpec(module=CachedCoreAttention, params={"backend": backend})
 
 
 def qwen2_layer_spec(backend: Backend, cp_group=None) -> ModuleSpec:

@@ -60,9 +60,6 @@ class RingCoreAttention(BackendCoreAttention):
         """q `[s, b, n_q, d]`, k/v `[s, b, n_kv, d]` -> `[s, b, n_q * d]`; packed (THD):
         q `[t, n_q, d]`, k/v `[t, n_kv, d]` -> `[t, n_q * d]` (local shards in and out)."""
         p = self._checked(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-        if p.kv_cache is not None:
-            raise ValueError("RingCoreAttention has no KV cache: context-parallel decoding "
-                             "keeps its cache through the inference engine")
         params = self._ring_params(p.attention)
         query = self.backend.apply_rotary(query, p.rotary_cos, p.rotary_sin)
         key = self.backend.apply_rotary(key, p.rotary_cos, p.rotary_sin)

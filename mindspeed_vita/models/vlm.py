@@ -65,12 +65,13 @@ class LongVitaModel(torch.nn.Module):
         #: visual context ids on the host: `build_inputs` plans the batch there
         self.context_ids = tuple(sorted(set(int(i) for i in context_token_ids)))
         #: context-parallel group the visual feature rows are exchanged over (None: CP 1)
-        self.cp_group = None
+        self.cp_group = groups.cp if groups.cp_size > 1 else None
 
     # ----------------------------------------------------------------- inputs
     def build_inputs(self, batch: PackedBatch, *, with_labels: bool = True) -> ModelInputs:
-        """`build_model_inputs` with this model's backend, context tokens and tile size."""
-        return build_model_inputs(batch, groups=None, backend=self.backend,
+        """`build_model_inputs` with this model's groups, backend, context tokens and tile size:
+        under context parallelism, this rank's zigzag shard of `batch`."""
+        return build_model_inputs(batch, groups=self.groups, backend=self.backend,
                                   context_token_ids=self.context_ids,
                                   tokens_per_tile=self.cfg.tokens_per_tile,
                                   with_labels=with_labels)
@@ -144,7 +145,12 @@ class LongVitaModel(torch.nn.Module):
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full-vocabulary logits `[b, s, vocab]` of a whole (unsharded) batch: parity checks
-        and small inputs."""
+        and small inputs, at CP 1 (under context parallelism each rank holds only its shard's
+        hidden states; logits of a shard come from `hidden_states` and the head)."""
+        if self.cp_group is not None:
+            raise ValueError("LongVitaModel.logits() returns the whole sequence's logits and "
+                             "runs at context parallel size 1; under CP use hidden_states() on "
+                             "this rank's shard")
         inputs = self.build_inputs(batch_from_tensors(input_ids, position_ids, pixel_values),
                                    with_labels=False)
         hidden = self.hidden_states(inputs)
@@ -159,6 +165,55 @@ class LongVitaModel(torch.nn.Module):
         local = self.head.last_row_logits(hidden, self.language.output_weight,
                                           sequence_parallel=self.sequence_parallel)
         return self.gather_vocab(local)
+
+    # -------------------------------------------------------------- inference
+    def predicting_logits(self, hidden: torch.Tensor, inputs: ModelInputs,
+                          predict_position: int) -> torch.Tensor:
+        """Full-vocabulary logits `[b, vocab]` of the row at global position `predict_position`
+        (every batch row has it), through this model's head: the logits-masked head projects
+        that row only, the chunked / full heads project the local sequence and keep it. Under
+        CP only the rank whose shard holds the row projects; the CP group then sums, so every
+        rank gets the same logits."""
+        if self.sequence_parallel:
+            raise ValueError("inference runs without sequence parallel (parallel."
+                             "sequence_parallel: false): one new token cannot be split over tp")
+        b = hidden.shape[1]
+        # one host read per prefill: where (if here) the predicting position is
+        local = (inputs.position_ids[0] == predict_position).nonzero().flatten().tolist()
+        logits = hidden.new_zeros(b, self.cfg.language.vocab_size)
+        if local:
+            rows = torch.arange(b, device=hidden.device) + local[0] * b
+            part = self.head.logits_for_rows(hidden, self.language.output_weight, rows)
+            logits = self.gather_vocab(part)
+        if self.cp_group is not None:
+            # the other ranks add zeros: exact (gather_vocab dropped the -inf padding columns)
+            torch.distributed.all_reduce(logits, group=self.cp_group)
+        return logits
+
+    def prefill(self, inputs: ModelInputs, cache, *, predict_position: int) -> torch.Tensor:
+        """Run the prompt (`inputs` from `build_inputs(..., with_labels=False)`: this rank's
+        zigzag shard under CP) through the model, store every layer's keys/values in `cache`
+        (`inference.kv_cache.KVCache`, a `ShardedKVCache` under CP; None for a plain forward,
+        the fixed-length decode mode) and return the logits `[b, vocab]` of the row at global
+        position `predict_position` (the prompt's last token)."""
+        hidden = self.language(self.embed(inputs), inputs.position_ids, inputs.attention,
+                               inference=cache, rope_seq_len=predict_position + 1)
+        if cache is not None:
+            cache.advance()
+        return self.predicting_logits(hidden, inputs, predict_position)
+
+    def decode_step(self, tokens: torch.Tensor, position: int, cache) -> torch.Tensor:
+        """One new token per row, `tokens [b, 1]` at global `position` (the same on every CP
+        rank), against `cache`; returns the next-token logits `[b, vocab]` (identical on every
+        CP rank: each step's attention merges every rank's cached keys)."""
+        if self.sequence_parallel:
+            raise ValueError("inference runs without sequence parallel (parallel."
+                             "sequence_parallel: false): one new token cannot be split over tp")
+        positions = torch.full_like(tokens, position)
+        hidden = self.language(self.language.embed(tokens), positions, None, inference=cache,
+                               rope_seq_len=position + 1)
+        cache.advance()
+        return self.last_logits(hidden)
 
     def trainable_groups(self) -> Tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
         """(vision, projector, language): the units `training.trainable` freezes or trains."""

@@ -284,9 +284,12 @@ def _load_model_state(model, state, path: str) -> None:
 def load_training_checkpoint(path: str, *, model, optimizer, scheduler, pipeline, groups,
                              backend) -> Dict[str, Any]:
     """Restore model, optimizer, scheduler, data position and RNG from checkpoint `path`
-    (written at any TP / DP size; the data position and RNG need the same layout and are
-    skipped, with a warning in the returned dict, when it differs). Returns the per-rank state
-    (step, counters)."""
+    (written at any TP / DP size). The data position needs the same dp size and the RNG states
+    the same layout; otherwise they start fresh (`resharded` in the returned per-rank state,
+    which also holds step and counters).
+
+    Each rank reads the per-rank file of its own global rank; a checkpoint written by fewer
+    ranks gives the missing ranks rank 0's scheduler state (identical on every rank)."""
     from megatron.core import dist_checkpointing
 
     meta = read_training_meta(path)
@@ -304,6 +307,8 @@ def load_training_checkpoint(path: str, *, model, optimizer, scheduler, pipeline
     optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(optimizer)
     rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
+    if not os.path.isfile(rank_file) and meta["world_size"] <= _rank():
+        rank_file = os.path.join(path, "rank_00000.pt")
     layout = groups.layout
     same_layout = meta["world_size"] == layout.world_size and meta["layout"] == {
         "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp,
@@ -313,8 +318,11 @@ def load_training_checkpoint(path: str, *, model, optimizer, scheduler, pipeline
     rank_state = torch.load(rank_file, weights_only=False)
     scheduler.load_state_dict(rank_state["scheduler"])
     rank_state["resharded"] = not same_layout
+    # the data position belongs to a data-parallel rank: it carries over whenever the dp size
+    # does (a TP or CP change keeps each dp rank's stream); RNG states only to the same layout
+    if (pipeline is not None and rank_state["data"] is not None
+            and rank_state["dp_size"] == groups.dp_size):
+        pipeline.load_state_dict(rank_state["data"])
     if same_layout:
-        if pipeline is not None and rank_state["data"] is not None:
-            pipeline.load_state_dict(rank_state["data"])
         set_rng_state(backend, rank_state["rng"])
     return rank_state

@@ -179,10 +179,12 @@ def test_gpu_fused_layers_match_the_reference(dtype):
         (layers.apply_rotary, reference.rotary_reference, _rope_inputs(dtype, device="cuda")),
         (layers.swiglu, reference.swiglu_reference, _swiglu_inputs(dtype, device="cuda")),
     ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch.compile must build on a GPU host
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for fn, ref_fn, inputs in cases:
             _assert_same(fn, ref_fn, inputs, exact=False, tol=tol)
+    failed = [str(w.message) for w in caught if "torch.compile of" in str(w.message)]
+    assert not failed, failed  # torch.compile must build on a GPU host (Triton ships with torch)
     assert layers._rotary._usable is True and layers._swiglu._usable is True
 
 

@@ -82,3 +82,38 @@ def test_gpu_audit_dry_run_on_fakes_torch_only(tmp_path):
     assert "EXCEPTION" not in stdout, stdout[-3000:]
     record = json.loads(out.read_text())
     assert record["dry_run"] is True and record["checks"]
+
+
+_FAKE_CUDA = """
+import torch
+torch.cuda.is_available = lambda: True
+torch.cuda.mem_get_info = lambda device=None: (80 * 2**30, 80 * 2**30)
+torch.cuda.get_device_name = lambda device=None: "fake GPU"
+torch.cuda.get_device_capability = lambda device=None: (9, 0)
+torch.version.cuda = "12.8"
+"""
+
+
+def test_gpu_job_runs_every_step_and_reports_each_failure(tmp_path):
+    """With torch claiming a GPU it does not have, every step fails - and the job still runs
+    each one (a failing test does not hide the benchmarks), records each in summary.txt and
+    exits 1. Checks the job's bash logic, which otherwise first runs on an unattended GPU."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(_FAKE_CUDA)
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_OUT=str(out), PYTHONPATH=f"{fake}:{ROOT}", OMP_NUM_THREADS="2",
+               GPU_JOB_DEMO="0")  # the demo step imports the whole stack: slow, same logic
+    env.pop("INSTALL", None)  # auto: the fake CUDA torch imports, so nothing is installed
+    proc = subprocess.run(["bash", "ci/run_gpu_tests.sh", "-x"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert "install: skipped (a CUDA build of torch imports)" in summary
+    assert json.loads((out / "env.json").read_text())["gpu"] == "fake GPU"
+    for name in ("tests", "bench-torch-default", "bench-torch-default-json", "bench-torch-qwen2",
+                 "bench-torch-qwen2-json", "audit"):
+        assert f"[gpu] {name}: FAILED" in summary, summary
+    assert "FAILED steps: tests bench-torch-default" in summary and "demo: skipped" in summary
+    assert (out / "tests.txt").exists() and (out / "audit.txt").exists()
+    assert (out / "bench-torch-qwen2.json.err").exists()

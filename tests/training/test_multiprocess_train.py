@@ -1,0 +1,83 @@
+"""Multi-process training on CPU/gloo: two nodes simulated by two `shell/train.sh` launches
+equal one node with two processes; a checkpoint written at DP 2 or TP 2 resumes at 1 process."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.dist_utils import free_port
+from tests.training.train_helpers import REPO, env, rows, run, synthetic_data, train_command
+
+STEPS = ["training.train_iters=3", "training.save_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthetic_data(str(tmp_path_factory.mktemp("synth")))
+
+
+def _train_sh(data, run_dir, overrides, **variables):
+    args = train_command(data, run_dir, [*STEPS, *overrides])[4:]  # CONFIG key=value ...
+    return subprocess.Popen(["bash", os.path.join(REPO, "shell", "train.sh"), *args],
+                            env={**env(), **{k: str(v) for k, v in variables.items()}},
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait(procs, timeout=600):
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def one_node_dp2(data, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("one-node") / "run")
+    _wait([_train_sh(data, run_dir, [], NPROC_PER_NODE=2, MASTER_PORT=free_port())])
+    return run_dir
+
+
+def test_two_nodes_equal_one_node(data, one_node_dp2, tmp_path):
+    run_dir, port = str(tmp_path / "run"), free_port()
+    nodes = [_train_sh(data, run_dir, [], NNODES=2, NODE_RANK=rank, MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port, NPROC_PER_NODE=1) for rank in (0, 1)]
+    out = _wait(nodes)
+    assert "nodes=2" in out[0] and "over 2 dp" in out[0]
+    expected = rows(one_node_dp2)
+    assert [r["step"] for r in expected] == [1, 2, 3]
+    assert rows(run_dir) == expected
+
+
+def _resume_from_step_2(source_run, target):
+    """A copy of `source_run` whose latest checkpoint is step 2 (as if it was killed)."""
+    shutil.copytree(source_run, target)
+    shutil.rmtree(os.path.join(target, "iter_0000003"))
+    with open(os.path.join(target, "latest"), "w") as f:
+        f.write("iter_0000002\n")
+
+
+def test_dp2_checkpoint_resumes_on_one_process(data, one_node_dp2, tmp_path):
+    target = str(tmp_path / "run")
+    _resume_from_step_2(one_node_dp2, target)
+    out = run(train_command(data, target, STEPS)).stdout
+    assert "resuming from" in out and "resharded" in out
+    resumed = rows(target)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert resumed[:2] == rows(one_node_dp2)[:2]
+
+
+@pytest.mark.heavy
+def test_tp2_checkpoint_resumes_at_tp1_with_the_same_loss(data, tmp_path):
+    tp2 = str(tmp_path / "tp2")
+    run(train_command(data, tp2, [*STEPS, "parallel.tp=2"], nproc=2))
+    target = str(tmp_path / "tp1")
+    _resume_from_step_2(tp2, target)
+    out = run(train_command(data, target, STEPS)).stdout
+    assert "resharded" in out
+    # same data position (dp 1 both), same weights and Adam state: step 3 is the TP 2 step 3
+    a, b = rows(tp2)[2], rows(target)[2]
+    assert a["step"] == b["step"] == 3 and a["tokens"] == b["tokens"]
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+    assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(a["grad_norm"])
