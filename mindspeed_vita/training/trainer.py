@@ -206,10 +206,11 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
         elif plan.weights:
             say(f"[train] starting from the weights of {plan.weights} (fresh optimizer)",
                 flush=True)
-        micro_per_step = training.global_batch_size // (training.micro_batch_size
-                                                        * groups.dp_size)
-        say(f"[train] {stage.name}: {training.train_iters} steps of {micro_per_step} micro "
-            f"batch(es) x {groups.dp_size} dp (tp={groups.tp_size} cp={groups.cp_size}), "
+        micro_per_step = micro_batches_per_step(training.global_batch_size,
+                                                training.micro_batch_size, groups)
+        say(f"[train] {stage.name}: {training.train_iters} steps of "
+            f"{training.global_batch_size // training.micro_batch_size} micro batch(es) over "
+            f"{groups.dp_size} dp (tp={groups.tp_size} cp={groups.cp_size}), "
             f"trainable {', '.join(p for p, n in counts.items() if n)} "
             f"({sum(counts.values()):,} parameters), backend {backend.name}", flush=True)
         run_dir = plan.run_dir
@@ -297,6 +298,13 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
                 "skipped_steps": skipped_steps, "finished": step >= training.train_iters}
     finally:
         destroy_parallel()
+
+
+def micro_batches_per_step(global_batch_size: int, micro_batch_size: int, groups) -> int:
+    """Micro batches this dp rank runs per step: the global batch's micro batches spread over
+    the dp ranks, the first `remainder` ranks taking one more when they do not divide."""
+    total = global_batch_size // micro_batch_size
+    return total // groups.dp_size + (1 if groups.dp_rank < total % groups.dp_size else 0)
 
 
 def _segments(batch):

@@ -68,9 +68,11 @@ def test_world_size_product():
 
 
 def test_global_batch_vs_dp():
-    cfg = load_config(None, ["training.global_batch_size=6", "parallel.tp=4"])
-    with pytest.raises(ConfigError, match="'training.global_batch_size' = 6"):
-        cfg.check_world_size(16)
+    cfg = load_config(None, ["training.global_batch_size=3", "parallel.tp=4"])
+    with pytest.raises(ConfigError, match="'training.global_batch_size' = 3"):
+        cfg.check_world_size(16)  # dp 4: one rank would get no micro batch
+    assert cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"global_batch_size": 6})}).check_world_size(16).dp == 4  # 2 ranks get 2
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

@@ -44,7 +44,7 @@ def test_two_nodes_equal_one_node(data, one_node_dp2, tmp_path):
     nodes = [_train_sh(data, run_dir, [], NNODES=2, NODE_RANK=rank, MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=port, NPROC_PER_NODE=1) for rank in (0, 1)]
     out = _wait(nodes)
-    assert "nodes=2" in out[0] and "x 2 dp" in out[0]
+    assert "nodes=2" in out[0] and "over 2 dp" in out[0]
     expected = rows(one_node_dp2)
     assert [r["step"] for r in expected] == [1, 2, 3]
     assert rows(run_dir) == expected
@@ -68,6 +68,7 @@ def test_dp2_checkpoint_resumes_on_one_process(data, one_node_dp2, tmp_path):
     assert resumed[:2] == rows(one_node_dp2)[:2]
 
 
+@pytest.mark.heavy
 def test_tp2_checkpoint_resumes_at_tp1_with_the_same_loss(data, tmp_path):
     tp2 = str(tmp_path / "tp2")
     run(train_command(data, tp2, [*STEPS, "parallel.tp=2"], nproc=2))

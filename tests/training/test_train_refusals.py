@@ -23,9 +23,21 @@ def _refused(cmd, extra_env=None):
     return errors[0]
 
 
+def _plan_error(data, tmp_path, overrides):
+    """The error `plan_start` (the trainer's checks before any compute) raises, in-process."""
+    from mindspeed_vita.config.loader import load_config
+    from mindspeed_vita.errors import UserInputError
+    from mindspeed_vita.training.trainer import plan_start
+
+    cmd = train_command(data, str(tmp_path / "run"), overrides)
+    stage = load_config(cmd[4], cmd[5:])
+    with pytest.raises((UserInputError, ValueError)) as info:  # ConfigError is a ValueError
+        plan_start(stage, 1)
+    return str(info.value)
+
+
 def test_missing_checkpoint_to_start_from(data, tmp_path):
-    line = _refused(train_command(data, str(tmp_path / "run"),
-                                  [f"training.load={tmp_path / 'no-such-run'}"]))
+    line = _plan_error(data, tmp_path, [f"training.load={tmp_path / 'no-such-run'}"])
     assert "training.load" in line and "no-such-run" in line
 
 
@@ -40,7 +52,7 @@ def test_world_size_not_matching_the_layout(data, tmp_path):
 def test_unwritable_run_directory(data, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    line = _refused(train_command(data, str(blocker / "run")))
+    line = _plan_error(data, tmp_path, [f"training.save={blocker / 'run'}"])
     assert "training.save" in line and "not writable" in line
 
 
