@@ -21,7 +21,15 @@
 # Extra arguments go to pytest. GPU_JOB_BUDGET_S (default 540) caps the whole job.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then  # the first interpreter on PATH that imports torch (hosts differ)
+  PY=python3
+  for candidate in python3 python; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c "import torch" >/dev/null 2>&1; then
+      PY=$candidate; break
+    fi
+  done
+fi
 OUT=${GPU_OUT:-${GPU_BENCH_OUT:-gpu-bench}}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MINDSPEED_VITA_BACKEND=cuda
