@@ -549,8 +549,9 @@ class CUDABackend(CUDAFusedLayers, Backend):
                 kernels, dout[rows], p.q[rows], p.k[keys], p.v[keys], out[rows], lse[:, rows],
                 piece.cu_q, piece.cu_kv, piece.max_q, piece.max_kv, piece.causal, scale)
             dq[rows] = g_q
-            dk.index_add_(0, keys, g_k.float())
-            dv.index_add_(0, keys, g_v.float())
+            # index_put_ with accumulate has a deterministic CUDA path (index_add_ may not)
+            dk.index_put_((keys,), g_k.float(), accumulate=True)
+            dv.index_put_((keys,), g_v.float(), accumulate=True)
         return dq, dk.to(p.k.dtype), dv.to(p.v.dtype)
 
     # ---------------------------------------------------------------- attention

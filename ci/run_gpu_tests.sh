@@ -21,12 +21,22 @@
 # Extra arguments go to pytest. GPU_JOB_BUDGET_S (default 540) caps the whole job.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then  # the first interpreter on PATH that imports torch (hosts differ)
+  PY=python3
+  for candidate in python3 python; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c "import torch" >/dev/null 2>&1; then
+      PY=$candidate; break
+    fi
+  done
+fi
 OUT=${GPU_OUT:-${GPU_BENCH_OUT:-gpu-bench}}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MINDSPEED_VITA_BACKEND=cuda
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# deterministic-mode checks (tests, audit) run cuBLAS too, which needs a fixed workspace
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 START=$SECONDS
 BUDGET=${GPU_JOB_BUDGET_S:-540}
 FAILED=()

@@ -124,10 +124,11 @@ def _internvit_to_hf_internvl(state: Dict[str, torch.Tensor]) -> Dict[str, torch
     renames = {"ls1": "lambda_1", "ls2": "lambda_2", "norm1": "layernorm_before",
                "norm2": "layernorm_after", "attn.proj": "attention.projection_layer",
                "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    patch = "embeddings.patch_embeddings.projection."
     embeddings = {"embeddings.class_embedding": "embeddings.cls_token",
                   "embeddings.position_embedding": "embeddings.position_embeddings",
-                  "embeddings.patch_embedding.weight": "embeddings.patch_embeddings.projection.weight",
-                  "embeddings.patch_embedding.bias": "embeddings.patch_embeddings.projection.bias"}
+                  "embeddings.patch_embedding.weight": patch + "weight",
+                  "embeddings.patch_embedding.bias": patch + "bias"}
     for key, tensor in state.items():
         name = key[len("model.vision_model."):]
         if name in embeddings:

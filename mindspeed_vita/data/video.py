@@ -1,8 +1,9 @@
 """Video frames: which frames to take (Long-VITA's rule) and decoding only those.
 
 A video is a file (anything FFmpeg reads) or a directory of png/jpg frames (subdirectories
-included) in natural sort order. Frames are letterboxed to a square with the ImageNet mean colour, bicubic-resized to
-`frame_size` and normalised; there is no tiling and each frame becomes one visual unit.
+included) in natural sort order. Frames are letterboxed to a square with the ImageNet mean
+colour, bicubic-resized to `frame_size` and normalised; there is no tiling and each frame
+becomes one visual unit.
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model-args", default="",
                         help="more key=value model arguments, comma separated")
     parser.add_argument("--lmms-args", default="",
-                        help="more lmms-eval flags, one string (e.g. --lmms-args=\"--log_samples\")")
+                        help="more lmms-eval flags as one string "
+                             "(e.g. --lmms-args=\"--log_samples\")")
 
 
 def lmms_eval_argv(args) -> list:

@@ -626,6 +626,27 @@ def test_gpu_attention_makes_no_host_sync(gpu_backend):
 
 
 @pytest.mark.gpu
+def test_gpu_deterministic_backward_is_bitwise_repeatable(gpu_backend):
+    """torch.use_deterministic_algorithms(True) reaches the kernels' backward (PyTorch's reads
+    it itself, flash-attn's gets it from the backend): two backwards agree bit for bit, also
+    through the top-left split (s_q != s_kv) whose dk / dv are accumulated."""
+    q, k, v = (_randn(t, n, 64, seed=s, dtype=torch.bfloat16).cuda()
+               for s, t, n in ((1, 1536, 8), (2, 1536, 2), (3, 1536, 2)))
+    dout = _randn(1536, 8, 64, seed=4, dtype=torch.bfloat16).cuda()
+    for params in (AttentionParams.packed([0, 512, 1536], mask="causal", device="cuda"),
+                   AttentionParams.packed([0, 512, 1536], [0, 256, 1536], mask="causal",
+                                          device="cuda")):
+        out, lse = gpu_backend.attention_forward(q, k, v, params)
+        torch.use_deterministic_algorithms(True)
+        try:
+            first = gpu_backend.attention_backward(dout, q, k, v, out, lse, params)
+            second = gpu_backend.attention_backward(dout, q, k, v, out, lse, params)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.gpu
 def test_gpu_runtime(gpu_backend):
     gpu_backend.set_device(0)
     assert gpu_backend.device() == torch.device("cuda", torch.cuda.current_device()) == \

@@ -1,7 +1,8 @@
 """The whole LongVitaModel (vision + projector + LLM) under context parallelism equals the
 single-process run: loss and EVERY parameter gradient, fp32, <= 1e-5 relative, with CP 2, CP 4,
 TP 2 x CP 2 (sequence parallel) and DP 2 x CP 2, in both packing modes (reset: per-sample
-zigzag through the varlen ring; joint: each row one sequence through the dense ring).
+zigzag through the varlen ring; joint: each row one sequence through the dense ring), with
+each of the full, chunked and logits-masked heads.
 
 The batches put images across zigzag slice boundaries and rank boundaries, so feature rows must
 travel from the encoding rank to the rank holding their context tokens (and gradients back).
@@ -26,6 +27,8 @@ CONTEXT_ID = 1000
 TPT = 4  # tiny.yaml: 56 px tiles, patch 14, pixel shuffle 0.5 -> 4 context tokens per tile
 SEQ = 64  # a multiple of 2 * cp * tp for every layout below
 TOL = 1e-5
+#: the loss heads, each run on every layout (chunked / logits-masked in chunks of 7 rows)
+HEADS = ("full", "chunked", "logits-masked")
 # (tp, cp, dp, sequence_parallel)
 LAYOUTS = {"cp2": (1, 2, 1, False), "cp4": (1, 4, 1, False),
            "tp2-cp2-sp": (2, 2, 1, True), "dp2-cp2": (1, 2, 2, False)}
@@ -74,12 +77,36 @@ def make_batch(mode, rows, seed):
                        cu_seqlens=torch.tensor(cu, dtype=torch.int32) if mode == "reset" else None)
 
 
+def one_tile_batch(mode):
+    """One row, one tile at positions 20-23: inside zigzag chunk 1 of 4 (CP 2, rank 1) in joint
+    mode, and inside rank 1's chunks of the 16..40 sample in reset mode."""
+    from mindspeed_vita.data.types import PackedBatch
+
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 900, (1, SEQ), generator=gen)
+    tokens[0, 20:24] = CONTEXT_ID
+    labels = torch.randint(0, 900, (1, SEQ), generator=gen)
+    labels[tokens == CONTEXT_ID] = -100
+    lengths = [16, 24, 24] if mode == "reset" else [SEQ]
+    return PackedBatch(tokens=tokens, labels=labels,
+                       position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                       pixel_values=torch.randn(1, 3, 56, 56, generator=gen),
+                       cu_seqlens=(torch.tensor([0, 16, 40, 64], dtype=torch.int32)
+                                   if mode == "reset" else None))
+
+
 def batches_for(name):
-    """{mode: [one batch per dp rank]}; sequence parallel needs one row per packed batch."""
+    """{mode: [one batch per dp rank]}; sequence parallel needs one row per packed batch. At
+    CP 2 also a batch with one tile: in joint mode all its rows sit on rank 1, so rank 0
+    encodes, sends and receives nothing but still takes part in the exchange and its backward;
+    in reset mode its rows straddle the two ranks."""
     tp, cp, dp, sp = LAYOUTS[name]
     rows = 1 if sp else 2
-    return {mode: [make_batch(mode, rows, seed=10 * d + (mode == "joint")) for d in range(dp)]
-            for mode in ("reset", "joint")}
+    batches = {mode: [make_batch(mode, rows, seed=10 * d + (mode == "joint")) for d in range(dp)]
+               for mode in ("reset", "joint")}
+    if name == "cp2":
+        batches.update({f"{mode}-one-tile": [one_tile_batch(mode)] for mode in ("reset", "joint")})
+    return batches
 
 
 def tile_ids(pixels):
@@ -118,6 +145,7 @@ def run_step(model, groups, batch):
 def _parallel_body(rank, world_size, name, state, batches):
     from backends import get_backend
     from mindspeed_vita.convert.checkpoint import load_full_state_into_model
+    from mindspeed_vita.models.lm_head import build_lm_head
     from mindspeed_vita.models.vlm import LongVitaModel
     from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import initialize_parallel
@@ -132,10 +160,13 @@ def _parallel_body(rank, world_size, name, state, batches):
     out = {"tp_rank": groups.tp_rank, "cp_rank": groups.cp_rank, "dp_rank": groups.dp_rank,
            "marked_sp": {n for n, p in model.named_parameters()
                          if getattr(p, "sequence_parallel", False)}}
+    keep_grads = groups.cp_rank == 0 and groups.dp_rank == 0
     for mode, per_dp in batches.items():
-        loss, grads, seen = run_step(model, groups, per_dp[groups.dp_rank])
-        keep_grads = groups.cp_rank == 0 and groups.dp_rank == 0
-        out[mode] = (loss, grads if keep_grads else None, seen)
+        for head in HEADS:
+            # every head computes the loss of this rank's label rows only, unchanged under CP
+            model.head = build_lm_head(head, 7, vocab_size=cfg.language.vocab_size)
+            loss, grads, seen = run_step(model, groups, per_dp[groups.dp_rank])
+            out[mode, head] = (loss, grads if keep_grads else None, seen)
     return out
 
 
@@ -203,26 +234,34 @@ def test_cp_loss_and_every_gradient_match_one_process(reference_state, name):
                               args=(name, reference_state, batches), timeout=900)
     for mode, per_dp in batches.items():
         ref_loss, ref_grads = reference_run(reference_state, per_dp)
-        for r in results:
-            assert abs(r[mode][0] - ref_loss) <= TOL * abs(ref_loss), (mode, r[mode][0], ref_loss)
-        by_tp = {r["tp_rank"]: r[mode][1] for r in results if r[mode][1] is not None}
-        by_tp = [by_tp[t] for t in range(tp)]
-        marked_sp = results[0]["marked_sp"]  # reduced over tp in the workers already
-        assert bool(marked_sp) == sp
-        worst = {}
-        for pname, ref in ref_grads.items():
-            assert float(ref.abs().max()) > 0, f"{pname}: the reference gradient is all zeros"
-            full = gathered(pname, [g[pname] for g in by_tp], marked_sp)
-            worst[pname] = rel_error(full, ref)
-        bad = {k: v for k, v in worst.items() if v > TOL}
-        assert not bad, f"{name} {mode}: gradients differ from one process: {bad}"
-        assert any(k.startswith("vision.") for k in worst)
-        # every tile encoded exactly once per CP group, work within one tile of even
-        for d in range(dp):
-            for t in range(tp):
-                group = [r for r in results if r["dp_rank"] == d and r["tp_rank"] == t]
-                assert len(group) == cp
-                seen = sorted(x for r in group for x in r[mode][2])
-                assert seen == sorted(tile_ids(per_dp[d].pixel_values)), (mode, d, t)
-                counts = [len(r[mode][2]) for r in group]
-                assert max(counts) - min(counts) <= 1, counts
+        for head in HEADS:
+            check_head(name, mode, head, results, per_dp, ref_loss, ref_grads)
+
+
+def check_head(name, mode, head, results, per_dp, ref_loss, ref_grads):
+    """Loss, gradients and encoder work of one (packing mode, head) against one process."""
+    tp, cp, dp, sp = LAYOUTS[name]
+    key = (mode, head)
+    for r in results:
+        assert abs(r[key][0] - ref_loss) <= TOL * abs(ref_loss), (key, r[key][0], ref_loss)
+    by_tp = {r["tp_rank"]: r[key][1] for r in results if r[key][1] is not None}
+    by_tp = [by_tp[t] for t in range(tp)]
+    marked_sp = results[0]["marked_sp"]  # reduced over tp in the workers already
+    assert bool(marked_sp) == sp
+    worst = {}
+    for pname, ref in ref_grads.items():
+        assert float(ref.abs().max()) > 0, f"{pname}: the reference gradient is all zeros"
+        full = gathered(pname, [g[pname] for g in by_tp], marked_sp)
+        worst[pname] = rel_error(full, ref)
+    bad = {k: v for k, v in worst.items() if v > TOL}
+    assert not bad, f"{name} {key}: gradients differ from one process: {bad}"
+    assert any(k.startswith("vision.") for k in worst)
+    # every tile encoded exactly once per CP group, work within one tile of even
+    for d in range(dp):
+        for t in range(tp):
+            group = [r for r in results if r["dp_rank"] == d and r["tp_rank"] == t]
+            assert len(group) == cp
+            seen = sorted(x for r in group for x in r[key][2])
+            assert seen == sorted(tile_ids(per_dp[d].pixel_values)), (key, d, t)
+            counts = [len(r[key][2]) for r in group]
+            assert max(counts) - min(counts) <= 1, counts
