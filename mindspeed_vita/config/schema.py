@@ -155,6 +155,13 @@ class InferenceConfig(Section):
     """System message; None = none, as in training."""
     max_num_frame: int = Field(64, ge=1)
     """Frames sampled from one video of a request."""
+    decode_mode: Literal["kv-cache", "fixed-length"] = "kv-cache"
+    """kv-cache: prefill once (ring attention under CP), keep the keys (sharded over the CP
+    ranks) and decode one row per step; fixed-length: the paper's scheme, a full forward of the
+    prompt padded to prompt + max_new_tokens for every token (exact, slower)."""
+    lm_head: Literal["full", "chunked", "logits-masked"] = "logits-masked"
+    """Head used at inference (replaces the checkpoint's model.lm_head): logits-masked projects
+    only the predicting row; chunked / full project the prompt and keep that row."""
     max_prompt_tokens: int = Field(131072, ge=1)
     """serve: longest prompt (rendered tokens, visual context included) a request may have."""
     max_images: int = Field(16, ge=0)

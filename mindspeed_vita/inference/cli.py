@@ -9,8 +9,15 @@ from mindspeed_vita.commands.argtypes import (
     positive_int)
 
 
+#: flags that override `inference.<key>` of --config (flag --max-new-tokens <-> max_new_tokens)
+INFERENCE_FLAGS = ("max_new_tokens", "temperature", "top_p", "seed", "max_num_frame",
+                   "system_prompt", "greedy")
+
+
 def add_arguments(parser) -> None:
     """Flags of `mindspeed-vita infer`; a flag that sets a config value has its key's name."""
+    from mindspeed_vita.inference.launch import add_parallel_arguments
+
     parser.add_argument("--checkpoint", required=True, type=existing_dir,
                         help="native checkpoint directory or HF InternVL directory")
     parser.add_argument("--prompt", required=True,
@@ -19,21 +26,22 @@ def add_arguments(parser) -> None:
                         help="image file (repeat for several, in tag order)")
     parser.add_argument("--video", action="append", default=[], metavar="PATH", type=existing_path,
                         help="video file or frame directory (repeat for several)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64,
-                        help="most tokens to generate (inference.max_new_tokens)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help="most tokens to generate (inference.max_new_tokens, default 64)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", action="store_true",
+    mode.add_argument("--greedy", action="store_const", const=True, default=None,
                       help="argmax decoding (inference.greedy; the default)")
     mode.add_argument("--temperature", type=positive_float, default=None,
                       help="sample at this temperature instead of greedy (inference.temperature)")
-    parser.add_argument("--top-p", type=positive_float, default=1.0,
+    parser.add_argument("--top-p", type=positive_float, default=None,
                         help="nucleus mass when sampling, in (0, 1] (inference.top_p)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (inference.seed)")
-    parser.add_argument("--max-num-frame", type=positive_int, default=64,
-                        help="frames sampled per video (data.max_num_frame)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (inference.seed)")
+    parser.add_argument("--max-num-frame", type=positive_int, default=None,
+                        help="frames sampled per video (inference.max_num_frame, default 64)")
     parser.add_argument("--system-prompt", default=None,
                         help="system message (inference.system_prompt; default none, as in "
                              "training)")
+    add_parallel_arguments(parser)
     add_backend_argument(parser)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with text, token_ids and logprobs")
@@ -62,46 +70,43 @@ def check_request(args) -> None:
 
 
 def run(args) -> int:
-    """Load the checkpoint and generate; progress of the (slow) loading on stderr."""
+    """Load the checkpoint on every rank (torchrun: CP x TP x DP processes) and generate; rank 0
+    prints. Progress of the (slow) loading on stderr."""
     from mindspeed_vita.errors import UserInputError
     from mindspeed_vita.progress import steps
 
-    if not 0.0 < args.top_p <= 1.0:
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UserInputError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.temperature is not None:
+        args.greedy = False
     with steps(["import torch and megatron-core", "check the request", "load the checkpoint"],
                desc="[infer]") as step:
         step("import torch and megatron-core")
-        from backends import get_backend
+        import torch.distributed as dist
+
         from mindspeed_vita.inference.engine import Generator
+        from mindspeed_vita.inference.launch import load_model, stage_config
         from mindspeed_vita.inference.sampling import SamplingParams
-        from mindspeed_vita.models.build import load_pretrained
-        from mindspeed_vita.config.schema import ParallelConfig
-        from mindspeed_vita.parallel.layout import ParallelLayout
-        from mindspeed_vita.parallel.process_groups import (destroy_parallel, initialize_parallel,
-                                                            launch_world_size)
+        from mindspeed_vita.parallel.process_groups import destroy_parallel
 
         step("check the request")
         check_request(args)
-        sampling = SamplingParams(greedy=args.temperature is None,
-                                  temperature=args.temperature or 1.0, top_p=args.top_p)
-        # the default parallel section (no model split; more torchrun processes: data parallel)
-        layout = ParallelLayout.from_config(ParallelConfig(), launch_world_size())
-        backend = get_backend(args.backend)
+        cfg = stage_config(args, INFERENCE_FLAGS)
+        inf = cfg.inference
+        sampling = SamplingParams(greedy=inf.greedy, temperature=inf.temperature, top_p=inf.top_p)
         step("load the checkpoint")
-        groups = initialize_parallel(backend, layout)
-        try:
-            model, tokenizer, _ = load_pretrained(args.checkpoint, backend, groups=groups)
-        except BaseException:
-            destroy_parallel()
-            raise
+        model, tokenizer, _ = load_model(cfg, args.checkpoint, args.backend)
     try:
-        model.eval()
-        gen = Generator(model, tokenizer, max_num_frame=args.max_num_frame,
-                        system_prompt=args.system_prompt)
+        gen = Generator(model, tokenizer, max_num_frame=inf.max_num_frame,
+                        system_prompt=inf.system_prompt, decode_mode=inf.decode_mode)
         result = gen.generate(args.prompt, args.image, args.video,
-                              max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+                              max_new_tokens=inf.max_new_tokens, sampling=sampling,
+                              seed=inf.seed)
+        rank = dist.get_rank()
     finally:
         destroy_parallel()
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids,
                           "logprobs": result.logprobs, "prompt_tokens": result.prompt_tokens,

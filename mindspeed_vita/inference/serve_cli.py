@@ -1,7 +1,10 @@
 """`mindspeed-vita serve`: the OpenAI-compatible HTTP server for a checkpoint.
 
     mindspeed-vita serve --checkpoint DIR [--host H] [--port P] [--config STAGE.yaml]
-                         [--allow-local-media DIR] [--max-prompt-tokens N] ...
+                         [--allow-local-media DIR] [--max-prompt-tokens N] [--cp N] ...
+
+With --cp N (and/or --tp) start it under torchrun with that many processes (shell/infer.sh
+serve ...): rank 0 serves HTTP and drives the other ranks (inference/multi_rank.py).
 
 Limits and sampling defaults are the `inference.*` keys of the config (a stage YAML, or none:
 the defaults); each has a flag of the same name that overrides it. The model loads once, then
@@ -34,60 +37,66 @@ def add_arguments(parser) -> None:
         parser.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
                             help=f"override inference.{key}")
     parser.add_argument("--backend", default=None, help="auto | npu | cuda | cpu")
+    from mindspeed_vita.inference.launch import add_parallel_arguments
+
+    add_parallel_arguments(parser, config=False)
 
 
-def _inference_config(args):
-    from mindspeed_vita.config.loader import load_config
+def _stage_config(args):
     from mindspeed_vita.errors import UserInputError
+    from mindspeed_vita.inference.launch import stage_config
 
-    overrides = [f"inference.{key}={getattr(args, key)}" for key, _ in _LIMIT_FLAGS
-                 if getattr(args, key) is not None]
     if args.allow_local_media is not None:
         if not os.path.isdir(args.allow_local_media):
             raise UserInputError(f"--allow-local-media {args.allow_local_media}: not a directory")
-        overrides.append(f"inference.allow_local_media={os.path.abspath(args.allow_local_media)}")
-    return load_config(args.config, overrides).inference
+        args.allow_local_media = os.path.abspath(args.allow_local_media)
+    return stage_config(args, [key for key, _ in _LIMIT_FLAGS] + ["allow_local_media"])
 
 
 def run(args) -> int:
+    """Load the model on every rank; rank 0 serves HTTP and drives the others (under torchrun
+    with --cp / --tp), which follow until it stops."""
     from mindspeed_vita.errors import UserInputError
 
     if not 0 <= args.port <= 65535:
         raise UserInputError(f"--port must be in 0..65535, got {args.port}")
     if not os.path.isdir(args.checkpoint):
         raise UserInputError(f"--checkpoint {args.checkpoint}: not a directory")
-    inference = _inference_config(args)
+    cfg = _stage_config(args)
+    inference = cfg.inference
 
+    import torch.distributed as dist
     import uvicorn
 
-    from backends import get_backend
     from mindspeed_vita.inference.engine import Generator
+    from mindspeed_vita.inference.launch import load_model
+    from mindspeed_vita.inference.multi_rank import RankDriver, follow
     from mindspeed_vita.inference.server import create_app
     from mindspeed_vita.inference.service import GenerationService
-    from mindspeed_vita.models.build import load_pretrained
-    from mindspeed_vita.config.schema import ParallelConfig
-    from mindspeed_vita.parallel.layout import ParallelLayout
-    from mindspeed_vita.parallel.process_groups import (destroy_parallel, initialize_parallel,
-                                                        launch_world_size)
+    from mindspeed_vita.parallel.process_groups import destroy_parallel
 
-    # the default parallel section (no model split; extra torchrun processes are data parallel)
-    layout = ParallelLayout.from_config(ParallelConfig(), launch_world_size())
-    backend = get_backend(args.backend)
-    groups = initialize_parallel(backend, layout)
-    service = None
+    model, tokenizer, _ = load_model(cfg, args.checkpoint, args.backend)
+    service = driver = None
     try:
-        model, tokenizer, _ = load_pretrained(args.checkpoint, backend, groups=groups)
-        model.eval()
         generator = Generator(model, tokenizer, max_num_frame=inference.max_num_frame,
-                              system_prompt=inference.system_prompt)
-        service = GenerationService(generator, inference)
+                              system_prompt=inference.system_prompt,
+                              decode_mode=inference.decode_mode)
+        if dist.get_world_size() > 1:
+            if dist.get_rank() != 0:
+                follow(generator)
+                return 0
+            driver = RankDriver(generator)
+        service = GenerationService(generator, inference,
+                                    generate=None if driver is None else driver.generate)
         name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-        print(f"mindspeed-vita: serving {name!r} on http://{args.host}:{args.port}/v1",
-              flush=True)
+        print(f"mindspeed-vita: serving {name!r} on http://{args.host}:{args.port}/v1 "
+              f"({dist.get_world_size()} process(es))", flush=True)
         uvicorn.run(create_app(service, model_name=name), host=args.host, port=args.port,
                     log_level="warning")
     finally:
         if service is not None:
             service.close()
+        if driver is not None:
+            driver.close()
         destroy_parallel()
     return 0

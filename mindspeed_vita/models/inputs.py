@@ -154,11 +154,13 @@ def build_model_inputs(batch: PackedBatch, *, groups: Optional["ParallelGroups"]
             attention=None if cu_host is None else packed_attention_params(cu_host, device),
             visual=visual)
     cp_rank = groups.cp_rank
-    # every rank plans every rank's shard: the visual plan needs to know who holds which row
-    shards = [ZigzagShard.build(b, s, cp_size, rank, cu_host) for rank in range(cp_size)]
-    shard_positions = [shard.index().view(b, s // cp_size) for shard in shards]
-    mine = shards[cp_rank]
-    index = shard_positions[cp_rank].reshape(-1)
+    mine = ZigzagShard.build(b, s, cp_size, cp_rank, cu_host)
+    index = mine.index()
+    # with media, every rank plans every rank's shard: the visual plan needs to know who holds
+    # which context row (without media only the context-token count is checked)
+    shard_positions = [] if pixels is None else [
+        (mine if rank == cp_rank else ZigzagShard.build(b, s, cp_size, rank, cu_host))
+        .index().view(b, s // cp_size) for rank in range(cp_size)]
     visual = _visual_inputs(tokens, pixels, shard_positions, cp_rank, context_token_ids,
                             tokens_per_tile, device)
     return ModelInputs(
