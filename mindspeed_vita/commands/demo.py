@@ -14,10 +14,20 @@ def add_arguments(parser) -> None:
         help="output directory (created if missing; must not be a file)",
     )
     parser.add_argument(
-        "--steps", type=positive_int, default=4, help="optimizer steps on packed batches"
+        "--steps", type=positive_int, default=None,
+        help="optimizer steps of every stage (default: each demo config's training.train_iters)"
     )
     parser.add_argument(
-        "--seq-length", type=positive_int, default=2048, help="packed row length (data.seq_length)"
+        "--seq-length", type=positive_int, default=None,
+        help="packed row length of every stage (default: each demo config's data.seq_length)"
+    )
+    parser.add_argument(
+        "--nproc", type=positive_int, default=2,
+        help="processes per stage (torchrun; CP = nproc in stages 3-4, dp in 1-2; default 2)"
+    )
+    parser.add_argument(
+        "--eval-images", type=positive_int, default=20,
+        help="held-out images whose questions are evaluated (default 20)"
     )
     parser.add_argument(
         "--max-new-tokens",

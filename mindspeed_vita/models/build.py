@@ -155,6 +155,18 @@ def load_pretrained(path: str, backend: Backend, *, groups, recompute: str = "no
     from mindspeed_vita.convert.long_vita import import_long_vita
     from mindspeed_vita.data.tokenizer import load_tokenizer
 
+    from mindspeed_vita.training.checkpointing import (
+        is_training_checkpoint, latest_checkpoint, load_model_weights, read_training_meta)
+
+    if not is_training_checkpoint(path) and latest_checkpoint(path) is not None:
+        path = latest_checkpoint(path)  # a training run directory: its latest checkpoint
+    if is_training_checkpoint(path):  # megatron dist_checkpointing, any tp it was written at
+        meta = read_training_meta(path)
+        tokenizer = load_tokenizer(os.path.join(path, TOKENIZER_DIR))
+        cfg = updated_config(ModelConfig.model_validate(meta["model"]), config_update)
+        model = build_model(cfg, backend, groups=groups, tokenizer=tokenizer, recompute=recompute)
+        load_model_weights(path, model, groups)
+        return model, tokenizer, cfg
     kind = checkpoint_kind(path)
     if kind == NATIVE:
         meta = read_metadata(path)

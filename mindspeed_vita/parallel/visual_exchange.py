@@ -100,8 +100,11 @@ def plan_visual_exchange(is_context: torch.Tensor, shard_positions: Sequence[tor
     for rank, positions in enumerate(shard_positions):
         local = ordinal[positions.reshape(-1)].view_as(positions).t().reshape(-1)  # seq-major
         rows = (local >= 0).nonzero().flatten()
-        ords, order = local[rows].sort()  # ascending context order
-        held.append((ords, rows[order]))
+        # ascending context order without a sort (O(n)): scatter each row to its ordinal
+        row_of = torch.full((n_context,), -1, dtype=torch.long)
+        row_of[local[rows]] = rows
+        ords = (row_of >= 0).nonzero().flatten()
+        held.append((ords, row_of[ords]))
         rows_held[:, rank] = torch.bincount(ords // tokens_per_tile, minlength=n_units)
     if int(rows_held.sum()) != n_context:
         raise ValueError(f"the CP shards hold {int(rows_held.sum())} context tokens, the batch "
@@ -121,11 +124,12 @@ def plan_visual_exchange(is_context: torch.Tensor, shard_positions: Sequence[tor
         send_splits.append(int(from_me.numel()))
     ords, rows = held[cp_rank]
     source = owner[ords // tokens_per_tile]
-    order = torch.argsort(source * max(n_context, 1) + ords)  # by source rank, then context order
-    recv_splits = tuple(int(n) for n in torch.bincount(source, minlength=cp).tolist())
+    # received rows come by source rank, each source's in ascending context order
+    from_source = [rows[source == rank] for rank in range(cp)]
     return VisualPlan(
         units=units, send_index=torch.cat(send_parts) if send_parts else units.new_zeros(0),
-        send_splits=tuple(send_splits), recv_splits=recv_splits, context_rows=rows[order],
+        send_splits=tuple(send_splits), recv_splits=tuple(int(r.numel()) for r in from_source),
+        context_rows=torch.cat(from_source),
         units_per_rank=tuple(int(n) for n in torch.bincount(owner, minlength=cp).tolist()))
 
 

@@ -77,16 +77,22 @@ def test_sampling_rules():
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    # a fresh process, as a user runs it (this module holds megatron's parallel state)
+    # a fresh process, as a user runs it (this module holds megatron's parallel state); the
+    # four stages at one step each on one process (the real demo: 2 processes, CP 2)
     import subprocess
     import sys
 
     r = subprocess.run([sys.executable, "-m", "mindspeed_vita.cli", "demo", "--out", str(tmp_path),
-                        "--steps", "2", "--seq-length", "1024", "--max-new-tokens", "3",
-                        "--backend", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+                        "--steps", "1", "--seq-length", "1024", "--max-new-tokens", "3",
+                        "--nproc", "1", "--eval-images", "1", "--backend", "cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
-    assert len(summary["losses"]) == 2 and all(l > 0 for l in summary["losses"])
+    assert len(summary["losses"]) == 4 and all(l > 0 for l in summary["losses"])
     assert summary["generation"]["prompt_tokens"] > 0
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert summary["generation_video"]["prompt_tokens"] > 0
+    assert set(summary["heldout_accuracy"]) == {"chance", "untrained", "trained"}
+    for n in (1, 2, 3, 4):
+        lines = (tmp_path / f"stage{n}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1]
+        assert (tmp_path / f"stage{n}" / "latest").read_text().strip() == "iter_0000001"
