@@ -54,6 +54,8 @@ COMMANDS: List[Tuple] = [
          "zigzag ring attention: balance, memory, overlap"),
         ("decode", "mindspeed_vita.commands.bench_decode",
          "KV-cache CP decode vs the paper's fixed-length decode: tokens/s"),
+        ("prefill", "mindspeed_vita.commands.bench_prefill",
+         "CP prefill: peak memory per rank, longest prompt per LM head in a budget"),
     ], "benchmarks that print ratios against a baseline measured in the same run"),
 ]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from mindspeed_vita.bench.common import format_table, print_json
 from mindspeed_vita.bench.spawn import run_group
@@ -23,30 +23,34 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MODES = ("kv-cache", "fixed-length")
 
 
-def tiny_model(cp: int, seed: int = 1):
-    """The tiny model (configs/model/tiny.yaml, fp32) under CP `cp` on the CPU backend; starts
-    the parallel groups (the world is this process group)."""
-    import torch
+def tiny_groups(cp: int, seed: int = 1):
+    """The parallel groups of CP `cp` on the CPU backend (the world is this process group)."""
+    from backends import get_backend
+    from mindspeed_vita.config.schema import ParallelConfig
+    from mindspeed_vita.parallel.layout import ParallelLayout
+    from mindspeed_vita.parallel.process_groups import initialize_parallel
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return initialize_parallel(get_backend("cpu"), ParallelLayout.from_config(
+        ParallelConfig(cp=cp), world), seed=seed)
+
+
+def tiny_model(groups, lm_head: Optional[str] = None):
+    """The tiny model (configs/model/tiny.yaml, fp32) on the CPU backend under `groups`, with
+    the LM head `lm_head` (default: the config's)."""
     import yaml
 
     from backends import get_backend
     from mindspeed_vita.config.model import ModelConfig
-    from mindspeed_vita.config.schema import ParallelConfig
     from mindspeed_vita.models.vlm import LongVitaModel
-    from mindspeed_vita.parallel.layout import ParallelLayout
-    from mindspeed_vita.parallel.process_groups import initialize_parallel
 
     with open(os.path.join(REPO, "configs", "model", "tiny.yaml")) as f:
-        cfg = ModelConfig.model_validate(yaml.safe_load(f))
-    backend = get_backend("cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    groups = initialize_parallel(backend, ParallelLayout.from_config(ParallelConfig(cp=cp),
-                                                                     world), seed=seed)
+        raw = yaml.safe_load(f)
+    if lm_head is not None:
+        raw["lm_head"] = lm_head
     # no visual context id below the vocabulary: the prompts are random text tokens
-    model = LongVitaModel(cfg, backend, groups=groups,
-                          context_token_ids=(cfg.language.vocab_size,)).eval()
-    torch.manual_seed(seed)
-    return model
+    return LongVitaModel(ModelConfig.model_validate(raw), get_backend("cpu"), groups=groups,
+                         context_token_ids=(raw["language"]["vocab_size"],)).eval()
 
 
 def _time_mode(model, mode: str, ids, new_tokens: int) -> Dict:
@@ -76,7 +80,7 @@ def _body(rank: int, world: int, cfg: Dict) -> List[Dict]:
 
     from mindspeed_vita.parallel.process_groups import destroy_parallel
 
-    model = tiny_model(world)
+    model = tiny_model(tiny_groups(world))
     rows = []
     try:
         with torch.no_grad():

@@ -84,6 +84,9 @@ class ModelInputs:
     under context parallelism the ring's `RingAttentionParams` of the local shard.
     visual: None when the batch has no visual units.
     cp_rank / cp_size: this rank's place in the context-parallel group.
+    rope_seq_len: the largest position of the WHOLE batch + 1 (host int): the sequence length
+    dynamic-NTK RoPE scales by, the same on every CP rank (a shard's own largest position is
+    not), and no device read per forward.
     """
 
     tokens: torch.Tensor
@@ -93,6 +96,7 @@ class ModelInputs:
     visual: Optional[VisualInputs]
     cp_rank: int = 0
     cp_size: int = 1
+    rope_seq_len: Optional[int] = None
 
 
 def _visual_inputs(tokens: torch.Tensor, pixel_values: Optional[torch.Tensor],
@@ -145,6 +149,7 @@ def build_model_inputs(batch: PackedBatch, *, groups: Optional["ParallelGroups"]
     pixels = batch.pixel_values if batch.pixel_values is not None and \
         batch.pixel_values.numel() else None
     cp_size = 1 if groups is None else groups.cp_size
+    rope_seq_len = int(batch.position_ids.max()) + 1 if batch.position_ids.numel() else None
     if cp_size == 1:
         visual = _visual_inputs(tokens, pixels, [torch.arange(b * s).view(b, s)], 0,
                                 context_token_ids, tokens_per_tile, device)
@@ -152,7 +157,7 @@ def build_model_inputs(batch: PackedBatch, *, groups: Optional["ParallelGroups"]
             tokens=tokens.to(device), position_ids=batch.position_ids.to(device),
             labels=None if labels is None else labels.to(device),
             attention=None if cu_host is None else packed_attention_params(cu_host, device),
-            visual=visual)
+            visual=visual, rope_seq_len=rope_seq_len)
     cp_rank = groups.cp_rank
     mine = ZigzagShard.build(b, s, cp_size, cp_rank, cu_host)
     index = mine.index()
@@ -169,7 +174,7 @@ def build_model_inputs(batch: PackedBatch, *, groups: Optional["ParallelGroups"]
         labels=None if labels is None else mine.shard(labels, index).to(device),
         attention=RingAttentionParams.from_shard(mine, packed=cu_host is not None,
                                                  device=device),
-        visual=visual, cp_rank=cp_rank, cp_size=cp_size)
+        visual=visual, cp_rank=cp_rank, cp_size=cp_size, rope_seq_len=rope_seq_len)
 
 
 def batch_from_tensors(input_ids: torch.Tensor, position_ids: torch.Tensor,

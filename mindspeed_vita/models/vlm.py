@@ -121,7 +121,8 @@ class LongVitaModel(torch.nn.Module):
     def hidden_states(self, inputs: ModelInputs) -> torch.Tensor:
         """Final-normed decoder output `[s_local, b, h]` (`[s_local/tp, b, h]` under sequence
         parallel) of this rank's tokens."""
-        return self.language(self.embed(inputs), inputs.position_ids, inputs.attention)
+        return self.language(self.embed(inputs), inputs.position_ids, inputs.attention,
+                             rope_seq_len=inputs.rope_seq_len)
 
     def forward(self, inputs: ModelInputs) -> LossTerms:
         """Training/eval forward: this rank's `LossTerms` (loss sum over its label rows and their

@@ -75,6 +75,8 @@ def test_cp2_shards_are_split_after_the_shift(mode, media):
     whole_labels = zigzag_unshard([x.labels for x in shards], plans)
     assert torch.equal(whole_labels, shift_labels(b.labels, cu))
     for x in shards:
+        # dynamic-NTK RoPE scales by the whole batch's length on every rank
+        assert x.rope_seq_len == (8 if mode == "reset" else 16)
         assert isinstance(x.attention, RingAttentionParams)
         assert x.attention.is_packed == (mode == "reset")
         assert (x.visual is not None) == media

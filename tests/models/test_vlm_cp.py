@@ -34,12 +34,18 @@ LAYOUTS = {"cp2": (1, 2, 1, False), "cp4": (1, 4, 1, False),
            "tp2-cp2-sp": (2, 2, 1, True), "dp2-cp2": (1, 2, 2, False)}
 
 
-def tiny_config():
+def tiny_config(name=None):
+    """tiny.yaml in fp32. For the DP 2 x CP 2 run also dynamic-NTK RoPE with a trained length
+    of 16 positions: the rotary base then grows with the WHOLE batch's length, which every CP
+    rank must use (its shard's own largest position is smaller on most ranks)."""
     from mindspeed_vita.config.model import ModelConfig
 
     with open(os.path.join(REPO, "configs", "model", "tiny.yaml")) as f:
         raw = yaml.safe_load(f)
     raw["params_dtype"] = "float32"
+    if name == "dp2-cp2":
+        raw["language"].update(max_position_embeddings=16,
+                               rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     return ModelConfig.model_validate(raw)
 
 
@@ -154,7 +160,7 @@ def _parallel_body(rank, world_size, name, state, batches):
     backend = get_backend("cpu")
     groups = initialize_parallel(backend, ParallelLayout(tp=tp, cp=cp, dp=dp,
                                                          sequence_parallel=sp))
-    cfg = tiny_config()
+    cfg = tiny_config(name)
     model = LongVitaModel(cfg, backend, groups=groups, context_token_ids=[CONTEXT_ID])
     load_full_state_into_model(model, state, cfg, "the single-process model")
     out = {"tp_rank": groups.tp_rank, "cp_rank": groups.cp_rank, "dp_rank": groups.dp_rank,
@@ -189,7 +195,7 @@ def reference_state():
         destroy_parallel()
 
 
-def reference_run(state, per_dp):
+def reference_run(name, state, per_dp):
     """Single process: the summed loss of all dp batches over their summed label count, and
     its gradients."""
     from backends import get_backend
@@ -201,7 +207,7 @@ def reference_run(state, per_dp):
     backend = get_backend("cpu")
     groups = initialize_parallel(backend, ParallelLayout())
     try:
-        cfg = tiny_config()
+        cfg = tiny_config(name)
         model = LongVitaModel(cfg, backend, groups=groups, context_token_ids=[CONTEXT_ID])
         load_full_state_into_model(model, state, cfg, "the single-process model")
         terms = [model(model.build_inputs(batch)) for batch in per_dp]
@@ -233,7 +239,7 @@ def test_cp_loss_and_every_gradient_match_one_process(reference_state, name):
     results = run_distributed(_parallel_body, world_size=tp * cp * dp,
                               args=(name, reference_state, batches), timeout=900)
     for mode, per_dp in batches.items():
-        ref_loss, ref_grads = reference_run(reference_state, per_dp)
+        ref_loss, ref_grads = reference_run(name, reference_state, per_dp)
         for head in HEADS:
             check_head(name, mode, head, results, per_dp, ref_loss, ref_grads)
 
