@@ -1,4 +1,4 @@
-"""`mindspeed-vita convert export-hf SRC DST`: a native checkpoint -> an HF directory.
+"""`mindspeed-vita convert export-hf SRC DST`: a native or training checkpoint -> an HF directory.
 
 `--layout internvl` (default) writes transformers' InternVL layout; `--layout long-vita` writes
 the Long-VITA release's `_HF` layout (`convert.long_vita`), which the release's own tools load.
@@ -17,7 +17,9 @@ from mindspeed_vita.commands.argtypes import existing_dir
 
 def add_arguments(parser) -> None:
     """Arguments of `convert export-hf`."""
-    parser.add_argument("src", metavar="SRC", type=existing_dir, help="native checkpoint directory")
+    parser.add_argument("src", metavar="SRC", type=existing_dir,
+                        help="native checkpoint, training checkpoint or training run directory "
+                             "(its latest checkpoint)")
     parser.add_argument("dst", metavar="DST", help="HF directory to create")
     parser.add_argument("--layout", choices=("internvl", "long-vita"), default="internvl",
                         help="internvl: transformers' InternVLForConditionalGeneration layout; "
@@ -44,12 +46,18 @@ def run(args) -> int:
     from mindspeed_vita.convert.long_vita import export_long_vita
     from mindspeed_vita.data.tokenizer import load_tokenizer
 
-    meta, state = read_full_state(args.src)
-    tokenizer = load_tokenizer(os.path.join(args.src, TOKENIZER_DIR))
-    native = NativeModel(cfg=meta.model_config, state=state, tokenizer=tokenizer,
-                         hf_source_config=meta.hf_source_config,
-                         hf_generation_config=meta.hf_generation_config)
-    _progress(2, total, f"gathered {len(state)} tensors from tp={meta.tp_size} shards")
+    from mindspeed_vita.training.export import is_training_source, training_checkpoint_as_native
+
+    if is_training_source(args.src):  # a training checkpoint or run directory (any tp / dp)
+        native = training_checkpoint_as_native(args.src)
+        _progress(2, total, f"read {len(native.state)} tensors from training checkpoint")
+    else:
+        meta, state = read_full_state(args.src)
+        tokenizer = load_tokenizer(os.path.join(args.src, TOKENIZER_DIR))
+        native = NativeModel(cfg=meta.model_config, state=state, tokenizer=tokenizer,
+                             hf_source_config=meta.hf_source_config,
+                             hf_generation_config=meta.hf_generation_config)
+        _progress(2, total, f"gathered {len(state)} tensors from tp={meta.tp_size} shards")
     layout = getattr(args, "layout", "internvl")
     if layout == "internvl" and native.cfg.projector.variant == "long-vita":
         print("note: the long-vita projector has no transformers equivalent; it is written as "

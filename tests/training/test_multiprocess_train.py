@@ -9,7 +9,7 @@ import pytest
 from tests.dist_utils import free_port
 from tests.training.train_helpers import REPO, env, rows, run, synthetic_data, train_command
 
-STEPS = ["training.train_iters=3", "training.save_interval=2"]
+STEPS = ["training.train_iters=3", "training.save_interval=2", "training.keep_last=2"]
 
 
 @pytest.fixture(scope="module")

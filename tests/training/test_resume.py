@@ -3,13 +3,14 @@ checkpoint and its metrics rows equal those of an uninterrupted run, bit for bit
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 from tests.training.train_helpers import REPO, env, rows, run, synthetic_data, train_command
 
-STEPS = ["training.train_iters=5", "training.save_interval=2"]
+STEPS = ["training.train_iters=5", "training.save_interval=2", "training.keep_last=2"]
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +57,12 @@ def test_kill_9_and_rerun_equals_uninterrupted(data, tmp_path):
     assert sorted(n for n in os.listdir(killed) if n.startswith("iter_")) == [
         "iter_0000004", "iter_0000005"]
     assert os.path.isfile(os.path.join(killed, "loss.png"))
+
+    # one format: infer reads the run directory, export-hf writes an HF directory from it,
+    # and both generate the same greedy tokens
+    hf = str(tmp_path / "hf")
+    run([sys.executable, "-m", "mindspeed_vita.cli", "convert", "export-hf", killed, hf])
+    answers = [run([sys.executable, "-m", "mindspeed_vita.cli", "infer", "--checkpoint", src,
+                    "--prompt", "Hello", "--max-new-tokens", "4", "--backend", "cpu"]).stdout
+               for src in (killed, hf)]
+    assert answers[0] == answers[1] and answers[0].strip()

@@ -7,7 +7,8 @@ from mindspeed_vita.config.loader import load_config
 from tests.dist_utils import run_distributed
 
 STAGES = {1: (192, 1, 24), 2: (192, 1, 24), 3: (512, 2, 32), 4: (512, 8, 8)}
-#: paper Table 2 (long-vita-facts): trained parts, lr, min lr, gbs, iters, seq, seed, recompute
+#: paper Table 2 (docs/long-vita.md, section 3): trained parts, lr, min lr, gbs, iters, seq,
+#: seed, recompute
 TABLE = {1: ({"projector"}, 1e-3, 1e-5, 512, 1000, 32768, 42, "none", "reset"),
          2: ({"vision", "projector", "language"}, 1e-5, 1e-7, 540, 5000, 16384, 4242, "vision",
              "reset"),
