@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The built-in tiny demo on a fresh machine: install what is missing, then build a tiny
-# Long-VITA (tokenizer, synthetic data, model), train a few steps on packed batches and generate
-# from a real photo. Output goes to ${1:-demo_out}.
+# The built-in tiny demo on a fresh machine: install what is missing, then write the synthetic
+# data, train Long-VITA's four stages on a tiny model with 2 processes (CP 2 in stages 3-4,
+# a checkpoint per stage), evaluate held-out accuracy and generate from a real photo and a
+# video. Output goes to ${1:-demo_out}.
 # Installation is skipped when this checkout is already installed with every dependency of
 # setup.py satisfied (shell/install_check.py); otherwise pip runs with its progress shown.
 set -euo pipefail

@@ -1,5 +1,6 @@
 """Kill -9 a training run mid-way, run the same command again: it resumes from the latest
 checkpoint and its metrics rows equal those of an uninterrupted run, bit for bit on CPU."""
+import json
 import os
 import signal
 import subprocess
@@ -41,11 +42,22 @@ def _kill_after_step(cmd, run_dir, step, timeout=600):
         proc.wait()
 
 
+def _check_baseline(rows_):
+    """The regression baseline: the loss curve of this short run at fixed seeds, within 1%."""
+    with open(os.path.join(REPO, "tests", "baselines", "demo_stage2_loss.json")) as f:
+        baseline = json.load(f)
+    for row in rows_:
+        ref = baseline["loss"][str(row["step"])]
+        assert abs(row["loss"] - ref) <= baseline["tolerance_rel"] * ref, (row["step"],
+                                                                          row["loss"], ref)
+
+
 def test_kill_9_and_rerun_equals_uninterrupted(data, tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     run(train_command(data, straight, STEPS))
     expected = rows(straight)
     assert [r["step"] for r in expected] == [1, 2, 3, 4, 5]
+    _check_baseline(expected)
 
     cmd = train_command(data, killed, STEPS)
     _kill_after_step(cmd, killed, step=3)  # checkpoint 2 is complete, step 3 is not saved
