@@ -46,8 +46,13 @@ def _setup(tmp, cp, tp=1):
     if cp == 1 and tp == 1:
         if torch.distributed.get_rank() == 0 and not os.path.exists(state):
             torch.save(model.state_dict(), state)
-    else:
+    elif tp == 1:
         model.load_state_dict(torch.load(state))
+    else:
+        from mindspeed_vita.convert.checkpoint import load_full_state_into_model
+
+        load_full_state_into_model(model, {k: v for k, v in torch.load(state).items()
+                                           if "_extra_state" not in k}, cfg, "cp1 state")
     return model, tok
 
 
@@ -59,10 +64,10 @@ def _request(tmp, name):
                          [os.path.join(tmp, "frames")] * n_videos)
 
 
-def _generate(rank, world, tmp, cp, modes):
+def _generate(rank, world, tmp, cp, modes, tp=1):
     from mindspeed_vita.inference.engine import Generator
 
-    model, tok = _setup(tmp, cp)
+    model, tok = _setup(tmp, cp, tp)
     out = {}
     for mode in modes:
         gen = Generator(model, tok, max_num_frame=3, decode_mode=mode)
@@ -70,7 +75,7 @@ def _generate(rank, world, tmp, cp, modes):
             ids, pixels = gen.render(_request(tmp, name))
             r = gen.generate_ids(ids, pixels, MAX_NEW)
             out[(mode, name)] = (r.token_ids, r.logprobs, ids.shape[1])
-        if mode == "kv-cache":
+        if mode == "kv-cache" and tp == 1:
             ids, _ = gen.render(_request(tmp, "text"))
             other = ids.clone()
             other[0, 3] = (int(ids[0, 3]) + 5) % 500  # same length, another prompt
@@ -134,3 +139,11 @@ def test_cp_generation_equals_cp1(media, reference, cp):
                 assert value == reference[key]
             else:
                 _check_same(value, reference[key], f"cp={cp} rank {rank} {key}")
+
+
+def test_tp2_cp2_generation_equals_cp1(media, reference):
+    # tensor parallelism composes: each TP rank caches its heads of its CP shard
+    results = run_distributed(_generate, 4, args=(media, 2, ("kv-cache",), 2), timeout=600)
+    for rank, got in enumerate(results):
+        for key, value in got.items():
+            _check_same(value, reference[key], f"tp=2 cp=2 rank {rank} {key}")
