@@ -78,3 +78,32 @@ def test_kill_9_and_rerun_equals_uninterrupted(data, tmp_path):
                     "--prompt", "Hello", "--max-new-tokens", "4", "--backend", "cpu"]).stdout
                for src in (killed, hf)]
     assert answers[0] == answers[1] and answers[0].strip()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(data, tmp_path):
+    """SIGTERM (what a scheduler sends before killing a job) saves the step it is at; the
+    same command then resumes from there."""
+    run_dir = str(tmp_path / "run")
+    cmd = train_command(data, run_dir, ["training.train_iters=50", "training.save_interval=0"])
+    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(metrics) and open(metrics).read().count("\n") >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 143, out[-3000:]
+    assert "SIGTERM: saved" in out
+    latest = open(os.path.join(run_dir, "latest")).read().strip()
+    saved_step = int(latest.split("_")[1])
+    assert 2 <= saved_step < 50
+    resumed = subprocess.Popen(cmd + ["training.train_iters=" + str(saved_step + 1)], env=env(),
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    out = resumed.communicate(timeout=600)[0]
+    # one more step from the saved one (the schedule keeps the checkpoint's length)
+    assert resumed.returncode == 0 and f"resuming from {run_dir}/{latest}" in out, out[-3000:]
+    assert f"step {saved_step + 1}/{saved_step + 1}" in out
