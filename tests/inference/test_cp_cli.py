@@ -71,17 +71,28 @@ def _infer(ckpt, nproc, *extra):
     return json.loads(lines[0])
 
 
-def test_infer_cp2_equals_cp1_for_200_tokens(ckpt):
-    one = _infer(ckpt, 1, "--max-new-tokens", "200")
+@pytest.fixture(scope="module")
+def one_process(ckpt):
+    return _infer(ckpt, 1, "--max-new-tokens", "200")
+
+
+def test_infer_cp2_equals_cp1_for_200_tokens(ckpt, one_process):
+    one = one_process
     two = _infer(ckpt, 2, "--max-new-tokens", "200", "--cp", "2")
     assert one["prompt_tokens"] > 20 and len(one["token_ids"]) >= 1
     assert two["token_ids"] == one["token_ids"] and two["text"] == one["text"]
     assert max(abs(a - b) for a, b in zip(one["logprobs"], two["logprobs"])) < 1e-4
 
 
-def test_serve_cp2_answers_like_one_process(ckpt):
+def test_serve_cp2_answers_like_one_process(ckpt, one_process):
     openai = pytest.importorskip("openai")
-    expected = _infer(ckpt, 1, "--max-new-tokens", "12")["text"]
+    from mindspeed_vita.convert.checkpoint import TOKENIZER_DIR
+    from mindspeed_vita.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(os.path.join(ckpt, "ckpt", TOKENIZER_DIR))
+    first = one_process["token_ids"][:12]
+    assert len(first) == 12 and not set(first) & set(tok.stop_token_ids)
+    expected = tok.decode(first, skip_special_tokens=True)  # what 12 tokens alone answer
     port = _port()
     proc = subprocess.Popen(
         ["bash", os.path.join(REPO, "shell", "infer.sh"), "serve", "--checkpoint",

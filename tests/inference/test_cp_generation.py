@@ -17,7 +17,7 @@ import yaml
 from tests.dist_utils import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MAX_NEW = 10
+MAX_NEW = 8
 PROMPTS = {
     "text": ("Write a short story about a red fox.", 0, 0),
     "images": ("Compare the two pictures.", 2, 0),
@@ -153,11 +153,11 @@ def test_cp1_reference_is_meaningful(reference):
 
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_generation_equals_cp1(media, reference, cp):
-    modes = ("kv-cache", "fixed-length") if cp == 2 else ("kv-cache",)
-    results = run_distributed(_generate, cp, args=(media, cp, modes), timeout=600)
+    # (fixed-length vs kv-cache is compared at CP 1 above, and at CP 2 by `bench decode`'s test)
+    results = run_distributed(_generate, cp, args=(media, cp, ("kv-cache",)), timeout=600)
     for rank, got in enumerate(results):
         for key, value in got.items():
-            if key[1] in ("batch",):
+            if key[1] == "batch":
                 for row, (g, w) in enumerate(zip(value, reference[key])):
                     _check_same(g, w, f"cp={cp} rank {rank} {key} row {row}")
             elif key[1] == "other":
