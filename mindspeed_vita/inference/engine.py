@@ -69,14 +69,19 @@ def visual_token_ids(tokenizer) -> FrozenSet[int]:
     return frozenset(int(i) for i in ids)
 
 
-def agree_on_step(tokens: torch.Tensor, stop: bool) -> Tuple[torch.Tensor, bool]:
-    """World rank 0's chosen tokens `[b]` and stop decision, on every rank (one broadcast of
-    b + 1 ints; nothing when there is one process). Every rank computes the same logits, but
-    only rank 0 knows the request's stop strings, deadline and client."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def agree_on_step(tokens: torch.Tensor, stop: bool, groups) -> Tuple[torch.Tensor, bool]:
+    """The chosen tokens `[b]` and stop decision of the first rank of this model-parallel block
+    (CP rank 0 of TP rank 0) on every rank of the block: a broadcast of b + 1 ints over the CP
+    group, then over the TP group (nothing on one process). Every rank computes the same
+    logits, but only the driving rank knows the request's stop strings, deadline and client.
+    Data-parallel replicas stay independent (an evaluation shards its requests over them)."""
+    if groups is None or (groups.cp_size == 1 and groups.tp_size == 1):
         return tokens, stop
     packed = torch.cat([tokens.long(), torch.tensor([int(stop)], device=tokens.device)])
-    dist.broadcast(packed, src=0)
+    for size, group, ranks in ((groups.cp_size, groups.cp, groups.cp_ranks),
+                               (groups.tp_size, groups.tp, groups.tp_ranks)):
+        if size > 1:
+            dist.broadcast(packed, src=ranks[0], group=group)
     return packed[:-1], bool(packed[-1])
 
 
@@ -123,10 +128,10 @@ class Generator:
         """Generate from ready token ids `[1, s]` (+ pixels); see `generate`.
 
         `on_token(token_id)` is called after each chosen token; returning True ends the
-        generation there (stop strings, timeouts, a client that went away). In a multi-rank
-        run every rank calls this in step; the tokens and the stop decision of world rank 0
-        are broadcast, so all ranks feed the same tokens and stop together (`on_token` is
-        only consulted on rank 0)."""
+        generation there (stop strings, timeouts, a client that went away). In a model split
+        over ranks (CP / TP) every rank of it calls this in step; the tokens and the stop
+        decision of its first rank are broadcast, so all ranks feed the same tokens and stop
+        together (`on_token` matters on that rank: rank 0 of a server)."""
         if input_ids.shape[0] != 1:
             raise ValueError(f"generate_ids takes one request [1, s], got "
                              f"{tuple(input_ids.shape)}: use generate_batch")
@@ -166,7 +171,7 @@ class Generator:
             stop = False
             if on_token is not None and int(token[0]) not in self.stop_ids:
                 stop = bool(on_token(int(token[0])))
-            token, stop = agree_on_step(token, stop)
+            token, stop = agree_on_step(token, stop, getattr(model, "groups", None))
             for row in range(b):
                 if done[row]:
                     continue

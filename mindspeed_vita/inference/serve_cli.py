@@ -82,6 +82,11 @@ def run(args) -> int:
                               system_prompt=inference.system_prompt,
                               decode_mode=inference.decode_mode)
         if dist.get_world_size() > 1:
+            if model.groups.dp_size > 1:
+                raise UserInputError(
+                    f"serve: {dist.get_world_size()} processes for parallel.cp x parallel.tp = "
+                    f"{model.groups.cp_size * model.groups.tp_size}: launch exactly cp x tp "
+                    f"processes (one model; data-parallel replicas are not served)")
             if dist.get_rank() != 0:
                 follow(generator)
                 return 0

@@ -1,7 +1,8 @@
 """Context-parallel generation equals one process: CP 2 and CP 4 (gloo, CPU, fp32) give the same
 greedy token ids as CP 1 with log-probabilities within 1e-4, for a text-only, a multi-image and
 a video prompt; the paper's fixed-length decode gives the same tokens as the KV-cache decode;
-a batch of two prompts decodes as each alone.
+a batch of two prompts decodes as each alone; TP 2 x CP 2 equals CP 1 too; dynamic-NTK RoPE
+scales by the whole prompt's length under CP.
 
 The prompts' lengths are not multiples of 2 * cp (the engine pads them) and their images span
 zigzag chunk boundaries; under CP each rank keeps the keys of its own slices and every decode
@@ -82,7 +83,28 @@ def _generate(rank, world, tmp, cp, modes, tp=1):
             batch = gen.generate_batch(torch.cat([ids, other]), None, MAX_NEW)
             out[(mode, "batch")] = [(r.token_ids, r.logprobs) for r in batch]
             out[(mode, "other")] = gen.generate_ids(other, None, MAX_NEW).token_ids
+    if tp == 1 and cp <= 2:
+        out[("dynamic-ntk", "text")] = _dynamic_ntk_text(model, tok, tmp)
     return out
+
+
+def _dynamic_ntk_text(model, tok, tmp):
+    """The text prompt on the same weights with dynamic-NTK RoPE past a trained length of 16:
+    the scaling must see the whole prompt's length on every CP rank, not its shard's."""
+    from mindspeed_vita.inference.engine import Generator
+    from mindspeed_vita.models.vlm import LongVitaModel
+
+    raw = model.cfg.model_dump()
+    raw["language"].update(max_position_embeddings=16,
+                           rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    cfg = type(model.cfg).model_validate(raw)
+    scaled = LongVitaModel(cfg, model.backend, groups=model.groups,
+                           context_token_ids=tok.context_token_ids).eval()
+    scaled.load_state_dict(model.state_dict())
+    gen = Generator(scaled, tok)
+    ids, _ = gen.render(_request(tmp, "text"))
+    r = gen.generate_ids(ids, None, MAX_NEW)
+    return (r.token_ids, r.logprobs, ids.shape[1])
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +143,9 @@ def test_cp1_reference_is_meaningful(reference):
         # the paper's fixed-length decoding gives the same tokens as the KV cache
         _check_same(reference[("fixed-length", name)], reference[("kv-cache", name)],
                     f"fixed-length vs kv-cache, {name}")
+    # the scaling changes the answer (so the CP comparison of it below means something)
+    dyn = reference[("dynamic-ntk", "text")]
+    assert dyn[2] > 16 and dyn[1] != reference[("kv-cache", "text")][1]
     batch = reference[("kv-cache", "batch")]
     _check_same(batch[0], reference[("kv-cache", "text")][:2], "batch row 0")
     assert batch[1][0] == reference[("kv-cache", "other")]
