@@ -102,11 +102,17 @@ def _raise_body(rank, world_size):
 
 
 def test_an_exception_fails_with_the_traceback_without_waiting_for_the_timeout():
+    import time
+
+    start = time.monotonic()
     with pytest.raises(AssertionError) as error:
         run_distributed(_raise_body, 2, timeout=600)
     message = str(error.value)
     assert "ValueError: bad thing on rank 0" in message and "Traceback" in message
-    assert "rank 1 failed:\nstill running after another rank failed" in message
+    # rank 1 is either killed after the grace period or sees rank 0's group go away first
+    # (gloo: "connection closed"); both are reported, neither waits for the 600 s timeout
+    assert "rank 1 failed:" in message
+    assert time.monotonic() - start < 300
 
 
 def _unpicklable_body(rank, world_size):
