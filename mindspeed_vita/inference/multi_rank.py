@@ -16,12 +16,14 @@ server must not hit the collective timeout of the process group.
 from __future__ import annotations
 
 import datetime
+import logging
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+log = logging.getLogger(__name__)
 _KEY = "mindspeed_vita/request/{}"
 _POLL = datetime.timedelta(seconds=30)
 
@@ -80,5 +82,9 @@ def follow(generator) -> int:
         if store.get(key) == b"end":
             return served
         input_ids, pixels, max_new_tokens, sampling, seed = _broadcast(None)
-        generator.generate_ids(input_ids, pixels, max_new_tokens, sampling, seed)
+        try:
+            generator.generate_ids(input_ids, pixels, max_new_tokens, sampling, seed)
+        except Exception:  # rank 0 fails the same way on the same input: it answers the
+            # client (500/400) and serves on, so this rank must keep following too
+            log.exception("request %d failed on this rank", served)
         served += 1
