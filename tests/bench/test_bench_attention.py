@@ -7,10 +7,13 @@ from mindspeed_vita.cli import main
 
 
 def test_bench_attention_json(capsys):
-    assert main(["bench", "attention", "--seq-length", "256,512", "--repeats", "1", "--json",
+    # NOTE: at 256 tokens the naive scores (~0.5 MiB) could be served from pages the process
+    # already held, so its measured RSS growth was 0 once under load; from 1024 tokens the
+    # [s, s] scores are megabytes of fresh pages
+    assert main(["bench", "attention", "--seq-length", "1024,2048", "--repeats", "1", "--json",
                  "--backend", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["seq_len"] for r in out["results"]] == [256, 512]
+    assert [r["seq_len"] for r in out["results"]] == [1024, 2048]
     for r in out["results"]:
         assert r["speedup"] > 0 and r["memory_ratio"] > 0
         assert r["naive_peak_bytes"] > r["backend_peak_bytes"]  # the naive one keeps [s, s] scores
