@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from mindspeed_vita.commands.argtypes import (
     add_backend_argument, non_negative_int, positive_float, positive_int)
+from mindspeed_vita.commands.bench_args import add_spawn_arguments
 
 
 def add_arguments(parser) -> None:
@@ -24,9 +25,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads of the benchmark process (both sides share it)")
     add_backend_argument(parser)
-    parser.add_argument("--timeout", type=positive_float, default=3600.0,
-                        help="seconds to wait for the benchmark process")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_spawn_arguments(parser, timeout=3600.0,
+                        timeout_help="seconds to wait for the benchmark process")
 
 
 def run(args) -> int:
