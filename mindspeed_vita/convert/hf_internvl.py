@@ -689,8 +689,8 @@ def generation_config_for(native: NativeModel) -> dict:
     config["eos_token_id"] = sorted(eos | set(tokenizer.stop_token_ids))
     if config.get("pad_token_id") is None:
         config["pad_token_id"] = int(tokenizer.pad_id)
-    if config.get("bos_token_id") is None and tokenizer.hf.bos_token_id is not None:
-        config["bos_token_id"] = int(tokenizer.hf.bos_token_id)
+    if config.get("bos_token_id") is None and tokenizer.bos_id is not None:
+        config["bos_token_id"] = int(tokenizer.bos_id)
     return config
 
 
