@@ -25,7 +25,8 @@ their steps interleaved (step i of each run, in a rotating order) so load from o
 on the machine hits them alike. The first `--warmup` steps are not timed; tokens/s is the
 median over the timed steps of real tokens / step time (after `backend.synchronize()`). Peak
 memory is the backend's (allocator peak on an accelerator, peak-RSS growth on CPU), the
-largest growth of one step above what was live before it.
+largest growth of one step above what was live before it, taken on the warmup steps after the
+first (on CPU the garbage collection and the peak reset it needs would slow the timed steps).
 """
 from __future__ import annotations
 
@@ -344,25 +345,31 @@ def _body(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
             return step["padded"] if name == "ours-padded" else step
 
         results: Dict[str, Dict[str, Any]] = {
-            name: {"times": [], "losses": [], "peak_bytes": 0} for name in runs}
+            name: {"times": [], "losses": [], "peak_bytes": None} for name in runs}
+        # peak memory on the warmup steps after the first (the first one also allocates the
+        # optimizer state): the timed steps run without the collection and the peak reset
+        memory_steps = range(1 if cfg["warmup"] > 1 else 0, cfg["warmup"])
         for index, step in enumerate(steps):
             # rotate the order so that no run always follows the same neighbour
             shift = index % len(RUNS)
             for name in RUNS[shift:] + RUNS[:shift]:
                 record = results[name]
-                gc.collect()
+                if index in memory_steps:
+                    gc.collect()
+                    backend.synchronize()
+                    backend.reset_peak_memory_stats()
+                    base = backend.max_memory_allocated()
                 backend.synchronize()
-                backend.reset_peak_memory_stats()
-                base = backend.max_memory_allocated()
                 start = time.perf_counter()
                 loss = runs[name].step(step_input(name, step))
                 backend.synchronize()
                 seconds = time.perf_counter() - start
                 record["losses"].append(loss)
+                if index in memory_steps:
+                    grown = backend.max_memory_allocated() - base
+                    record["peak_bytes"] = max(record["peak_bytes"] or 0, grown)
                 if index >= cfg["warmup"]:
                     record["times"].append(seconds)
-                    record["peak_bytes"] = max(record["peak_bytes"],
-                                               backend.max_memory_allocated() - base)
         for name, run in runs.items():
             record = results[name]
             record["first_batch_loss_after"] = run.loss(step_input(name, steps[0]))
@@ -426,7 +433,7 @@ def summarise(raw: Dict[str, Any], shapes: Dict[str, Any]) -> Dict[str, Any]:
                                                         zip(real, record["times"])),
                       "step_s": statistics.median(record["times"]),
                       "step_times_s": record["times"],
-                      "peak_bytes": int(record["peak_bytes"]),
+                      "peak_bytes": record["peak_bytes"],
                       "losses": record["losses"],
                       "first_batch_loss_after": record["first_batch_loss_after"],
                       "weights_sha256_at_start": record["weights_sha256_at_start"],
@@ -490,7 +497,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
         ["run", "batch per step", "padding", "median tok/s", "median step s", "peak mem",
          "step-1 loss", "step-1 batch, after", "weights moved"],
         [(name, batch[name], f"{padding[name]:.1%}", f"{runs[name]['tokens_per_s']:,.0f}",
-          f"{runs[name]['step_s']:.3f}", format_bytes(runs[name]["peak_bytes"]),
+          f"{runs[name]['step_s']:.3f}",
+          "-" if runs[name]["peak_bytes"] is None else format_bytes(runs[name]["peak_bytes"]),
           f"{runs[name]['losses'][0]:.5f}", f"{runs[name]['first_batch_loss_after']:.4f}",
           f"{runs[name]['weights_relative_change']:.1e}") for name in RUNS])
     tail = (f"tokens/s ratios: ours packed / transformers padded "
