@@ -166,7 +166,8 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
         destroy_parallel, initialize_parallel, launch_world_size)
     from mindspeed_vita.training import checkpointing as ckpt
     from mindspeed_vita.training.flops import peak_tflops, step_flops
-    from mindspeed_vita.training.metrics import METRICS_FILE, PLOT_FILE, MetricsWriter
+    from mindspeed_vita.training.metrics import (
+        METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricsWriter)
     from mindspeed_vita.training.optimizer import (
         apply_freezing, build_optimizer, build_scheduler)
     from mindspeed_vita.training.step import train_step
@@ -221,7 +222,7 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
         metrics_path = training.metrics_file or (
             os.path.join(run_dir, METRICS_FILE) if run_dir else None)
         writer = MetricsWriter(metrics_path, enabled=rank == 0, resume_step=step,
-                               tensorboard_dir=os.path.join(run_dir, "tensorboard")
+                               tensorboard_dir=os.path.join(run_dir, TENSORBOARD_DIR)
                                if run_dir else None)
         peak = peak_tflops(backend.describe().get("device_name"))
         last_checkpoint = plan.resume
