@@ -15,7 +15,9 @@ those samples, so every run sees the same real (non-pad) tokens per step:
 Model: `configs/model/tiny.yaml` with the InternVL projector and image layout (transformers
 has no Long-VITA projector), float32. Our model is built once (seeded); each run starts from a
 copy of its weights, the transformers model through `convert.hf_internvl.native_to_internvl`,
-so the three runs start from identical weights (their first losses agree to fp32 rounding).
+so the three runs start from identical weights: each run's weights, read back in our naming
+(the transformers model's through `internvl_to_native`), have the digest of the original, and
+the first losses agree to fp32 rounding.
 Optimisation is the same on both sides: Adam(W) with the same lr, betas and eps, no weight
 decay, gradient clipping at 1.0, constant lr. Ours is `training.step.train_step` (megatron DDP,
 megatron optimizer and scheduler, gradient finalisation: what `mindspeed-vita train` runs).
@@ -51,6 +53,8 @@ RATIOS = (("ours_packed_vs_transformers", "ours-packed", "transformers-padded"),
           ("packed_vs_padded_ours", "ours-packed", "ours-padded"))
 ADAM = dict(betas=(0.9, 0.999), eps=1e-8)
 CLIP_GRAD = 1.0
+#: attention of the transformers model: its own default, named so the report can say it
+TRANSFORMERS_ATTENTION = "sdpa"
 
 
 # ------------------------------------------------------------------------------ model
@@ -244,9 +248,9 @@ class _TransformersRun:
             native_to_internvl)
 
         config = internvl_config_from_model_config(cfg, image_token_id=image_token_id)
-        config._attn_implementation = "sdpa"  # transformers' default where torch has it
         self.model = InternVLForConditionalGeneration(config).to(
             device=backend.device(), dtype=torch.float32).train()
+        self.model.set_attn_implementation(TRANSFORMERS_ATTENTION)
         hub = native_to_internvl(native_state, cfg)
         # the converter writes the on-disk spelling; the module's own names differ by prefix
         renamed = {}
@@ -463,6 +467,7 @@ def run(args) -> int:
         shapes = shape_stats(data["steps"], args.warmup)
     summary = {"model": "configs/model/tiny.yaml (projector and image layout: internvl)",
                "dtype": "float32", "backend": raw["backend"], "parameters": raw["parameters"],
+               "transformers_attention": TRANSFORMERS_ATTENTION,
                "stage_mixture": args.stage, "seq_length": args.seq_length,
                "micro_batch_size": args.micro_batch_size, "warmup_steps": args.warmup,
                "timed_steps": args.steps, "lr": args.lr, "threads": args.threads,
