@@ -15,7 +15,9 @@ those samples, so every run sees the same real (non-pad) tokens per step:
 Model: `configs/model/tiny.yaml` with the InternVL projector and image layout (transformers
 has no Long-VITA projector), float32. Our model is built once (seeded); each run starts from a
 copy of its weights, the transformers model through `convert.hf_internvl.native_to_internvl`,
-so the three runs start from identical weights (their first losses agree to fp32 rounding).
+so the three runs start from identical weights: each run's weights, read back in our naming
+(the transformers model's through `internvl_to_native`), have the digest of the original, and
+the first losses agree to fp32 rounding.
 Optimisation is the same on both sides: Adam(W) with the same lr, betas and eps, no weight
 decay, gradient clipping at 1.0, constant lr. Ours is `training.step.train_step` (megatron DDP,
 megatron optimizer and scheduler, gradient finalisation: what `mindspeed-vita train` runs).
@@ -51,6 +53,8 @@ RATIOS = (("ours_packed_vs_transformers", "ours-packed", "transformers-padded"),
           ("packed_vs_padded_ours", "ours-packed", "ours-padded"))
 ADAM = dict(betas=(0.9, 0.999), eps=1e-8)
 CLIP_GRAD = 1.0
+#: attention of the transformers model: its own default, named so the report can say it
+TRANSFORMERS_ATTENTION = "sdpa"
 
 
 # ------------------------------------------------------------------------------ model
@@ -244,9 +248,9 @@ class _TransformersRun:
             native_to_internvl)
 
         config = internvl_config_from_model_config(cfg, image_token_id=image_token_id)
-        config._attn_implementation = "sdpa"  # transformers' default where torch has it
         self.model = InternVLForConditionalGeneration(config).to(
             device=backend.device(), dtype=torch.float32).train()
+        self.model.set_attn_implementation(TRANSFORMERS_ATTENTION)
         hub = native_to_internvl(native_state, cfg)
         # the converter writes the on-disk spelling; the module's own names differ by prefix
         renamed = {}
@@ -439,10 +443,12 @@ def summarise(raw: Dict[str, Any], shapes: Dict[str, Any]) -> Dict[str, Any]:
                       "weights_sha256_at_start": record["weights_sha256_at_start"],
                       "weights_relative_change": record["weights_relative_change"]}
     ratios = {name: runs[a]["tokens_per_s"] / runs[b]["tokens_per_s"] for name, a, b in RATIOS}
-    first = [runs[name]["losses"][0] for name in RUNS]
+    per_step = list(zip(*(runs[name]["losses"] for name in RUNS)))  # [step][run]
+    spread = [(max(losses) - min(losses)) / abs(min(losses)) for losses in per_step]
     digests = {runs[name]["weights_sha256_at_start"] for name in RUNS}
     return {"runs": runs, "ratios": ratios,
-            "first_loss_max_relative_difference": (max(first) - min(first)) / abs(min(first)),
+            "first_loss_max_relative_difference": spread[0],
+            "loss_max_relative_difference": max(spread),
             "same_initial_weights": digests == {raw["initial_weights_sha256"]}}
 
 
@@ -451,6 +457,7 @@ def run(args) -> int:
     from backends import resolve_backend_name
 
     backend = resolve_backend_name(args.backend)
+    load_at_start = _load_average()
     with tempfile.TemporaryDirectory(prefix="mindspeed-vita-bench-train-") as scratch:
         data = _write_data(scratch, args)
         cfg = {"data_file": data["file"], "backend": backend, "seed": args.seed, "lr": args.lr,
@@ -460,10 +467,11 @@ def run(args) -> int:
         shapes = shape_stats(data["steps"], args.warmup)
     summary = {"model": "configs/model/tiny.yaml (projector and image layout: internvl)",
                "dtype": "float32", "backend": raw["backend"], "parameters": raw["parameters"],
+               "transformers_attention": TRANSFORMERS_ATTENTION,
                "stage_mixture": args.stage, "seq_length": args.seq_length,
                "micro_batch_size": args.micro_batch_size, "warmup_steps": args.warmup,
                "timed_steps": args.steps, "lr": args.lr, "threads": args.threads,
-               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+               "load_average": {"start": load_at_start, "end": _load_average()},
                "initial_weights_sha256": raw["initial_weights_sha256"], **shapes,
                **summarise(raw, shapes)}
     if args.json:
@@ -471,6 +479,11 @@ def run(args) -> int:
     else:
         print(format_summary(summary))
     return 0
+
+
+def _load_average():
+    """The 1-, 5- and 15-minute load averages of the machine (None where there are none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def format_summary(summary: Dict[str, Any]) -> str:
@@ -489,7 +502,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
     head = (f"bench train: {summary['model']}, {summary['dtype']}, "
             f"{summary['parameters']:,} parameters, backend {summary['backend']}, "
             f"{summary['threads']} thread(s)"
-            + (f", load average {load[0]:.1f}" if load else "") + "\n"
+            + (f", load average {load['start'][0]:.1f} -> {load['end'][0]:.1f}"
+               if load["start"] else "") + "\n"
             f"synthetic stage {summary['stage_mixture']} samples, the same in every run: "
             f"~{statistics.mean(summary['real_tokens_per_step']):.0f} real tokens per step, "
             f"{summary['timed_steps']} timed steps after {summary['warmup_steps']} warmup")
@@ -506,6 +520,7 @@ def format_summary(summary: Dict[str, Any]) -> str:
             f"{ratios['ours_padded_vs_transformers']:.2f}x, packed / padded (ours) "
             f"{ratios['packed_vs_padded_ours']:.2f}x\n"
             f"identical initial weights in every run: {summary['same_initial_weights']}; "
-            f"step-1 losses differ by {summary['first_loss_max_relative_difference']:.1e} "
+            f"the runs' losses differ by {summary['first_loss_max_relative_difference']:.1e} at "
+            f"step 1, by at most {summary['loss_max_relative_difference']:.1e} over all steps "
             f"(relative)")
     return "\n".join([head, table, "", tail])
