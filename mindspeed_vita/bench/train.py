@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Sequence
 
 from mindspeed_vita.bench.common import format_bytes, format_table, print_json
 from mindspeed_vita.bench.spawn import run_group
+from mindspeed_vita.errors import UserInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNS = ("ours-packed", "ours-padded", "transformers-padded")
@@ -53,6 +54,8 @@ RATIOS = (("ours_packed_vs_transformers", "ours-packed", "transformers-padded"),
           ("packed_vs_padded_ours", "ours-packed", "ours-padded"))
 ADAM = dict(betas=(0.9, 0.999), eps=1e-8)
 CLIP_GRAD = 1.0
+#: samples after which `prepare_steps` gives up when most were too long for a row
+OVERLONG_CHECK_AFTER = 64
 #: attention of the transformers model: its own default, named so the report can say it
 TRANSFORMERS_ATTENTION = "sdpa"
 
@@ -153,6 +156,12 @@ def prepare_steps(model_cfg, tokenizer, mixture: str, *, steps: int, seq_length:
         def add(self, position, sample) -> None:
             rendered[(sample.source, sample.line)] = sample
             super().add(position, sample)
+            # the stream is endless: rows too short for most samples would never fill the steps
+            seen, dropped = position + 1, self.stats.dropped_overlong
+            if seen >= OVERLONG_CHECK_AFTER and 2 * dropped > seen:
+                raise UserInputError(
+                    f"--seq-length {seq_length}: {dropped} of the first {seen} samples of "
+                    f"{mixture} are longer than a row; raise --seq-length")
 
     data = DataConfig(mixture=mixture, seq_length=seq_length, packing="reset", seed=seed,
                       num_workers=0)

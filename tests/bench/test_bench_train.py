@@ -74,3 +74,9 @@ def test_padded_batches_hold_the_packed_samples(tmp_path):
             assert bool((padded.labels[row, n:] == -100).all())
         assert torch.equal(padded.pixel_values, packed.pixel_values)
         assert padded.samples == packed.samples
+
+
+def test_rows_shorter_than_most_samples_are_refused(capsys):
+    assert main(["bench", "train", "--seq-length", "32", "--steps", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seq-length 32" in err[0] and "longer than a row" in err[0]

@@ -190,3 +190,21 @@ def test_train_run_skips_counts_and_stops(tmp_path):
     final = rows(run_dir)
     assert [r["step"] for r in final] == [1, 2, 3, 4, 5, 6]
     assert final[-1]["skipped_steps"] == 3 and final[-1]["loss"] == final[-1]["loss"]
+
+
+def test_train_on_two_processes_skips_when_one_rank_is_nonfinite(tmp_path):
+    """torchrun, 2 processes (dp 2): a NaN loss at step 2 and an inf gradient at step 3, both
+    on rank 1 only. Rank 0 writes the rows: it must have skipped both steps too."""
+    from tests.training.train_helpers import rows, run, synthetic_data, train_command
+
+    data = synthetic_data(str(tmp_path / "synth"))
+    run_dir = str(tmp_path / "run")
+    out = run(train_command(data, run_dir, [
+        "training.train_iters=4", "training.fault_injection.rank=1",
+        "training.fault_injection.nonfinite_loss_steps=[2]",
+        "training.fault_injection.nonfinite_grad_steps=[3]"], nproc=2)).stdout
+    got = rows(run_dir)
+    assert [r["skipped_steps"] for r in got] == [0, 1, 2, 2]
+    assert "step 2/4" in out and "SKIPPED (non-finite loss, no update)" in out
+    assert "SKIPPED (non-finite gradient norm, no update)" in out
+    assert got[3]["loss"] == got[3]["loss"] and got[3]["grad_norm"] == got[3]["grad_norm"]
