@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -134,7 +135,8 @@ def setup_py_entry_point() -> str:
 
 
 def run(argv, setup, out):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, setup["site"]]),
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = dict(env, PYTHONPATH=os.pathsep.join([REPO, setup["site"]]),
                HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(out / "cache"),
                OMP_NUM_THREADS="2", MINDSPEED_VITA_BACKEND="cpu")
     proc = subprocess.run(argv, env=env, cwd=str(out), capture_output=True, text=True,
@@ -167,6 +169,28 @@ def test_python_m_lmms_eval_runs_our_model(setup, tmp_path):
          "--log_samples"], setup, out)
     results = check_results(out, setup)
     print("lmms-eval score:", results)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_cp2_gives_the_single_process_answers(setup, tmp_path):
+    """`torchrun --nproc_per_node 2 -m lmms_eval ... cp=2`: the two ranks form one
+    context-parallel block that runs every document together; the answers are the reference's,
+    which the single-process run above gives too, and only rank 0 writes results."""
+    out = tmp_path
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), "-m", "lmms_eval", "--model", "mindspeed_vita",
+         "--model_args", f"checkpoint={setup['ckpt']},backend=cpu,cp=2", "--tasks", TASK,
+         "--include_path", setup["tasks"], "--batch_size", "1", "--output_path",
+         str(out / "results"), "--log_samples"], setup, out)
+    for rank in (0, 1):
+        assert f"rank {rank}: model block cp=2 tp=1, 1 data-parallel" in proc.stderr, proc.stderr
+    check_results(out, setup)
+    assert len(glob.glob(str(out / "results" / "**" / "*results*.json"), recursive=True)) == 1
 
 
 def test_mindspeed_vita_eval_entry(setup, tmp_path):
