@@ -39,8 +39,11 @@ setup(
         "gpu": ["flash-attn>=2.6"],
         # the OpenAI-compatible server (`mindspeed-vita serve`)
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        # TensorBoard event files of `train` (<save>/tensorboard); pinned: 2.20.0 needs no torch
+        # or TensorFlow, about 55 MB with its dependencies (grpcio, protobuf)
+        "tensorboard": ["tensorboard==2.20.0"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "scikit-image>=0.22", "ruff>=0.5,<1",
-                "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30"],
+                "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30", "tensorboard==2.20.0"],
         # evaluation through lmms-eval (docs/evaluation.md); the entry point below registers
         # the `mindspeed_vita` model with it
         # (lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed)

@@ -4,8 +4,9 @@
 #   - torch: kept when already importable (NPU hosts must keep the torch that matches their
 #     torch_npu wheel); otherwise torch==2.13.0 is installed (CPU build where the host provides
 #     it, the default wheel elsewhere). Never an unpinned torch: that pulls gigabytes of CUDA.
-#   - the package itself in editable mode, with extras given as arguments (default: dev);
-#     with dev or eval, lmms-eval too (lean, see below).
+#   - the package itself in editable mode, with extras given as arguments (default: dev).
+#     dev, the tests' extras, pins tensorboard==2.20.0 (no torch; ~55 MB, ~13 s) for the TB test.
+#   - with dev or eval: lmms-eval, lean (see below; ~100 s, ~330 MB).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}

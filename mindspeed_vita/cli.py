@@ -56,6 +56,8 @@ COMMANDS: List[Tuple] = [
          "KV-cache CP decode vs the paper's fixed-length decode: tokens/s"),
         ("prefill", "mindspeed_vita.commands.bench_prefill",
          "CP prefill: peak memory per rank, longest prompt per LM head in a budget"),
+        ("train", "mindspeed_vita.commands.bench_train",
+         "our training step vs transformers' InternVL, packed vs padded: tokens/s"),
     ], "benchmarks that print ratios against a baseline measured in the same run"),
 ]
 

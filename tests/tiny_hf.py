@@ -113,19 +113,21 @@ def save_tiny_qwen2(out_dir: str, *, seed: int = 0, **text_overrides) -> Qwen2Fo
     return model
 
 
-def tiny_internvit_state_dict(seed: int = 0) -> Dict[str, torch.Tensor]:
+def tiny_internvit_state_dict(seed: int = 0, vision: Optional[dict] = None
+                              ) -> Dict[str, torch.Tensor]:
     """Random InternViT weights in the original naming (fused qkv with bias, ls1/ls2,
-    norm1/norm2), shaped by `VISION`."""
-    width, mlp = VISION["hidden_size"], VISION["intermediate_size"]
-    patch = VISION["patch_size"]
-    positions = (VISION["image_size"] // patch) ** 2 + 1
+    norm1/norm2), shaped by `vision` (default `VISION`)."""
+    vision = VISION if vision is None else vision
+    width, mlp = vision["hidden_size"], vision["intermediate_size"]
+    patch = vision["patch_size"]
+    positions = (vision["image_size"] // patch) ** 2 + 1
     shapes = {
         "embeddings.class_embedding": (1, 1, width),
         "embeddings.position_embedding": (1, positions, width),
         "embeddings.patch_embedding.weight": (width, 3, patch, patch),
         "embeddings.patch_embedding.bias": (width,),
     }
-    for i in range(VISION["num_hidden_layers"]):
+    for i in range(vision["num_hidden_layers"]):
         p = f"encoder.layers.{i}."
         shapes.update({
             p + "attn.qkv.weight": (3 * width, width), p + "attn.qkv.bias": (3 * width,),

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, GotOcr2ImageProcessor, InternVLConfig
 from transformers import InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
 from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
-from tests.tiny_hf import random_weight, randomize_
+from tests.tiny_hf import random_weight, randomize_, tiny_internvit_state_dict
 
 #: the release's added tokens, in its order (long_vita/tokenizer.py `update_tokenizer`)
 RELEASE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<vid>", "</vid>", "<VID_CONTEXT>",
@@ -61,25 +61,10 @@ RELEASE_GENERATION_CONFIG = {"bos_token_id": 151643, "pad_token_id": 151643, "do
 
 
 def vision_state(seed: int) -> Dict[str, torch.Tensor]:
-    """Random InternViT weights under `model.vision_model.` (original naming)."""
-    width, mlp, patch = WIDTH, VISUAL["intermediate_size"], VISUAL["patch_size"]
-    positions = (IMAGE_SIZE // patch) ** 2 + 1
-    shapes = {"embeddings.class_embedding": (1, 1, width),
-              "embeddings.position_embedding": (1, positions, width),
-              "embeddings.patch_embedding.weight": (width, 3, patch, patch),
-              "embeddings.patch_embedding.bias": (width,)}
-    for i in range(VISUAL["num_hidden_layers"]):
-        p = f"encoder.layers.{i}."
-        shapes.update({
-            p + "attn.qkv.weight": (3 * width, width), p + "attn.qkv.bias": (3 * width,),
-            p + "attn.proj.weight": (width, width), p + "attn.proj.bias": (width,),
-            p + "ls1": (width,), p + "ls2": (width,),
-            p + "norm1.weight": (width,), p + "norm1.bias": (width,),
-            p + "norm2.weight": (width,), p + "norm2.bias": (width,),
-            p + "mlp.fc1.weight": (mlp, width), p + "mlp.fc1.bias": (mlp,),
-            p + "mlp.fc2.weight": (width, mlp), p + "mlp.fc2.bias": (width,)})
-    gen = torch.Generator().manual_seed(seed)
-    return {"model.vision_model." + k: random_weight(k, s, gen) for k, s in shapes.items()}
+    """Random InternViT weights under `model.vision_model.` (original naming), shaped by
+    `VISUAL`."""
+    return {"model.vision_model." + k: v
+            for k, v in tiny_internvit_state_dict(seed, VISUAL).items()}
 
 
 def projector_state(seed: int) -> Dict[str, torch.Tensor]:

@@ -23,16 +23,13 @@ the cores); accelerators need their own launcher (torchrun) and are not covered 
 """
 from __future__ import annotations
 
-import os
-import queue as queue_module
-import socket
 import time
-import traceback
 from typing import Dict, List
 
 import torch
 
 from mindspeed_vita.bench.common import format_bytes, format_table, measure, print_json
+from mindspeed_vita.bench.spawn import run_group
 from mindspeed_vita.errors import UserInputError
 
 
@@ -170,61 +167,19 @@ def _worker_body(rank: int, cp: int, cfg: Dict) -> Dict:
     return result
 
 
-def _worker(rank, cp, port, cfg, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(cp))
-    try:
-        import torch.distributed as dist
+def _body(rank: int, cp: int, cfg: Dict) -> Dict:
+    """`_worker_body` inside a gloo world that `bench.spawn.run_group` has set up the
+    environment for (RANK / WORLD_SIZE / MASTER_*): the ring needs a plain default group."""
+    import torch.distributed as dist
 
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=cp)
-        try:
-            results.put((rank, True, _worker_body(rank, cp, cfg)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+    dist.init_process_group("gloo", rank=rank, world_size=cp)
+    try:
+        return _worker_body(rank, cp, cfg)
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------- driver side
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_group(cp: int, cfg: Dict, timeout: float) -> List[Dict]:
-    """Spawn `cp` gloo processes running `_worker_body`; their results in rank order."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, cp, port, cfg, results)) for r in range(cp)]
-    for p in procs:
-        p.start()
-    by_rank, failures = {}, []
-    try:
-        for _ in range(cp):
-            try:
-                rank, ok, payload = results.get(timeout=timeout)
-            except queue_module.Empty:
-                raise RuntimeError(f"bench ring: CP {cp} processes gave no result within "
-                                   f"{timeout:.0f} s (raise --timeout)") from None
-            if ok:
-                by_rank[rank] = payload
-            else:
-                failures.append(f"rank {rank}:\n{payload}")
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if failures:
-        raise RuntimeError(f"bench ring: CP {cp} failed\n" + "\n".join(failures))
-    return [by_rank[r] for r in range(cp)]
-
-
 def _summarise(cp: int, ranks: List[Dict], base_peak: int) -> Dict:
     peak = max(r["peak_bytes"] for r in ranks)
     row = {"cp": cp, "tokens_per_rank": None, "peak_bytes_max_rank": peak,
@@ -257,7 +212,7 @@ def run(args) -> int:
                head_dim=args.head_dim, repeats=args.repeats)
     rows, base_peak = [], 0
     for cp in cp_sizes:
-        ranks = _run_group(cp, cfg, args.timeout)
+        ranks = run_group(_body, cp, cfg, timeout=args.timeout, name=f"bench ring (CP {cp})")
         if cp == 1:
             base_peak = ranks[0]["peak_bytes"]
         row = _summarise(cp, ranks, base_peak)

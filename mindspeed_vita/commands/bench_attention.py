@@ -8,6 +8,7 @@ from mindspeed_vita.commands.argtypes import (
     positive_int,
     positive_int_list,
 )
+from mindspeed_vita.commands.bench_args import add_head_arguments
 
 
 def add_arguments(parser) -> None:
@@ -19,9 +20,7 @@ def add_arguments(parser) -> None:
         metavar="N[,N...]",
         help="comma-separated sequence lengths in tokens (default 2048,4096,8192,16384)",
     )
-    parser.add_argument("--heads", type=positive_int, default=2, help="query heads")
-    parser.add_argument("--kv-heads", type=positive_int, default=1, help="key/value heads (GQA)")
-    parser.add_argument("--head-dim", type=positive_int, default=64, help="head dimension")
+    add_head_arguments(parser, heads=2, kv_heads=1)
     parser.add_argument(
         "--dtype",
         default=None,

@@ -1,7 +1,8 @@
 """`mindspeed-vita bench decode`: flags (the benchmark is `mindspeed_vita.bench.decode`)."""
 from __future__ import annotations
 
-from mindspeed_vita.commands.argtypes import positive_float, positive_int, positive_int_list
+from mindspeed_vita.commands.argtypes import positive_int, positive_int_list
+from mindspeed_vita.commands.bench_args import add_spawn_arguments
 
 
 def add_arguments(parser) -> None:
@@ -12,9 +13,7 @@ def add_arguments(parser) -> None:
                         help="context-parallel size: that many gloo processes on the CPU")
     parser.add_argument("--new-tokens", type=positive_int, default=4,
                         help="decoded tokens timed per context and mode")
-    parser.add_argument("--timeout", type=positive_float, default=3600.0,
-                        help="seconds to wait for the processes")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_spawn_arguments(parser, timeout=3600.0, timeout_help="seconds to wait for the processes")
 
 
 def run(args) -> int:

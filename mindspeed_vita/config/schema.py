@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mindspeed_vita.config.base import Section
 from mindspeed_vita.config.model import ModelConfig
@@ -79,6 +79,25 @@ class ParallelConfig(Section):
         return self
 
 
+class FaultInjection(Section):
+    """Deliberate faults that exercise the trainer's recovery paths (tests and drills; megatron's
+    error injection plays the same role). Empty by default: nothing is injected."""
+
+    nonfinite_loss_steps: List[int] = []
+    """Steps (1-based) whose loss is made NaN on `rank`, forward and backward."""
+    nonfinite_grad_steps: List[int] = []
+    """Steps whose gradient gets an inf on `rank` after the backward (the loss stays finite)."""
+    rank: Optional[int] = Field(None, ge=0)
+    """Global rank that injects the faults (None: every rank)."""
+
+    @field_validator("nonfinite_loss_steps", "nonfinite_grad_steps")
+    @classmethod
+    def _steps_positive(cls, steps: List[int]) -> List[int]:
+        if any(step < 1 for step in steps):
+            raise ValueError(f"steps are 1-based, got {steps}")
+        return steps
+
+
 class TrainingConfig(Section):
     """Optimisation, freezing, recompute, checkpointing and logging."""
 
@@ -130,8 +149,11 @@ class TrainingConfig(Section):
     run directory or training checkpoint, a native checkpoint, or an HF directory. The optimizer,
     scheduler and data position start fresh."""
     max_skipped_in_a_row: int = Field(5, ge=1)
-    """Optimizer steps whose loss is NaN/inf are skipped and counted; this many in a row stops
-    the run (after a checkpoint)."""
+    """Optimizer steps whose loss or gradient norm is NaN/inf are skipped (no update, the model,
+    optimizer and schedule stay as they were) and counted; this many in a row stops the run
+    after a checkpoint, with exit code 3."""
+    fault_injection: FaultInjection = FaultInjection()
+    """Faults injected on purpose to exercise the skip / stop paths (off by default)."""
     log_interval: int = Field(1, ge=1)
     """Steps between log lines."""
     metrics_file: Optional[str] = None

@@ -84,6 +84,25 @@ def read_json(path: str) -> dict:
     return data
 
 
+def write_json(path: str, content: dict) -> None:
+    """`content` as a JSON file the way HF directories hold them: indented, sorted keys, a
+    final newline."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_generation_config_and_tokenizer(native: NativeModel, path: str,
+                                          generation_config: dict) -> None:
+    """The last step of every HF export: generation_config.json and the tokenizer files.
+
+    The generation config is written as plain JSON: GenerationConfig.save_pretrained refuses
+    sampling fields that do not fit its checks (e.g. a temperature with do_sample=false), which
+    sources do contain."""
+    write_json(os.path.join(path, GENERATION_CONFIG_FILE), generation_config)
+    native.tokenizer.save(path)
+
+
 def read_hf_weights(path: str) -> StateDict:
     """Every tensor of an HF model directory: `model.safetensors`, a sharded safetensors index,
     or `pytorch_model.bin` (read with `weights_only=True`)."""
@@ -570,8 +589,9 @@ def qwen2_to_native_language(qwen2: Mapping[str, torch.Tensor], cfg: LanguageCon
     return {"language." + k: v for k, v in language.items()}
 
 
-def native_to_internvl(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateDict:
-    """The full (tp=1) `LongVitaModel` state -> HF InternVL tensors, on-disk spelling."""
+def split_native_state(state: Mapping[str, torch.Tensor]) -> Dict[str, StateDict]:
+    """The full native state by part, `{"vision": .., "projector": .., "language": ..}`, each
+    without its part prefix; CheckpointError on a tensor under none of them."""
     parts: Dict[str, StateDict] = {"vision": {}, "projector": {}, "language": {}}
     for key, tensor in state.items():
         part, _, rest = key.partition(".")
@@ -579,6 +599,12 @@ def native_to_internvl(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> S
             raise CheckpointError(f"native tensor {key!r} is not under vision., projector. "
                                   f"or language.")
         parts[part][rest] = tensor
+    return parts
+
+
+def native_to_internvl(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateDict:
+    """The full (tp=1) `LongVitaModel` state -> HF InternVL tensors, on-disk spelling."""
+    parts = split_native_state(state)
     out: StateDict = {}
     try:
         out.update(native_to_hf_vision(parts["vision"], prefix=HUB_PREFIXES["vision"]))
@@ -663,8 +689,8 @@ def generation_config_for(native: NativeModel) -> dict:
     config["eos_token_id"] = sorted(eos | set(tokenizer.stop_token_ids))
     if config.get("pad_token_id") is None:
         config["pad_token_id"] = int(tokenizer.pad_id)
-    if config.get("bos_token_id") is None and tokenizer.hf.bos_token_id is not None:
-        config["bos_token_id"] = int(tokenizer.hf.bos_token_id)
+    if config.get("bos_token_id") is None and tokenizer.bos_id is not None:
+        config["bos_token_id"] = int(tokenizer.bos_id)
     return config
 
 
@@ -680,10 +706,5 @@ def export_internvl(native: NativeModel, path: str, where: str = "native state")
         source=native.hf_source_config)
     files = write_hf_weights(native_to_internvl(native.state, native.cfg), path)
     config.save_pretrained(path)
-    # written as plain JSON: GenerationConfig.save_pretrained refuses sampling fields that do
-    # not fit its checks (e.g. a temperature with do_sample=false), which sources do contain
-    with open(os.path.join(path, GENERATION_CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(generation_config_for(native), f, indent=2, sort_keys=True)
-        f.write("\n")
-    native.tokenizer.save(path)
+    write_generation_config_and_tokenizer(native, path, generation_config_for(native))
     return files

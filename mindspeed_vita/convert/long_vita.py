@@ -23,19 +23,18 @@ it.
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Dict, List, Mapping, Optional
+from typing import List, Mapping, Optional
 
 import torch
 
 from mindspeed_vita.config.model import ModelConfig, ProjectorConfig
 from mindspeed_vita.convert.checkpoint import NativeModel, StateDict
 from mindspeed_vita.convert.hf_internvl import (
-    CONFIG_FILE, GENERATION_CONFIG_FILE, INTERNVIT_CONFIG_KEYS, QWEN2_CONFIG_KEYS,
-    check_native_shapes, fit_vocabulary, language_config_from_qwen2, load_import_tokenizer,
-    params_dtype_of, qwen2_to_native_language, read_generation_config, read_hf_weights, read_json,
-    write_hf_weights)
+    CONFIG_FILE, INTERNVIT_CONFIG_KEYS, QWEN2_CONFIG_KEYS, check_native_shapes, fit_vocabulary,
+    language_config_from_qwen2, load_import_tokenizer, params_dtype_of, qwen2_to_native_language,
+    read_generation_config, read_hf_weights, read_json, split_native_state,
+    write_generation_config_and_tokenizer, write_hf_weights, write_json)
 from mindspeed_vita.convert.hf_split import vision_config_from_internvit
 from mindspeed_vita.convert.qwen2_weights import native_to_hf_qwen2
 from mindspeed_vita.convert.vision_weights import (
@@ -183,13 +182,7 @@ def long_vita_to_native(state: Mapping[str, torch.Tensor], cfg: ModelConfig, whe
 
 def native_to_long_vita(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateDict:
     """The full (tp=1) `LongVitaModel` state -> release `_HF` tensor names."""
-    parts: Dict[str, StateDict] = {"vision": {}, "projector": {}, "language": {}}
-    for key, tensor in state.items():
-        part, _, rest = key.partition(".")
-        if part not in parts:
-            raise CheckpointError(f"native tensor {key!r} is not under vision., projector. "
-                                  f"or language.")
-        parts[part][rest] = tensor
+    parts = split_native_state(state)
     out: StateDict = {}
     try:
         out.update(native_to_hf_internvit(parts["vision"], prefix=VISION_PREFIX))
@@ -258,10 +251,6 @@ def export_long_vita(native: NativeModel, path: str, where: str = "native state"
     config = long_vita_config_json(native.cfg, native.hf_source_config)
     os.makedirs(path, exist_ok=True)
     files = write_hf_weights(native_to_long_vita(native.state, native.cfg), path)
-    for name, content in ((CONFIG_FILE, config),
-                          (GENERATION_CONFIG_FILE, long_vita_generation_config(native))):
-        with open(os.path.join(path, name), "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2, sort_keys=True)
-            f.write("\n")
-    native.tokenizer.save(path)
+    write_json(os.path.join(path, CONFIG_FILE), config)
+    write_generation_config_and_tokenizer(native, path, long_vita_generation_config(native))
     return files

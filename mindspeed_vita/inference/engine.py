@@ -64,7 +64,7 @@ def visual_token_ids(tokenizer) -> FrozenSet[int]:
     ids.update(getattr(tokenizer, name) for name in (
         "img_start_id", "img_end_id", "patch_start_id", "patch_end_id", "vid_start_id",
         "vid_end_id"))
-    vocab = tokenizer.hf.get_vocab()
+    vocab = tokenizer.get_vocab()
     ids.update(vocab[tag] for tag in ("<image>", "<video>") if tag in vocab)
     return frozenset(int(i) for i in ids)
 

@@ -6,6 +6,20 @@ is this command under torchrun with the platform's environment.
 """
 from __future__ import annotations
 
+import os
+
+#: exit status when too many steps in a row were skipped for a non-finite loss / grad norm
+EXIT_STOPPED = 3
+#: exit status after SIGTERM (128 + 15, as a shell reports a process the signal ended)
+EXIT_SIGTERM = 143
+EXIT_STATUS = f"""exit status:
+  0    the stage finished (train_iters steps; final checkpoint in training.save if set)
+  2    bad configuration or launch environment (one error line, nothing computed)
+  {EXIT_STOPPED}    stopped: 'training.max_skipped_in_a_row' steps in a row had a NaN/inf loss or
+       gradient norm (their updates were skipped); a checkpoint of that step is saved
+  {EXIT_SIGTERM}  SIGTERM: the current step's checkpoint is saved; the same command resumes
+  (under torchrun, torchrun itself exits 1 when a worker exits non-zero)"""
+
 
 def add_arguments(parser) -> None:
     """Arguments of `train`."""
@@ -13,6 +27,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", metavar="key=value", nargs="*",
                         help="config overrides, e.g. training.save=runs/stage1")
     parser.add_argument("--backend", default=None, help="auto | npu | cuda | cpu (default: config)")
+    parser.epilog = EXIT_STATUS
 
 
 def run(args) -> int:
@@ -24,6 +39,7 @@ def run(args) -> int:
     try:
         summary = run_training(stage, backend_name=args.backend)
     except TrainingStopped as stopped:
-        print(f"mindspeed-vita: training stopped: {stopped}", flush=True)
-        return 1
-    return 0 if summary["finished"] else 143
+        if int(os.environ.get("RANK", "0")) == 0:  # one message per run, not one per rank
+            print(f"mindspeed-vita: training stopped: {stopped}", flush=True)
+        return EXIT_STOPPED
+    return 0 if summary["finished"] else EXIT_SIGTERM

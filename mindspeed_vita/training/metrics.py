@@ -6,15 +6,25 @@ tokens, tokens_per_s, step_time_s, skipped_samples, skipped_steps, tflops (model
 device), mfu (None when the device's peak is unknown, e.g. on CPU), and wall-clock fields.
 On resume the file is cut back to the checkpoint's step, so the rows after a restart continue
 the rows of the run that was interrupted.
+
+TensorBoard (when the `tensorboard` package is installed, extra `[tensorboard]`): the same
+scalars in `<save>/tensorboard` - `train/<field>` for every numeric field (loss, grad_norm,
+tokens_per_s, skipped_*, ...) and `lr/<group>` per parameter group. A resumed run purges the
+events after the checkpoint's step, as it cuts metrics.jsonl. Without the package one info line
+says so and nothing else changes.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Dict, List, Optional
 
+logger = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 PLOT_FILE = "loss.png"
 #: fields that depend on wall-clock time (everything else is reproducible bit for bit)
 TIMING_FIELDS = ("step_time_s", "tokens_per_s", "tflops", "mfu", "elapsed_s")
@@ -46,12 +56,7 @@ class MetricsWriter:
                 f.write(json.dumps(row) + "\n")
         self.rows = kept
         if tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # TensorBoard is optional
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(tensorboard_dir)
+            self._tb = _summary_writer(tensorboard_dir, resume_step)
 
     def write(self, row: Dict[str, Any]) -> None:
         """Append one step's row (and its scalars to TensorBoard)."""
@@ -63,10 +68,11 @@ class MetricsWriter:
         if self._tb is not None:
             step = row["step"]
             for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step" and value is not None:
+                if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(f"train/{key}", value, step)
             for name, lr in row.get("lr", {}).items():
                 self._tb.add_scalar(f"lr/{name}", lr, step)
+            self._tb.flush()  # a killed run keeps its curve up to the last step
 
     def close(self, plot_path: Optional[str] = None) -> None:
         """Flush TensorBoard and draw the loss curve (if a path is given)."""
@@ -76,6 +82,19 @@ class MetricsWriter:
             self._tb.close()
         if plot_path and self.rows:
             plot_loss(self.rows, plot_path)
+
+
+def _summary_writer(log_dir: str, resume_step: int):
+    """torch's TensorBoard `SummaryWriter` on `log_dir`, or None (one info line) when the
+    `tensorboard` package is not installed. On resume, events after `resume_step` are purged."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch.utils.tensorboard imports the optional `tensorboard` package
+        logger.info("TensorBoard: the tensorboard package is not installed, not writing %s "
+                    "(metrics.jsonl has every value; pip install 'mindspeed-vita[tensorboard]')",
+                    log_dir)
+        return None
+    return SummaryWriter(log_dir, purge_step=resume_step + 1 if resume_step else None)
 
 
 def plot_loss(rows: List[Dict[str, Any]], path: str, size=(800, 480)) -> None:

@@ -6,13 +6,20 @@ global batch. Each rank backpropagates `loss_sum * dp_cp / N` where N is the glo
 (known before the first backward, counted on the host from the batches: labels shifted exactly
 as `build_model_inputs` shifts them); megatron's DDP then averages gradients over the
 dp x cp group, which turns the dp_cp factor into a sum.
+
+Skipping a step: megatron's optimizers refuse an update only when a gradient scaler finds an
+inf (fp16); bf16 (no scaler) and fp32 check nothing, and clipping by a NaN norm writes NaN into
+every parameter. `optimizer_step` therefore runs megatron's step in its public parts (prepare
+grads, global norm, clip, update) and refuses the update, for every dtype alike, when the loss
+or the global gradient norm is not finite on any rank. A refused step leaves parameters,
+optimizer state and schedule exactly as they were.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,11 +35,53 @@ def label_count(batch: PackedBatch) -> int:
     return int((shift_labels(batch.labels, cu) != IGNORE_INDEX).sum())
 
 
-def _all_reduce(values: Sequence[float], group) -> List[float]:
+def _all_reduce(values: Sequence[float], group, op=dist.ReduceOp.SUM) -> List[float]:
     tensor = torch.tensor(list(values), dtype=torch.float64)
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
+        dist.all_reduce(tensor, op=op, group=group)
     return tensor.tolist()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when `flag` is set on any rank of the world (every rank gets the same answer)."""
+    world = dist.group.WORLD if dist.is_initialized() else None
+    (value,) = _all_reduce([1.0 if flag else 0.0], world, op=dist.ReduceOp.MAX)
+    return value > 0
+
+
+def optimizer_step(optimizer) -> Tuple[bool, float]:
+    """megatron's optimizer step, refused when the gradients are not finite.
+
+    Runs what megatron's `ChainedOptimizer.step` runs, in the same order: prepare the grads
+    (copy to the fp32 main grads; fp16: unscale and check for inf), the global gradient norm,
+    clipping by that norm, the update. Between the norm and the clipping it stops when the norm
+    is NaN/inf or the scaler found an inf on any rank. Returns (updated, grad_norm)."""
+    # NOTE: the clip function is looked up in megatron's optimizer module at call time, where
+    # the backend's engine adaptations (backends/megatron_cpu.py) replace it on CPU
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    found_inf = optimizer.prepare_grads()
+    # global over megatron's grad-stats group (model parallel, + dp for the distributed optimizer)
+    grad_norm = float(optimizer.get_grad_norm())
+    if _any_rank(found_inf or not math.isfinite(grad_norm)):
+        return False, grad_norm
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(sub, "is_stub_optimizer", False) or sub.config.clip_grad <= 0.0:
+            continue
+        params = sub.get_parameters()
+        if params:
+            megatron_optimizer.clip_grad_by_total_norm_fp32(
+                params, max_norm=sub.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
+def _poison_grad(ddp_model) -> None:
+    """Fault injection: an inf in the first trainable parameter's gradient buffer."""
+    for param in ddp_model.parameters():
+        if param.requires_grad:
+            param.main_grad.view(-1)[0] = float("inf")
+            return
 
 
 @dataclass
@@ -46,14 +95,17 @@ class StepResult:
     real_tokens: int
     lr: Dict[str, float]
     seconds: float
+    skip_reason: Optional[str] = None  # "non-finite loss" | "non-finite gradient norm"
 
 
 def train_step(*, model, ddp_model, optimizer, scheduler, batches: Sequence[PackedBatch],
-               groups) -> StepResult:
+               groups, poison_loss: bool = False, poison_grad: bool = False) -> StepResult:
     """Run the micro `batches` of this rank (the global batch / dp) and step the optimizer.
 
-    A non-finite global loss skips the update (gradients are dropped, the schedule does not
-    advance, as megatron does for an overflowing step); the caller counts it."""
+    A non-finite global loss or gradient norm skips the update (gradients are dropped, the
+    schedule does not advance, as megatron does for an overflowing fp16 step); the caller
+    counts it. `poison_loss` / `poison_grad` inject a NaN loss / an inf gradient on this rank
+    (`training.fault_injection`)."""
     from megatron.core.distributed import finalize_model_grads
 
     start = time.perf_counter()
@@ -67,20 +119,30 @@ def train_step(*, model, ddp_model, optimizer, scheduler, batches: Sequence[Pack
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in batches:
         terms = ddp_model(model.build_inputs(batch))
-        (terms.loss_sum * scale).backward()
-        loss_sum += terms.loss_sum.detach().double().cpu()
+        local = terms.loss_sum * float("nan") if poison_loss else terms.loss_sum
+        (local * scale).backward()
+        loss_sum += local.detach().double().cpu()
+    # NaN on one rank makes the sum NaN on all: every rank of dp x cp takes the same branch
     (total,) = _all_reduce([float(loss_sum)], groups.dp_cp)
     loss = total / max(global_labels, 1.0)
+
+    def result(skip_reason, grad_norm, lrs):
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=skip_reason is not None,
+                          label_tokens=int(global_labels), real_tokens=int(global_real),
+                          lr=lrs, seconds=time.perf_counter() - start, skip_reason=skip_reason)
+
     if not math.isfinite(loss):
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
-        return StepResult(loss=loss, grad_norm=float("nan"), skipped=True,
-                          label_tokens=int(global_labels), real_tokens=int(global_real),
-                          lr=group_lrs(optimizer), seconds=time.perf_counter() - start)
+        return result("non-finite loss", float("nan"), group_lrs(optimizer))
+    if poison_grad:
+        _poison_grad(ddp_model)
     finalize_model_grads([ddp_model])
-    _, grad_norm, _ = optimizer.step()
-    lrs = group_lrs(optimizer)  # the lr this update used
+    lrs = group_lrs(optimizer)  # the lr this update uses
+    updated, grad_norm = optimizer_step(optimizer)
+    if not updated:
+        ddp_model.zero_grad_buffer()
+        optimizer.zero_grad()
+        return result("non-finite gradient norm", grad_norm, lrs)
     scheduler.step(1)
-    return StepResult(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
-                      skipped=False, label_tokens=int(global_labels),
-                      real_tokens=int(global_real), lr=lrs, seconds=time.perf_counter() - start)
+    return result(None, grad_norm, lrs)

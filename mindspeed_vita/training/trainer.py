@@ -63,6 +63,10 @@ def plan_start(stage: StageConfig, world_size: int) -> StartPlan:
         TOKENIZER_DIR, is_training_checkpoint, latest_checkpoint, resolve_weights_source)
 
     layout = stage.check_world_size(world_size)
+    fault_rank = stage.training.fault_injection.rank
+    if fault_rank is not None and fault_rank >= world_size:
+        raise ConfigError(f"config key 'training.fault_injection.rank' = {fault_rank} is not a "
+                          f"rank of this launch (world size {world_size})")
     layout.check_language(stage.model.language)
     layout.check_seq_length(stage.data.seq_length)
     if not stage.data.mixture:
@@ -162,7 +166,8 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
         destroy_parallel, initialize_parallel, launch_world_size)
     from mindspeed_vita.training import checkpointing as ckpt
     from mindspeed_vita.training.flops import peak_tflops, step_flops
-    from mindspeed_vita.training.metrics import METRICS_FILE, PLOT_FILE, MetricsWriter
+    from mindspeed_vita.training.metrics import (
+        METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricsWriter)
     from mindspeed_vita.training.optimizer import (
         apply_freezing, build_optimizer, build_scheduler)
     from mindspeed_vita.training.step import train_step
@@ -217,7 +222,7 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
         metrics_path = training.metrics_file or (
             os.path.join(run_dir, METRICS_FILE) if run_dir else None)
         writer = MetricsWriter(metrics_path, enabled=rank == 0, resume_step=step,
-                               tensorboard_dir=os.path.join(run_dir, "tensorboard")
+                               tensorboard_dir=os.path.join(run_dir, TENSORBOARD_DIR)
                                if run_dir else None)
         peak = peak_tflops(backend.describe().get("device_name"))
         last_checkpoint = plan.resume
@@ -231,13 +236,18 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
                 tokenizer=tokenizer, stage=stage,
                 counters={"skipped_steps": skipped_steps, "in_a_row": in_a_row})
 
+        faults = training.fault_injection
+        injects = faults.rank is None or faults.rank == rank
         batches = iter(pipeline)
         start_time, start_step, loss = time.perf_counter(), step, None
         with _SigtermFlag() as sigterm:
             while step < training.train_iters:
                 micro = [next(batches) for _ in range(micro_per_step)]
-                result = train_step(model=model, ddp_model=ddp_model, optimizer=optimizer,
-                                    scheduler=scheduler, batches=micro, groups=groups)
+                result = train_step(
+                    model=model, ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler,
+                    batches=micro, groups=groups,
+                    poison_loss=injects and step + 1 in faults.nonfinite_loss_steps,
+                    poison_grad=injects and step + 1 in faults.nonfinite_grad_steps)
                 step += 1
                 loss = result.loss
                 if result.skipped:
@@ -272,15 +282,20 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
                     say(f"[train] step {step}/{training.train_iters} loss {result.loss:.4f} "
                         f"grad {result.grad_norm:.3f} lr {result.lr.get('default', 0.0):.2e} "
                         f"{row['tokens_per_s']:.0f} tok/s {rate * 60:.1f} steps/min "
-                        f"ETA {_fmt_time(eta)}" + (" SKIPPED (non-finite loss)"
-                                                   if result.skipped else ""), flush=True)
+                        f"ETA {_fmt_time(eta)}"
+                        + (f" SKIPPED ({result.skip_reason}, no update)" if result.skipped
+                           else ""), flush=True)
                 if in_a_row >= training.max_skipped_in_a_row:
                     last_checkpoint = save()
+                    writer.close(os.path.join(run_dir, PLOT_FILE) if run_dir else None)
                     raise TrainingStopped(
-                        f"{in_a_row} steps in a row had a non-finite loss (limit "
+                        f"{in_a_row} steps in a row were skipped for a non-finite loss or "
+                        f"gradient norm (last: {result.skip_reason}; limit "
                         f"'training.max_skipped_in_a_row' = {training.max_skipped_in_a_row}); "
                         f"stopped at step {step}"
-                        + (f", checkpoint {last_checkpoint}" if last_checkpoint else ""))
+                        + (f", checkpoint {last_checkpoint} (the same command resumes from it; "
+                           f"lower training.lr or check the data first)"
+                           if last_checkpoint else ""))
                 stop = sigterm.any_rank()
                 interval = training.save_interval
                 if stop or (interval and step % interval == 0 and step < training.train_iters):

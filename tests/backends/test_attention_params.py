@@ -25,6 +25,7 @@ from backends.cuda import CUDABackend
 from backends.fakes import FakeTorchNPU
 from backends.fakes.flash_fake import FakeAtenFlash
 from backends.npu import NPUBackend
+from tests.backends.attention_checks import cu_seqlens, randn
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -75,17 +76,6 @@ def test_tensor_only_params_read_the_host_values_on_demand():
 
 
 # --------------------------------------------------------- every mask kind, every backend
-def _randn(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _cu(lengths):
-    cu = [0]
-    for length in lengths:
-        cu.append(cu[-1] + length)
-    return cu
-
-
 # case id -> (q shape, kv shape, packed q lengths, packed kv lengths)
 CASES = {
     "dense_gqa": ((2, 12, 4, 16), (2, 12, 2, 16), None, None),
@@ -100,12 +90,12 @@ CASES = {
 
 def _case(case, mask):
     q_shape, kv_shape, lengths_q, lengths_kv = CASES[case]
-    q, k, v = _randn(*q_shape, seed=1), _randn(*kv_shape, seed=2), _randn(*kv_shape, seed=3)
-    dout = _randn(*q_shape, seed=4)
+    q, k, v = randn(*q_shape, seed=1), randn(*kv_shape, seed=2), randn(*kv_shape, seed=3)
+    dout = randn(*q_shape, seed=4)
     if lengths_q is None:
         return q, k, v, dout, AttentionParams.dense(mask)
-    kv = None if lengths_kv is None else _cu(lengths_kv)
-    return q, k, v, dout, AttentionParams.packed(_cu(lengths_q), kv, mask=mask)
+    kv = None if lengths_kv is None else cu_seqlens(lengths_kv)
+    return q, k, v, dout, AttentionParams.packed(cu_seqlens(lengths_q), kv, mask=mask)
 
 
 def _cpu(monkeypatch):
@@ -147,7 +137,7 @@ def test_every_mask_kind_matches_the_reference(monkeypatch, backend_name, case, 
         assert torch.isinf(ref_lse).any()  # the case does contain rows that see no key
     # the backward of the given (out, lse), and of a perturbed pair as a ring merge passes it
     finite = torch.isfinite(ref_lse)
-    shifted = torch.where(finite, ref_lse + 0.3 * _randn(*ref_lse.shape, seed=5), ref_lse)
+    shifted = torch.where(finite, ref_lse + 0.3 * randn(*ref_lse.shape, seed=5), ref_lse)
     for given_out, given_lse in ((ref_out, ref_lse), (0.8 * ref_out + 0.1, shifted)):
         grads = backend.attention_backward(dout, q, k, v, given_out, given_lse, params)
         expected = reference.attention_backward_reference(dout, q, k, v, given_out, given_lse,

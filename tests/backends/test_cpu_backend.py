@@ -6,6 +6,7 @@ from backends import BackendUnavailableError, get_backend, resolve_backend_name
 from backends import reference as ref
 from backends.attention_params import AttentionParams
 from backends.cpu import CPUBackend
+from tests.backends.attention_checks import cu_seqlens
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -22,19 +23,13 @@ def _inputs(dtype, b=2, s=24, s_kv=None, n_q=4, n_kv=2, d=16, seed=0, packed=Non
     return mk(shape_q), mk(shape_kv), mk(shape_kv), mk(shape_q)
 
 
-def _cu(lengths):
-    cu = [0]
-    for length in lengths:
-        cu.append(cu[-1] + length)
-    return cu
-
-
 def _dense(causal):
     return AttentionParams.dense("causal" if causal else "none")
 
 
 def _packed(causal, lengths_q, lengths_kv=None):
-    return AttentionParams.packed(_cu(lengths_q), None if lengths_kv is None else _cu(lengths_kv),
+    kv = None if lengths_kv is None else cu_seqlens(lengths_kv)
+    return AttentionParams.packed(cu_seqlens(lengths_q), kv,
                                   mask="causal" if causal else "none")
 
 

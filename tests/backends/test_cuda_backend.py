@@ -25,7 +25,7 @@ import warnings
 import pytest
 import torch
 
-from tests.backends.attention_checks import assert_autograd_matches_reference
+from tests.backends.attention_checks import assert_autograd_matches_reference, randn
 import backends.cuda as cuda_module
 from backends import backend_options_for, reference
 from backends.attention_params import AttentionParams
@@ -40,10 +40,6 @@ FP32_TOL = dict(atol=1e-5, rtol=0)
 BF16_TOL = dict(atol=2e-2, rtol=2e-2)
 GPU_FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 GPU_BF16_GRAD_TOL = dict(atol=3e-2, rtol=3e-2)
-
-
-def _randn(*shape, seed, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def _cu(lengths):
@@ -70,9 +66,9 @@ def _case_tensors(case, dtype, head_dim=None):
     q_shape, kv_shape, causal, lengths_q, lengths_kv = CASES[case]
     if head_dim is not None:
         q_shape, kv_shape = q_shape[:-1] + (head_dim,), kv_shape[:-1] + (head_dim,)
-    q = _randn(*q_shape, seed=1, dtype=dtype)
-    k, v = _randn(*kv_shape, seed=2, dtype=dtype), _randn(*kv_shape, seed=3, dtype=dtype)
-    dout = _randn(*q_shape, seed=4, dtype=dtype)
+    q = randn(*q_shape, seed=1, dtype=dtype)
+    k, v = randn(*kv_shape, seed=2, dtype=dtype), randn(*kv_shape, seed=3, dtype=dtype)
+    dout = randn(*q_shape, seed=4, dtype=dtype)
     mask = "causal" if causal else "none"
     if lengths_q is None:
         return q, k, v, dout, AttentionParams.dense(mask)
@@ -103,8 +99,8 @@ def _check_parity(backend, reference_backend, q, k, v, dout, params, tol, grad_t
     torch.testing.assert_close(out.float().cpu(), ref_out.float(), **tol)
     torch.testing.assert_close(lse.cpu(), ref_lse, **tol)  # -inf rows must match exactly
     finite = torch.isfinite(ref_lse)
-    shift = torch.where(finite, 0.3 * _randn(*ref_lse.shape, seed=5), torch.zeros(()))
-    merged_out = (0.8 * ref_out.float() + 0.1 * _randn(*ref_out.shape, seed=6)).to(q.dtype)
+    shift = torch.where(finite, 0.3 * randn(*ref_lse.shape, seed=5), torch.zeros(()))
+    merged_out = (0.8 * ref_out.float() + 0.1 * randn(*ref_out.shape, seed=6)).to(q.dtype)
     for given_out, given_lse in ((ref_out, ref_lse), (merged_out, ref_lse + shift)):
         grads = backend.attention_backward(dev[3], *dev[:3], to_device(given_out),
                                            to_device(given_lse), dev_params)
@@ -131,7 +127,7 @@ def test_fake_kernel_is_flash_attention_bottom_right_causal():
     """The fake must have the real kernels' causal alignment, or the wrapper tests prove nothing:
     with s_q = 2 and s_kv = 5, row 0 sees keys 0..3 and row 1 all 5 (flash-attn's docstring);
     with s_q = 5 and s_kv = 2, rows 0..2 see nothing (output 0, lse +inf)."""
-    q, k, v = _randn(2, 1, 8, seed=0), _randn(5, 1, 8, seed=1), _randn(5, 1, 8, seed=2)
+    q, k, v = randn(2, 1, 8, seed=0), randn(5, 1, 8, seed=1), randn(5, 1, 8, seed=2)
     out, lse = varlen_forward(q, k, v, _cu([2]), _cu([5]), 2, 5, 0.5, True, allow_fp32=True)
     full = AttentionParams.dense("none", scale=0.5)
     row0, lse0 = reference.attention_reference(q[None, :1], k[None, :4], v[None, :4], full)
@@ -139,7 +135,7 @@ def test_fake_kernel_is_flash_attention_bottom_right_causal():
     torch.testing.assert_close(out, torch.cat([row0[0], row1[0]]), **FP32_TOL)
     torch.testing.assert_close(lse, torch.cat([lse0[0], lse1[0]], dim=-1), **FP32_TOL)
 
-    q, k, v = _randn(5, 1, 8, seed=3), _randn(2, 1, 8, seed=4), _randn(2, 1, 8, seed=5)
+    q, k, v = randn(5, 1, 8, seed=3), randn(2, 1, 8, seed=4), randn(2, 1, 8, seed=5)
     out, lse = varlen_forward(q, k, v, _cu([5]), _cu([2]), 5, 2, 0.5, True, allow_fp32=True)
     assert torch.equal(out[:3], torch.zeros(3, 1, 8)) and torch.all(lse[:, :3] == math.inf)
     with pytest.raises(RuntimeError, match="fp16 and bf16"):
@@ -189,7 +185,7 @@ def _tensor_params(mask, cu_q, cu_kv=None, max_q=None, max_kv=None):
 
 
 def test_packed_cu_seqlens_conversion_and_when_lengths_are_read(monkeypatch):
-    q = _randn(9, 2, 8, seed=0)
+    q = randn(9, 2, 8, seed=0)
     cu64 = torch.tensor([0, 4, 4, 9], dtype=torch.int64)
     p = cuda_module._to_varlen(q, q, q, _tensor_params("causal", cu64))
     assert p.cu_q.dtype == torch.int32 and p.cu_q.tolist() == [0, 4, 4, 9] and p.cu_kv is p.cu_q
@@ -525,9 +521,9 @@ def test_gpu_long_packed_causal_matches_reference(gpu_backend):
     twice that of a naive attention computed entirely in bf16."""
     lengths = [700, 129, 1, 300]
     t, n_q, n_kv, d = sum(lengths), 8, 2, 128
-    q, k, v = (_randn(t, n, d, seed=s, dtype=torch.bfloat16)
+    q, k, v = (randn(t, n, d, seed=s, dtype=torch.bfloat16)
                for s, n in ((1, n_q), (2, n_kv), (3, n_kv)))
-    dout = _randn(t, n_q, d, seed=4, dtype=torch.bfloat16)
+    dout = randn(t, n_q, d, seed=4, dtype=torch.bfloat16)
     leaves = [x.clone().cuda().requires_grad_(True) for x in (q, k, v)]
     params = AttentionParams.packed(_cu(lengths).tolist(), mask="causal", device="cuda")
     out = gpu_backend.attention(*leaves, params)
@@ -562,12 +558,12 @@ def test_gpu_long_packed_causal_matches_reference(gpu_backend):
                          ids=["fp32", "bf16"])
 def test_gpu_fused_layers_match_cpu_forward_and_backward(gpu_backend, dtype, tol):
     cpu = CPUBackend()
-    x = _randn(3, 5, 64, seed=0, dtype=dtype)
-    w = (1 + 0.1 * _randn(64, seed=1)).to(dtype)
-    angles = _randn(5, 1, 64, seed=2)
+    x = randn(3, 5, 64, seed=0, dtype=dtype)
+    w = (1 + 0.1 * randn(64, seed=1)).to(dtype)
+    angles = randn(5, 1, 64, seed=2)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    x4 = _randn(2, 5, 3, 64, seed=3, dtype=dtype)
-    swiglu_input = _randn(4, 6, 128, seed=4, dtype=dtype).transpose(0, 1)  # non-contiguous
+    x4 = randn(2, 5, 3, 64, seed=3, dtype=dtype)
+    swiglu_input = randn(4, 6, 128, seed=4, dtype=dtype).transpose(0, 1)  # non-contiguous
     cases = [
         (lambda b, a, extra: b.rms_norm(a, extra[0], 1e-6), x, (w,)),
         (lambda b, a, extra: b.apply_rotary(a, *extra), x4, (cos, sin)),
@@ -580,7 +576,7 @@ def test_gpu_fused_layers_match_cpu_forward_and_backward(gpu_backend, dtype, tol
         ref = fn(cpu, a_cpu, extra)
         assert out.dtype == ref.dtype and out.is_cuda
         torch.testing.assert_close(out.float().cpu(), ref.float(), **tol)
-        dy = _randn(*ref.shape, seed=5, dtype=ref.dtype)
+        dy = randn(*ref.shape, seed=5, dtype=ref.dtype)
         out.backward(dy.cuda())
         ref.backward(dy)
         torch.testing.assert_close(a_gpu.grad.float().cpu(), a_cpu.grad.float(), **tol)
@@ -592,7 +588,7 @@ def test_gpu_attention_makes_no_host_sync(gpu_backend):
     dense (megatron's transposed views), ViT (unbind views), packed (host lengths, also
     bottom-right with other kv lengths) or decode attention, forward or backward."""
     def rnd(*shape, seed):
-        return _randn(*shape, seed=seed, dtype=torch.bfloat16).cuda()
+        return randn(*shape, seed=seed, dtype=torch.bfloat16).cuda()
 
     q_sbhd, kv_sbhd = rnd(64, 2, 8, 64, seed=1), rnd(64, 2, 2, 128, seed=2)
     k_sbhd, v_sbhd = kv_sbhd.split(64, dim=-1)
@@ -630,9 +626,9 @@ def test_gpu_deterministic_backward_is_bitwise_repeatable(gpu_backend):
     """torch.use_deterministic_algorithms(True) reaches the kernels' backward (PyTorch's reads
     it itself, flash-attn's gets it from the backend): two backwards agree bit for bit, also
     through the top-left split (s_q != s_kv) whose dk / dv are accumulated."""
-    q, k, v = (_randn(t, n, 64, seed=s, dtype=torch.bfloat16).cuda()
+    q, k, v = (randn(t, n, 64, seed=s, dtype=torch.bfloat16).cuda()
                for s, t, n in ((1, 1536, 8), (2, 1536, 2), (3, 1536, 2)))
-    dout = _randn(1536, 8, 64, seed=4, dtype=torch.bfloat16).cuda()
+    dout = randn(1536, 8, 64, seed=4, dtype=torch.bfloat16).cuda()
     for params in (AttentionParams.packed([0, 512, 1536], mask="causal", device="cuda"),
                    AttentionParams.packed([0, 512, 1536], [0, 256, 1536], mask="causal",
                                           device="cuda")):
@@ -697,9 +693,9 @@ def test_dense_attention_makes_no_host_sync_and_calls_the_dense_kernel(
     nothing read back - in forward, backward and autograd through both (GQA, decode s_q = 1,
     top-left causal with s_q != s_kv split on slices)."""
     backend = _fake_backend()
-    q, k, v = _randn(2, q_len, 4, 16, seed=1), _randn(2, kv_len, 2, 16, seed=2), \
-        _randn(2, kv_len, 2, 16, seed=3)
-    dout = _randn(2, q_len, 4, 16, seed=4)
+    q, k, v = randn(2, q_len, 4, 16, seed=1), randn(2, kv_len, 2, 16, seed=2), \
+        randn(2, kv_len, 2, 16, seed=3)
+    dout = randn(2, q_len, 4, 16, seed=4)
     params = AttentionParams.dense(mask)
     ref_out, ref_lse = reference.attention_reference(q, k, v, params)
     spy = _HostSyncSpy(monkeypatch)
@@ -727,9 +723,9 @@ def test_packed_attention_with_host_lengths_makes_no_host_sync(kernel_path, monk
     backend = _fake_backend()
     lengths_q = [7, 3, 20]
     kv = lengths_kv or lengths_q
-    q, k, v = _randn(30, 4, 16, seed=1), _randn(sum(kv), 2, 16, seed=2), \
-        _randn(sum(kv), 2, 16, seed=3)
-    dout = _randn(30, 4, 16, seed=4)
+    q, k, v = randn(30, 4, 16, seed=1), randn(sum(kv), 2, 16, seed=2), \
+        randn(sum(kv), 2, 16, seed=3)
+    dout = randn(30, 4, 16, seed=4)
     params = AttentionParams.packed(_cu(lengths_q).tolist(), _cu(kv).tolist(), mask=mask)
     spy = _HostSyncSpy(monkeypatch)
     out, lse = backend.attention_forward(q, k, v, params)
@@ -743,7 +739,7 @@ def test_packed_top_left_split_reads_nothing_back(kernel_path, monkeypatch):
     """The split (top-left causal, s_q != s_kv) builds row indices from the host lengths - host
     tensors copied without blocking - and reads nothing back from the device."""
     backend = _fake_backend()
-    q, k, v = _randn(20, 4, 16, seed=1), _randn(19, 2, 16, seed=2), _randn(19, 2, 16, seed=3)
+    q, k, v = randn(20, 4, 16, seed=1), randn(19, 2, 16, seed=2), randn(19, 2, 16, seed=3)
     params = AttentionParams.packed(_cu([3, 5, 6, 6]).tolist(), _cu([0, 8, 4, 7]).tolist(),
                                     mask="causal")
     spy = _HostSyncSpy(monkeypatch)
@@ -765,7 +761,7 @@ def test_strided_views_reach_the_kernels_uncopied(kernel_path):
     backend = _fake_backend()
     fake = backend._aten
     # ViT: dense, no mask, q/k/v unbind views of [tiles, tokens, 3, heads, dim]
-    qkv = _randn(3, 17, 3, 2, 16, seed=1)
+    qkv = randn(3, 17, 3, 2, 16, seed=1)
     views = qkv.unbind(2)
     params = AttentionParams.dense("none")
     out, lse = backend.attention_forward(*views, params)
@@ -773,8 +769,8 @@ def test_strided_views_reach_the_kernels_uncopied(kernel_path):
     assert fake.forward_calls[-1]["storages"] == (_storage(qkv),) * 3
     assert fake.backward_calls[-1]["storages"][:3] == (_storage(qkv),) * 3
     # megatron: [s, b, n, d] tensors transposed to [b, s, n, d]; v a split view of fused kv
-    q_sbhd = _randn(20, 2, 4, 16, seed=2)
-    kv_sbhd = _randn(20, 2, 2, 32, seed=3)
+    q_sbhd = randn(20, 2, 4, 16, seed=2)
+    kv_sbhd = randn(20, 2, 2, 32, seed=3)
     k_view, v_view = kv_sbhd.split(16, dim=-1)
     qv, kv_, vv = q_sbhd.transpose(0, 1), k_view.transpose(0, 1), v_view.transpose(0, 1)
     params = AttentionParams.dense("causal")
@@ -784,7 +780,7 @@ def test_strided_views_reach_the_kernels_uncopied(kernel_path):
     assert fake.forward_calls[-1]["storages"] == expected
     assert fake.backward_calls[-1]["storages"][:3] == expected
     # packed: unbind views of [t, 3, heads, dim]
-    packed_qkv = _randn(30, 3, 2, 16, seed=4)
+    packed_qkv = randn(30, 3, 2, 16, seed=4)
     pq, pk, pv = packed_qkv.unbind(1)
     params = AttentionParams.packed(_cu([7, 3, 20]).tolist(), mask="causal")
     out, lse = backend.attention_forward(pq, pk, pv, params)
@@ -800,7 +796,7 @@ def test_flash_attn_gets_views_uncopied_and_the_deterministic_flag(kernel_path, 
                                                                   style):
     interface = _install_flash_attn(monkeypatch, style)
     backend = _fake_backend(impl="flash_attn")
-    dense_qkv, packed_qkv = _randn(3, 17, 3, 2, 16, seed=1), _randn(51, 3, 2, 16, seed=2)
+    dense_qkv, packed_qkv = randn(3, 17, 3, 2, 16, seed=1), randn(51, 3, 2, 16, seed=2)
     for fused, params in ((dense_qkv, AttentionParams.dense("causal")),
                           (packed_qkv, AttentionParams.packed([0, 17, 34, 51], mask="causal"))):
         views = fused.unbind(-3)
@@ -823,7 +819,7 @@ def test_gqa_decode_with_an_empty_query_segment(kernel_path):
     sequence: a sequence without a new token must not reach it (the fake fails like the
     kernel)."""
     backend = _fake_backend()
-    q, k, v = _randn(2, 8, 16, seed=1), _randn(12, 2, 16, seed=2), _randn(12, 2, 16, seed=3)
+    q, k, v = randn(2, 8, 16, seed=1), randn(12, 2, 16, seed=2), randn(12, 2, 16, seed=3)
     params = AttentionParams.packed([0, 1, 1, 2], [0, 5, 9, 12], mask="causal_bottom_right")
     out, lse = backend.attention_forward(q, k, v, params)
     ref_out, ref_lse = reference.attention_reference(q, k, v, params)
@@ -833,7 +829,7 @@ def test_gqa_decode_with_an_empty_query_segment(kernel_path):
         backend._aten._flash_attention_forward(q, k, v, params.cu_seqlens_q, params.cu_seqlens_kv,
                                                1, 5, 0.0, False, False)
     full = AttentionParams.packed([0, 1, 2, 3], [0, 5, 9, 12], mask="causal_bottom_right")
-    out, _ = backend.attention_forward(_randn(3, 8, 16, seed=4), k, v, full)
+    out, _ = backend.attention_forward(randn(3, 8, 16, seed=4), k, v, full)
     assert backend._aten.forward_calls[-1]["max_q"] == 1  # the decode path when it is safe
 
 
@@ -888,7 +884,7 @@ def test_fp32_uses_the_reference_up_to_a_size_limit(half_kernels):
         backend.attention_forward(q, k, v, params)
     packed = AttentionParams.packed([0, 20, 30], mask="causal")  # longest: 2 * 20 * 20 * 4
     backend.reference_max_score_bytes = 2 * 20 * 20 * 4 - 1
-    pq, pk, pv = (_randn(30, 2, 16, seed=s) for s in (5, 6, 7))
+    pq, pk, pv = (randn(30, 2, 16, seed=s) for s in (5, 6, 7))
     with pytest.raises(ValueError, match="fp32 scores"):
         backend.attention_forward(pq, pk, pv, packed)
     assert backend._aten.forward_calls == []

@@ -11,12 +11,9 @@ import pytest
 import torch
 
 from backends import cuda_fused, reference
+from tests.backends.attention_checks import randn
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _randn(*shape, seed, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def _saved(fn, *args):
@@ -32,7 +29,7 @@ def _forward_backward(fn, inputs, grad_seed):
     """fn's output and the gradients of every floating input (leaves cloned here)."""
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
     out = fn(*leaves)
-    out.backward(_randn(*out.shape, seed=grad_seed, dtype=out.dtype).to(out.device))
+    out.backward(randn(*out.shape, seed=grad_seed, dtype=out.dtype).to(out.device))
     return out.detach(), [t.grad for t in leaves]
 
 
@@ -48,20 +45,20 @@ def _assert_same(fn, ref_fn, inputs, exact=True, tol=None):
 
 
 def _rms_inputs(dtype, weight_dtype=None, device="cpu"):
-    x = _randn(3, 7, 96, seed=0, dtype=dtype) * 3
-    w = (1 + 0.1 * _randn(96, seed=1)).to(weight_dtype or dtype)
+    x = randn(3, 7, 96, seed=0, dtype=dtype) * 3
+    w = (1 + 0.1 * randn(96, seed=1)).to(weight_dtype or dtype)
     return [x.to(device), w.to(device)]
 
 
 def _rope_inputs(dtype, trig_dtype=None, device="cpu"):
-    x = _randn(6, 2, 4, 64, seed=2, dtype=dtype).transpose(0, 1)  # [b, s, n, d] view of sbhd
-    angles = _randn(2, 6, 1, 64, seed=3)
+    x = randn(6, 2, 4, 64, seed=2, dtype=dtype).transpose(0, 1)  # [b, s, n, d] view of sbhd
+    angles = randn(2, 6, 1, 64, seed=3)
     trig = trig_dtype or dtype
     return [x.to(device), angles.cos().to(trig).to(device), angles.sin().to(trig).to(device)]
 
 
 def _swiglu_inputs(dtype, device="cpu"):
-    return [_randn(4, 6, 128, seed=4, dtype=dtype).transpose(0, 1).to(device)]
+    return [randn(4, 6, 128, seed=4, dtype=dtype).transpose(0, 1).to(device)]
 
 
 # ========================================================================= CPU: exact twins

@@ -15,7 +15,11 @@ import types
 import pytest
 import torch
 
-from tests.backends.attention_checks import assert_autograd_matches_reference
+from tests.backends.attention_checks import (
+    assert_autograd_matches_reference,
+    cu_seqlens,
+    randn,
+)
 from backends import get_backend
 from backends.attention_params import AttentionParams
 from backends.base import BackendUnavailableError
@@ -50,17 +54,6 @@ def npu_backend():
     return NPUBackend(torch_npu_module=RecordingTorchNPU())
 
 
-def _randn(*shape, seed, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def _cu(lengths):
-    cu = [0]
-    for length in lengths:
-        cu.append(cu[-1] + length)
-    return cu
-
-
 # case id -> (q shape, kv shape, causal, packed lengths or None)
 CASES = {
     "dense_causal": ((2, 24, 2, 16), (2, 24, 2, 16), True, None),
@@ -74,12 +67,12 @@ CASES = {
 
 def _case_tensors(case, dtype):
     q_shape, kv_shape, causal, lengths = CASES[case]
-    q = _randn(*q_shape, seed=1, dtype=dtype)
-    k, v = _randn(*kv_shape, seed=2, dtype=dtype), _randn(*kv_shape, seed=3, dtype=dtype)
-    dout = _randn(*q_shape, seed=4, dtype=dtype)
+    q = randn(*q_shape, seed=1, dtype=dtype)
+    k, v = randn(*kv_shape, seed=2, dtype=dtype), randn(*kv_shape, seed=3, dtype=dtype)
+    dout = randn(*q_shape, seed=4, dtype=dtype)
     mask = "causal" if causal else "none"
     params = (AttentionParams.dense(mask) if lengths is None
-              else AttentionParams.packed(_cu(lengths), mask=mask))
+              else AttentionParams.packed(cu_seqlens(lengths), mask=mask))
     return q, k, v, dout, params
 
 
@@ -95,8 +88,8 @@ def test_attention_forward_and_backward_match_cpu_backend(npu_backend, case, dty
     torch.testing.assert_close(lse, ref_lse, **tol)
 
     # the backward must use the GIVEN out/lse, so also feed a perturbed pair, as a ring merge does
-    shift = 0.3 * _randn(*lse.shape, seed=5)
-    merged_out = (0.8 * ref_out.float() + 0.1 * _randn(*ref_out.shape, seed=6)).to(dtype)
+    shift = 0.3 * randn(*lse.shape, seed=5)
+    merged_out = (0.8 * ref_out.float() + 0.1 * randn(*ref_out.shape, seed=6)).to(dtype)
     for given_out, given_lse in ((ref_out, ref_lse), (merged_out, ref_lse + shift)):
         grads = npu_backend.attention_backward(dout, q, k, v, given_out, given_lse, params)
         ref_grads = cpu.attention_backward(dout, q, k, v, given_out, given_lse, params)
@@ -139,7 +132,7 @@ def test_attention_calls_the_op_as_the_fact_sheet_requires(npu_backend):
 
 def test_packed_rows_must_match_the_cumulative_lengths(npu_backend):
     """The kernel takes T > the sum of lengths and leaves the tail uninitialised: refused here."""
-    q = _randn(10, 2, 16, seed=0)
+    q = randn(10, 2, 16, seed=0)
     with pytest.raises(ValueError, match="10 rows but its cumulative lengths end at 9"):
         npu_backend.attention_forward(q, q, q, AttentionParams.packed([0, 4, 9], mask="causal"))
     with pytest.raises(ValueError, match="start at 0"):
@@ -163,13 +156,13 @@ def test_backward_works_with_a_torch_npu_that_returns_dsink(npu_backend):
     (torch.bfloat16, torch.float32, BF16_TOL),
 ])
 def test_rms_norm_matches_cpu_forward_and_backward(npu_backend, x_dtype, w_dtype, tol):
-    x = _randn(3, 5, 64, seed=0, dtype=x_dtype)
-    w = (1 + 0.1 * _randn(64, seed=1)).to(w_dtype)
+    x = randn(3, 5, 64, seed=0, dtype=x_dtype)
+    w = (1 + 0.1 * randn(64, seed=1)).to(w_dtype)
     x1, w1, x2, w2 = (t.clone().requires_grad_(True) for t in (x, w, x, w))
     out, ref = npu_backend.rms_norm(x1, w1, 1e-6), CPUBackend().rms_norm(x2, w2, 1e-6)
     assert out.dtype == ref.dtype
     torch.testing.assert_close(out.float(), ref.float(), **tol)
-    dy = _randn(*ref.shape, seed=2, dtype=ref.dtype)
+    dy = randn(*ref.shape, seed=2, dtype=ref.dtype)
     out.backward(dy)
     ref.backward(dy)
     torch.testing.assert_close(x1.grad.float(), x2.grad.float(), **tol)
@@ -187,14 +180,14 @@ def test_rms_norm_matches_cpu_forward_and_backward(npu_backend, x_dtype, w_dtype
 ])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)], ids=["fp32", "bf16"])
 def test_apply_rotary_matches_cpu_forward_and_backward(npu_backend, x_shape, cos_shape, dtype, tol):
-    x = _randn(*x_shape, seed=0, dtype=dtype)
-    angles = _randn(*cos_shape, seed=1)
+    x = randn(*x_shape, seed=0, dtype=dtype)
+    angles = randn(*cos_shape, seed=1)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out, ref = npu_backend.apply_rotary(x1, cos, sin), CPUBackend().apply_rotary(x2, cos, sin)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     torch.testing.assert_close(out.float(), ref.float(), **tol)
-    dy = _randn(*ref.shape, seed=2, dtype=dtype)
+    dy = randn(*ref.shape, seed=2, dtype=dtype)
     out.backward(dy)
     ref.backward(dy)
     torch.testing.assert_close(x1.grad.float(), x2.grad.float(), **tol)
@@ -202,12 +195,12 @@ def test_apply_rotary_matches_cpu_forward_and_backward(npu_backend, x_shape, cos
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)], ids=["fp32", "bf16"])
 def test_swiglu_matches_cpu_forward_and_backward(npu_backend, dtype, tol):
-    x = _randn(4, 6, 32, seed=0, dtype=dtype).transpose(0, 1)  # non-contiguous input
+    x = randn(4, 6, 32, seed=0, dtype=dtype).transpose(0, 1)  # non-contiguous input
     x1, x2 = x.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
     assert not x1.is_contiguous()
     out, ref = npu_backend.swiglu(x1), CPUBackend().swiglu(x2)
     torch.testing.assert_close(out.float(), ref.float(), **tol)
-    dy = _randn(*ref.shape, seed=1, dtype=dtype)
+    dy = randn(*ref.shape, seed=1, dtype=dtype)
     out.backward(dy)
     ref.backward(dy)
     torch.testing.assert_close(x1.grad.float(), x2.grad.float(), **tol)
@@ -399,7 +392,7 @@ class _RankRecordingNPU(FakeTorchNPU):
 def test_rotary_sends_4d_input_on_releases_before_7_3_0():
     fake = _RankRecordingNPU(release="7.2.0")
     backend = NPUBackend(torch_npu_module=fake)
-    x, angles = _randn(9, 3, 16, seed=0), _randn(9, 1, 16, seed=1)
+    x, angles = randn(9, 3, 16, seed=0), randn(9, 1, 16, seed=1)
     out = backend.apply_rotary(x, angles.cos(), angles.sin())
     torch.testing.assert_close(out, CPUBackend().apply_rotary(x, angles.cos(), angles.sin()), **FP32_TOL)
     # packed [t, n, d] as SBND [t, 1, n, d] with the S11D broadcast [t, 1, 1, d]
@@ -408,8 +401,8 @@ def test_rotary_sends_4d_input_on_releases_before_7_3_0():
 
 def test_rotary_with_wider_cos_sin_keeps_the_reference_numerics(npu_backend):
     """The kernel casts cos/sin to x's dtype; the protocol (reference) promotes instead."""
-    x = _randn(9, 3, 64, seed=0, dtype=torch.bfloat16)
-    angles = 50.0 * _randn(9, 1, 64, seed=1)
+    x = randn(9, 3, 64, seed=0, dtype=torch.bfloat16)
+    angles = 50.0 * randn(9, 1, 64, seed=1)
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out, ref = npu_backend.apply_rotary(x1, cos, sin), CPUBackend().apply_rotary(x2, cos, sin)
@@ -433,12 +426,12 @@ def test_rotary_with_wider_cos_sin_keeps_the_reference_numerics(npu_backend):
 def test_mask_kinds_map_to_the_documented_sparse_modes(npu_backend, mask, packed, lengths_kv, mode, band):
     fake = npu_backend._ops
     if packed:
-        q = _randn(14, 2, 16, seed=0)
+        q = randn(14, 2, 16, seed=0)
         kv_lengths = lengths_kv or [4, 5, 5]
-        k = _randn(sum(kv_lengths), 2, 16, seed=1)
-        params = AttentionParams.packed(_cu([4, 5, 5]), _cu(kv_lengths), mask=mask)
+        k = randn(sum(kv_lengths), 2, 16, seed=1)
+        params = AttentionParams.packed(cu_seqlens([4, 5, 5]), cu_seqlens(kv_lengths), mask=mask)
     else:
-        q, k = _randn(2, 5, 2, 16, seed=0), _randn(2, 8, 2, 16, seed=1)
+        q, k = randn(2, 5, 2, 16, seed=0), randn(2, 8, 2, 16, seed=1)
         params = AttentionParams.dense(mask)
     out, lse = npu_backend.attention_forward(q, k, k, params)
     npu_backend.attention_backward(out, q, k, k, out, lse, params)
@@ -456,11 +449,12 @@ def test_mask_kinds_map_to_the_documented_sparse_modes(npu_backend, mask, packed
 def test_fully_masked_rows_map_the_kernels_lse_to_minus_inf_and_back(npu_backend, packed):
     fake = npu_backend._ops
     if packed:  # sequence 1 has 6 queries for 2 keys: its first 4 rows see no key
-        q, k = _randn(9, 2, 16, seed=0), _randn(5, 1, 16, seed=1)
-        params = AttentionParams.packed(_cu([3, 6]), _cu([3, 2]), mask="causal_bottom_right")
+        q, k = randn(9, 2, 16, seed=0), randn(5, 1, 16, seed=1)
+        params = AttentionParams.packed(cu_seqlens([3, 6]), cu_seqlens([3, 2]),
+                                        mask="causal_bottom_right")
         dead = [3, 4, 5, 6]
     else:
-        q, k = _randn(1, 6, 2, 16, seed=0), _randn(1, 2, 1, 16, seed=1)
+        q, k = randn(1, 6, 2, 16, seed=0), randn(1, 2, 1, 16, seed=1)
         params = AttentionParams.dense("causal_bottom_right")
         dead = [0, 1, 2, 3]
     out, lse = npu_backend.attention_forward(q, k, k, params)

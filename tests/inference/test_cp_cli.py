@@ -3,15 +3,13 @@ gloo processes) give the single-process answer; `infer` never crashes on what a 
 generates (200 tokens, an image in the prompt, at CP 1 and CP 2)."""
 import json
 import os
-import socket
 import subprocess
-import time
-import urllib.request
 
 import pytest
 import yaml
 
 from tests.dist_utils import run_distributed
+from tests.server_utils import free_port, openai_client, wait_until_healthy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT = "Describe the picture in detail."
@@ -46,15 +44,9 @@ def ckpt(tmp_path_factory):
     return out
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(nproc: int) -> dict:
     env = dict(os.environ, MINDSPEED_VITA_BACKEND="cpu", NPROC_PER_NODE=str(nproc),
-               MASTER_PORT=str(_port()), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     return env
@@ -93,7 +85,7 @@ def test_serve_cp2_answers_like_one_process(ckpt, one_process):
     first = one_process["token_ids"][:12]
     assert len(first) == 12 and not set(first) & set(tok.stop_token_ids)
     expected = tok.decode(first, skip_special_tokens=True)  # what 12 tokens alone answer
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen(
         ["bash", os.path.join(REPO, "shell", "infer.sh"), "serve", "--checkpoint",
          os.path.join(ckpt, "ckpt"), "--cp", "2", "--port", str(port), "--max-new-tokens", "12",
@@ -101,16 +93,8 @@ def test_serve_cp2_answers_like_one_process(ckpt, one_process):
         env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(1)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                               max_retries=0, timeout=300)
+        wait_until_healthy(proc, port, timeout=400, poll=1)
+        client = openai_client(port, timeout=300)
         content = [{"type": "image_url", "image_url": {"url": os.path.join(ckpt, "img.png")}},
                    {"type": "text", "text": PROMPT}]
         for _ in range(2):  # the followers serve request after request

@@ -3,7 +3,6 @@ import base64
 import concurrent.futures
 import io
 import os
-import socket
 import threading
 import time
 
@@ -26,6 +25,7 @@ from mindspeed_vita.inference.service import GenerationService  # noqa: E402
 from mindspeed_vita.models.vlm import LongVitaModel  # noqa: E402
 from mindspeed_vita.parallel.layout import ParallelLayout  # noqa: E402
 from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel  # noqa: E402
+from tests.server_utils import free_port, openai_client, wait_until_healthy  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,9 +62,7 @@ def server(tmp_path_factory):
                           allow_local_media=str(media))
     service = GenerationService(gen, limits)
     app = create_app(service, model_name="tiny-vita")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -72,8 +70,7 @@ def server(tmp_path_factory):
         if srv.started:
             break
         time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                           max_retries=0, timeout=120)
+    client = openai_client(port, timeout=120)
     yield {"client": client, "gen": gen, "media": media, "out": out, "port": port}
     srv.should_exit = True
     thread.join(timeout=10)
@@ -221,7 +218,6 @@ def test_serve_command_end_to_end(server, tmp_path):
     flags in one line."""
     import subprocess
     import sys
-    import urllib.request
 
     from mindspeed_vita.convert.checkpoint import save_checkpoint
 
@@ -232,23 +228,13 @@ def test_serve_command_end_to_end(server, tmp_path):
                           ckpt, "--allow-local-media", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--allow-local-media" in bad.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mindspeed_vita.cli", "serve", "--checkpoint",
                              ckpt, "--port", str(port), "--max-new-tokens", "8"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.5)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                               max_retries=0, timeout=120)
+        wait_until_healthy(proc, port, timeout=300)
+        client = openai_client(port, timeout=120)
         reply = client.chat.completions.create(model="ckpt", temperature=0,
                                                messages=[{"role": "user", "content": "Hello there"}])
         assert reply.choices[0].message.content == _solo(gen, "Hello there", max_new_tokens=8).text
