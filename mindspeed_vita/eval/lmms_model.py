@@ -102,7 +102,20 @@ class _MindSpeedVitaBase(lmms):
             self._end_batch()
         for request, score in zip(requests, scores):
             self.cache_hook.add_partial("loglikelihood", request.args[:2], score)
-        return scores
+        return _through_evaluator(scores)
+
+
+def _through_evaluator(scores: List[Tuple[float, bool]]) -> list:
+    """`scores` in the form that reaches the task's scoring intact. NOTE: lmms-eval 0.7.3's
+    evaluator passes every model output through `unwrap_generation_output`, which turns a
+    `(float, bool)` pair into its string, and multiple-choice scoring then fails on it; the
+    `text` of a `GenerationResult` passes unchanged, so where the pair would be stringified
+    it travels in one (checked on the installed lmms-eval, not by version)."""
+    from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
+
+    if isinstance(unwrap_generation_output((0.0, True))[0], str):
+        return [GenerationResult(text=score) for score in scores]
+    return scores
 
 
 class MindSpeedVitaLmms(_MindSpeedVitaBase):

@@ -12,32 +12,16 @@ import os
 
 import pytest
 import skimage.data
-import torch
 from PIL import Image
 
 from mindspeed_vita.data.tokenizer import load_tokenizer
 from tests.dist_utils import run_distributed
-from tests.tiny_long_vita import (RELEASE_TOKENS, internvl_reference, reference_generate,
-                                  release_inputs, save_tiny_long_vita)
+from tests.eval.reference import reference_score
+from tests.tiny_long_vita import (internvl_reference, reference_generate, release_inputs,
+                                  save_tiny_long_vita)
 
 QUESTION = "What is in the picture?"
 GRID = (2, 1)  # the 112 x 56 crop: 2 x 1 tiles + thumbnail
-
-
-def _reference_score(model, ids, pixels, token_ids, continuation_ids):
-    """(sum of log-probs, is_greedy) of `continuation_ids` after `ids`, one full forward."""
-    full = torch.cat([ids, torch.tensor([continuation_ids])], dim=1)
-    hf_ids = full.clone()
-    hf_ids[hf_ids == token_ids["<PATCH_CONTEXT>"]] = token_ids["<IMG_CONTEXT>"]
-    with torch.no_grad():
-        logits = model(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids),
-                       pixel_values=pixels).logits[0].float()
-    rows = logits[ids.shape[1] - 1: full.shape[1] - 1]  # the rows that predict the continuation
-    target = torch.tensor(continuation_ids)
-    logprob = float(torch.log_softmax(rows, -1).gather(-1, target[:, None]).sum())
-    banned = [token_ids[t] for t in RELEASE_TOKENS[:9] + ["<image>", "<video>"]]
-    rows[:, banned] = float("-inf")
-    return logprob, bool((rows.argmax(-1) == target).all())
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +41,7 @@ def case(tmp_path_factory):
     # case is scored from ids; the text cases go through the tokenizer
     texts = [" a red bicycle", "What is it?"]
     continuations = [greedy_ids] + texts
-    expected = [_reference_score(model, ids, pixels, token_ids, c if isinstance(c, list)
+    expected = [reference_score(model, ids, pixels, token_ids, c if isinstance(c, list)
                                  else tok.encode(c)) for c in continuations]
     assert expected[0][1] and not expected[1][1]  # greedy / not greedy: both cases covered
     return {"root": str(root), "ckpt": ckpt, "image": image, "continuations": continuations,
