@@ -36,6 +36,8 @@ Shims:
   and ``zeros`` put a 'cuda' request on the host; every other attribute is the real torch. The
   distributed optimizer and ``DistributedDataParallel`` then run unchanged on gloo (the trainer's
   tests check both against the single-process run).
+  The optimizer and data-parallel modules are patched when they are imported (a meta-path
+  hook), not imported here: a model or `infer` never needs them, and they cost seconds.
 * ``clip_grad_by_total_norm_fp32`` asserts that every gradient is a ``torch.cuda.FloatTensor``;
   the optimizer module gets ``_clip_grads_by_total_norm``, the same scaling (coefficient
   ``max_norm / (total_norm + 1e-6)``, applied only when below 1) for host fp32 gradients.
@@ -53,6 +55,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.abc
+import sys
 import types
 from typing import Any, Dict, Optional, Tuple
 
@@ -200,6 +204,8 @@ class _HostTorch(types.ModuleType):
         return torch.zeros(*args, **self._host(kwargs))
 
 
+_HOST_TORCH = _HostTorch()
+
 #: megatron modules with `device='cuda'` literals on the training path
 _CUDA_LITERAL_MODULES = (
     "megatron.core.optimizer.optimizer",
@@ -208,6 +214,9 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.utils",  # local_multi_tensor_l2_norm (the grad norm without apex / TE)
 )
+#: the modules the optimizer shims patch; only training imports them (DDP, optimizer: seconds of
+#: imports a model or `infer` never needs), so each is patched when it is imported
+_OPTIMIZER_MODULES = _CUDA_LITERAL_MODULES[:4] + ("megatron.core.optimizer.distrib_optimizer",)
 
 
 def _clip_grads_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -256,24 +265,63 @@ def _wrap_init(cls) -> None:
     _patch(cls, "__init__", __init__)
 
 
-def _patch_cuda_literals() -> None:
-    host_torch = _HostTorch()
-    for name in _CUDA_LITERAL_MODULES:
-        _patch(importlib.import_module(name), "torch", host_torch)
-    optimizer_module = importlib.import_module("megatron.core.optimizer.optimizer")
-    _patch(optimizer_module, "clip_grad_by_total_norm_fp32", _clip_grads_by_total_norm)
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+def _patch_optimizer_module(name: str, module: types.ModuleType) -> None:
+    """The optimizer-path shims that live in module `name` (see the module docstring)."""
+    if name in _CUDA_LITERAL_MODULES:
+        _patch(module, "torch", _HOST_TORCH)
+    if name == "megatron.core.optimizer.optimizer":
+        _patch(module, "clip_grad_by_total_norm_fp32", _clip_grads_by_total_norm)
+        if (module.Float16OptimizerWithFloat16Params, "__init__") not in _ORIGINALS:
+            _wrap_init(module.Float16OptimizerWithFloat16Params)  # idempotent: wrap once
+    if name == "megatron.core.optimizer.distrib_optimizer":
+        cls = module.DistributedOptimizer
+        gather = _ORIGINALS.get((cls, "get_parameter_state_dp_zero"),
+                                cls.get_parameter_state_dp_zero)
 
-    gather = _ORIGINALS.get((DistributedOptimizer, "get_parameter_state_dp_zero"),
-                            DistributedOptimizer.get_parameter_state_dp_zero)
+        def get_parameter_state_dp_zero(self, use_gloo_comm=True, **kwargs):
+            return gather(self, use_gloo_comm=True, **kwargs)
 
-    def get_parameter_state_dp_zero(self, use_gloo_comm=True, **kwargs):
-        return gather(self, use_gloo_comm=True, **kwargs)
-
-    _patch(DistributedOptimizer, "get_parameter_state_dp_zero", get_parameter_state_dp_zero)
-    for cls in (DistributedOptimizer, optimizer_module.Float16OptimizerWithFloat16Params):
-        if (cls, "__init__") not in _ORIGINALS:  # idempotent: wrap the original once
+        _patch(cls, "get_parameter_state_dp_zero", get_parameter_state_dp_zero)
+        if (cls, "__init__") not in _ORIGINALS:
             _wrap_init(cls)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Applies `_patch_optimizer_module` to an optimizer-path module right after it is
+    imported. It finds the module through the other finders (so their import adjustments,
+    e.g. mindspeed_vita.startup's, still apply) and only wraps the loader."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _OPTIMIZER_MODULES:
+            return None
+        for finder in list(sys.meta_path):
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            if _APPLIED:  # not reverted meanwhile
+                _patch_optimizer_module(fullname, module)
+
+        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+        return spec
+
+
+def _patch_cuda_literals() -> None:
+    _patch(importlib.import_module("megatron.core.utils"), "torch", _HOST_TORCH)
+    for name in _OPTIMIZER_MODULES:
+        if name in sys.modules:
+            _patch_optimizer_module(name, sys.modules[name])
+    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
     _APPLIED["megatron optimizer device='cuda' literals"] = (
         "found-inf flags, scales and grad-norm accumulators live on the host")
 
@@ -293,6 +341,7 @@ def revert_megatron_cpu_adaptations() -> None:
 
     megatron's RNG tracker is reset, so the next `model_parallel_cuda_manual_seed` builds a CUDA
     one again."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PatchOnImport)]
     for (owner, attr), original in _ORIGINALS.items():
         setattr(owner, attr, original)
     if _ORIGINALS:

@@ -13,14 +13,25 @@ pay for it), before the command's own imports:
   megatron) even when no fused kernel ever runs. While megatron-core is being imported,
   `torch.compile` is replaced by a wrapper that calls the real `torch.compile` on the
   function's first call, so the cost is paid only by code that runs such a kernel, and the
-  compiled function is the same.
+  compiled function is the same. This holds for every `megatron.core` module, whenever it is
+  imported.
+
+Inference commands also call `defer_engine_package_init()` before their first megatron import:
+`megatron/core/__init__.py` imports the whole engine (data-parallel wrapper, optimizer,
+timers and with them TensorBoard, setuptools, ...), and Python runs it before any submodule.
+With the deferral, `import megatron.core.x` imports `x` and what `x` needs; the package's own
+names (`__version__`, `DistributedDataParallel`, `Timers`, ...) run its `__init__` on first
+access, so every name is still there. Training keeps the eager package import (its side
+effects, e.g. the classes registered for `torch.load`, matter when checkpoints are read).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import logging
 import re
 import sys
@@ -127,41 +138,84 @@ def lazy_compile(real_compile: Callable) -> Callable:
 
         return call
 
+    compile_later._mindspeed_vita_lazy = True  # type: ignore[attr-defined]
     return compile_later
 
 
-class _DeferCompileFinder(importlib.abc.MetaPathFinder):
-    """Finds `megatron.core` with the normal machinery and runs its import with a lazy
-    `torch.compile` (see the module docstring)."""
+#: the engine package whose imports `_EngineImportFinder` adjusts
+ENGINE_PACKAGE = "megatron.core"
+#: set by `defer_engine_package_init`: run megatron/core/__init__.py on first use of its names
+_defer_package_init = False
+
+
+def _run_with_lazy_compile(exec_module: Callable, module) -> None:
+    """`exec_module(module)` with `torch.compile` replaced by `lazy_compile` (once: nested
+    megatron imports see the stand-in already in place and leave it)."""
+    import torch
+
+    real = torch.compile
+    if getattr(real, "_mindspeed_vita_lazy", False):
+        exec_module(module)
+        return
+    torch.compile = lazy_compile(real)
+    try:
+        exec_module(module)
+    finally:
+        torch.compile = real
+
+
+def _defer_init(module, exec_module: Callable) -> None:
+    """Leave `module` (the engine package) with no body yet: a submodule asked for by name
+    is imported alone; any other name runs the package's `__init__` first."""
+
+    def __getattr__(name: str):
+        submodule = f"{module.__name__}.{name}"
+        if not name.startswith("__") and importlib.util.find_spec(submodule) is not None:
+            return importlib.import_module(submodule)
+        del module.__getattr__
+        _run_with_lazy_compile(exec_module, module)
+        return getattr(module, name)
+
+    module.__getattr__ = __getattr__
+
+
+class _EngineImportFinder(importlib.abc.MetaPathFinder):
+    """Finds `megatron.core` and its submodules with the normal machinery and runs their
+    import with a lazy `torch.compile`, deferring the package's `__init__` when asked (see the
+    module docstring)."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "megatron.core":
+        if fullname != ENGINE_PACKAGE and not fullname.startswith(ENGINE_PACKAGE + "."):
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return None
         exec_module = spec.loader.exec_module
+        defer = fullname == ENGINE_PACKAGE and _defer_package_init
 
-        def exec_with_lazy_compile(module):
-            import torch
+        def exec_adjusted(module):
+            if defer:
+                _defer_init(module, exec_module)
+            else:
+                _run_with_lazy_compile(exec_module, module)
 
-            real = torch.compile
-            torch.compile = lazy_compile(real)
-            try:
-                exec_module(module)
-            finally:
-                torch.compile = real
-
-        spec.loader.exec_module = exec_with_lazy_compile  # type: ignore[method-assign]
+        spec.loader.exec_module = exec_adjusted  # type: ignore[method-assign]
         return spec
 
 
 def defer_engine_compile() -> None:
-    """Install the lazy-`torch.compile` import of megatron-core (no-op once it is imported)."""
-    if "megatron.core" in sys.modules:
-        return
-    if not any(isinstance(f, _DeferCompileFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _DeferCompileFinder())
+    """Install the lazy-`torch.compile` import of megatron-core (its modules imported from now
+    on compile their kernels on first call)."""
+    if not any(isinstance(f, _EngineImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _EngineImportFinder())
+
+
+def defer_engine_package_init() -> None:
+    """Import megatron-core's modules one by one, as used, instead of the whole package at the
+    first import (see the module docstring). No effect once `megatron.core` is imported."""
+    global _defer_package_init
+    _defer_package_init = True
+    defer_engine_compile()
 
 
 def prepare(verbose: bool = False) -> None:

@@ -15,7 +15,9 @@ those samples, so every run sees the same real (non-pad) tokens per step:
 Model: `configs/model/tiny.yaml` with the InternVL projector and image layout (transformers
 has no Long-VITA projector), float32. Our model is built once (seeded); each run starts from a
 copy of its weights, the transformers model through `convert.hf_internvl.native_to_internvl`,
-so the three runs start from identical weights (their first losses agree to fp32 rounding).
+so the three runs start from identical weights: each run's weights, read back in our naming
+(the transformers model's through `internvl_to_native`), have the digest of the original, and
+the first losses agree to fp32 rounding.
 Optimisation is the same on both sides: Adam(W) with the same lr, betas and eps, no weight
 decay, gradient clipping at 1.0, constant lr. Ours is `training.step.train_step` (megatron DDP,
 megatron optimizer and scheduler, gradient finalisation: what `mindspeed-vita train` runs).
@@ -25,7 +27,8 @@ their steps interleaved (step i of each run, in a rotating order) so load from o
 on the machine hits them alike. The first `--warmup` steps are not timed; tokens/s is the
 median over the timed steps of real tokens / step time (after `backend.synchronize()`). Peak
 memory is the backend's (allocator peak on an accelerator, peak-RSS growth on CPU), the
-largest growth of one step above what was live before it.
+largest growth of one step above what was live before it, taken on the warmup steps after the
+first (on CPU the garbage collection and the peak reset it needs would slow the timed steps).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from typing import Any, Dict, List, Sequence
 
 from mindspeed_vita.bench.common import format_bytes, format_table, print_json
 from mindspeed_vita.bench.spawn import run_group
+from mindspeed_vita.errors import UserInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNS = ("ours-packed", "ours-padded", "transformers-padded")
@@ -50,6 +54,10 @@ RATIOS = (("ours_packed_vs_transformers", "ours-packed", "transformers-padded"),
           ("packed_vs_padded_ours", "ours-packed", "ours-padded"))
 ADAM = dict(betas=(0.9, 0.999), eps=1e-8)
 CLIP_GRAD = 1.0
+#: samples after which `prepare_steps` gives up when most were too long for a row
+OVERLONG_CHECK_AFTER = 64
+#: attention of the transformers model: its own default, named so the report can say it
+TRANSFORMERS_ATTENTION = "sdpa"
 
 
 # ------------------------------------------------------------------------------ model
@@ -148,6 +156,12 @@ def prepare_steps(model_cfg, tokenizer, mixture: str, *, steps: int, seq_length:
         def add(self, position, sample) -> None:
             rendered[(sample.source, sample.line)] = sample
             super().add(position, sample)
+            # the stream is endless: rows too short for most samples would never fill the steps
+            seen, dropped = position + 1, self.stats.dropped_overlong
+            if seen >= OVERLONG_CHECK_AFTER and 2 * dropped > seen:
+                raise UserInputError(
+                    f"--seq-length {seq_length}: {dropped} of the first {seen} samples of "
+                    f"{mixture} are longer than a row; raise --seq-length")
 
     data = DataConfig(mixture=mixture, seq_length=seq_length, packing="reset", seed=seed,
                       num_workers=0)
@@ -243,9 +257,9 @@ class _TransformersRun:
             native_to_internvl)
 
         config = internvl_config_from_model_config(cfg, image_token_id=image_token_id)
-        config._attn_implementation = "sdpa"  # transformers' default where torch has it
         self.model = InternVLForConditionalGeneration(config).to(
             device=backend.device(), dtype=torch.float32).train()
+        self.model.set_attn_implementation(TRANSFORMERS_ATTENTION)
         hub = native_to_internvl(native_state, cfg)
         # the converter writes the on-disk spelling; the module's own names differ by prefix
         renamed = {}
@@ -344,25 +358,31 @@ def _body(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
             return step["padded"] if name == "ours-padded" else step
 
         results: Dict[str, Dict[str, Any]] = {
-            name: {"times": [], "losses": [], "peak_bytes": 0} for name in runs}
+            name: {"times": [], "losses": [], "peak_bytes": None} for name in runs}
+        # peak memory on the warmup steps after the first (the first one also allocates the
+        # optimizer state): the timed steps run without the collection and the peak reset
+        memory_steps = range(1 if cfg["warmup"] > 1 else 0, cfg["warmup"])
         for index, step in enumerate(steps):
             # rotate the order so that no run always follows the same neighbour
             shift = index % len(RUNS)
             for name in RUNS[shift:] + RUNS[:shift]:
                 record = results[name]
-                gc.collect()
+                if index in memory_steps:
+                    gc.collect()
+                    backend.synchronize()
+                    backend.reset_peak_memory_stats()
+                    base = backend.max_memory_allocated()
                 backend.synchronize()
-                backend.reset_peak_memory_stats()
-                base = backend.max_memory_allocated()
                 start = time.perf_counter()
                 loss = runs[name].step(step_input(name, step))
                 backend.synchronize()
                 seconds = time.perf_counter() - start
                 record["losses"].append(loss)
+                if index in memory_steps:
+                    grown = backend.max_memory_allocated() - base
+                    record["peak_bytes"] = max(record["peak_bytes"] or 0, grown)
                 if index >= cfg["warmup"]:
                     record["times"].append(seconds)
-                    record["peak_bytes"] = max(record["peak_bytes"],
-                                               backend.max_memory_allocated() - base)
         for name, run in runs.items():
             record = results[name]
             record["first_batch_loss_after"] = run.loss(step_input(name, steps[0]))
@@ -426,16 +446,18 @@ def summarise(raw: Dict[str, Any], shapes: Dict[str, Any]) -> Dict[str, Any]:
                                                         zip(real, record["times"])),
                       "step_s": statistics.median(record["times"]),
                       "step_times_s": record["times"],
-                      "peak_bytes": int(record["peak_bytes"]),
+                      "peak_bytes": record["peak_bytes"],
                       "losses": record["losses"],
                       "first_batch_loss_after": record["first_batch_loss_after"],
                       "weights_sha256_at_start": record["weights_sha256_at_start"],
                       "weights_relative_change": record["weights_relative_change"]}
     ratios = {name: runs[a]["tokens_per_s"] / runs[b]["tokens_per_s"] for name, a, b in RATIOS}
-    first = [runs[name]["losses"][0] for name in RUNS]
+    per_step = list(zip(*(runs[name]["losses"] for name in RUNS)))  # [step][run]
+    spread = [(max(losses) - min(losses)) / abs(min(losses)) for losses in per_step]
     digests = {runs[name]["weights_sha256_at_start"] for name in RUNS}
     return {"runs": runs, "ratios": ratios,
-            "first_loss_max_relative_difference": (max(first) - min(first)) / abs(min(first)),
+            "first_loss_max_relative_difference": spread[0],
+            "loss_max_relative_difference": max(spread),
             "same_initial_weights": digests == {raw["initial_weights_sha256"]}}
 
 
@@ -444,6 +466,7 @@ def run(args) -> int:
     from backends import resolve_backend_name
 
     backend = resolve_backend_name(args.backend)
+    load_at_start = _load_average()
     with tempfile.TemporaryDirectory(prefix="mindspeed-vita-bench-train-") as scratch:
         data = _write_data(scratch, args)
         cfg = {"data_file": data["file"], "backend": backend, "seed": args.seed, "lr": args.lr,
@@ -453,10 +476,11 @@ def run(args) -> int:
         shapes = shape_stats(data["steps"], args.warmup)
     summary = {"model": "configs/model/tiny.yaml (projector and image layout: internvl)",
                "dtype": "float32", "backend": raw["backend"], "parameters": raw["parameters"],
+               "transformers_attention": TRANSFORMERS_ATTENTION,
                "stage_mixture": args.stage, "seq_length": args.seq_length,
                "micro_batch_size": args.micro_batch_size, "warmup_steps": args.warmup,
                "timed_steps": args.steps, "lr": args.lr, "threads": args.threads,
-               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+               "load_average": {"start": load_at_start, "end": _load_average()},
                "initial_weights_sha256": raw["initial_weights_sha256"], **shapes,
                **summarise(raw, shapes)}
     if args.json:
@@ -464,6 +488,11 @@ def run(args) -> int:
     else:
         print(format_summary(summary))
     return 0
+
+
+def _load_average():
+    """The 1-, 5- and 15-minute load averages of the machine (None where there are none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def format_summary(summary: Dict[str, Any]) -> str:
@@ -482,7 +511,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
     head = (f"bench train: {summary['model']}, {summary['dtype']}, "
             f"{summary['parameters']:,} parameters, backend {summary['backend']}, "
             f"{summary['threads']} thread(s)"
-            + (f", load average {load[0]:.1f}" if load else "") + "\n"
+            + (f", load average {load['start'][0]:.1f} -> {load['end'][0]:.1f}"
+               if load["start"] else "") + "\n"
             f"synthetic stage {summary['stage_mixture']} samples, the same in every run: "
             f"~{statistics.mean(summary['real_tokens_per_step']):.0f} real tokens per step, "
             f"{summary['timed_steps']} timed steps after {summary['warmup_steps']} warmup")
@@ -490,7 +520,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
         ["run", "batch per step", "padding", "median tok/s", "median step s", "peak mem",
          "step-1 loss", "step-1 batch, after", "weights moved"],
         [(name, batch[name], f"{padding[name]:.1%}", f"{runs[name]['tokens_per_s']:,.0f}",
-          f"{runs[name]['step_s']:.3f}", format_bytes(runs[name]["peak_bytes"]),
+          f"{runs[name]['step_s']:.3f}",
+          "-" if runs[name]["peak_bytes"] is None else format_bytes(runs[name]["peak_bytes"]),
           f"{runs[name]['losses'][0]:.5f}", f"{runs[name]['first_batch_loss_after']:.4f}",
           f"{runs[name]['weights_relative_change']:.1e}") for name in RUNS])
     tail = (f"tokens/s ratios: ours packed / transformers padded "
@@ -498,6 +529,7 @@ def format_summary(summary: Dict[str, Any]) -> str:
             f"{ratios['ours_padded_vs_transformers']:.2f}x, packed / padded (ours) "
             f"{ratios['packed_vs_padded_ours']:.2f}x\n"
             f"identical initial weights in every run: {summary['same_initial_weights']}; "
-            f"step-1 losses differ by {summary['first_loss_max_relative_difference']:.1e} "
+            f"the runs' losses differ by {summary['first_loss_max_relative_difference']:.1e} at "
+            f"step 1, by at most {summary['loss_max_relative_difference']:.1e} over all steps "
             f"(relative)")
     return "\n".join([head, table, "", tail])

@@ -5,7 +5,24 @@ Standard library only, like `argtypes`: the commands' `--help` stays instant.
 """
 from __future__ import annotations
 
+from typing import List
+
 from mindspeed_vita.commands.argtypes import positive_float, positive_int, positive_int_list
+
+
+def add_seq_lengths_argument(parser, *, default: List[int]) -> None:
+    """`--seq-length` of a benchmark that sweeps sequence lengths (comma-separated)."""
+    shown = ",".join(str(n) for n in default)
+    parser.add_argument("--seq-length", type=positive_int_list, default=default,
+                        metavar="N[,N...]",
+                        help=f"comma-separated sequence lengths in tokens (default {shown})")
+
+
+def add_dtype_argument(parser, *, help: str) -> None:
+    """`--dtype` of a benchmark that picks its compute dtype (default None: the benchmark
+    chooses per backend)."""
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help=help)
 
 
 def add_cp_sizes_argument(parser, *, help: str) -> None:

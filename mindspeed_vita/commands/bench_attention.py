@@ -6,27 +6,19 @@ from mindspeed_vita.commands.argtypes import (
     add_backend_argument,
     positive_float,
     positive_int,
-    positive_int_list,
 )
-from mindspeed_vita.commands.bench_args import add_head_arguments
+from mindspeed_vita.commands.bench_args import (
+    add_dtype_argument,
+    add_head_arguments,
+    add_seq_lengths_argument,
+)
 
 
 def add_arguments(parser) -> None:
     """Flags of `mindspeed-vita bench attention`."""
-    parser.add_argument(
-        "--seq-length",
-        type=positive_int_list,
-        default=[2048, 4096, 8192, 16384],
-        metavar="N[,N...]",
-        help="comma-separated sequence lengths in tokens (default 2048,4096,8192,16384)",
-    )
+    add_seq_lengths_argument(parser, default=[2048, 4096, 8192, 16384])
     add_head_arguments(parser, heads=2, kv_heads=1)
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="default: float32 on cpu, bfloat16 on accelerators",
-    )
+    add_dtype_argument(parser, help="default: float32 on cpu, bfloat16 on accelerators")
     parser.add_argument("--forward-only", action="store_true", help="time forward passes only")
     parser.add_argument("--repeats", type=positive_int, default=2, help="timed repeats per point")
     parser.add_argument(

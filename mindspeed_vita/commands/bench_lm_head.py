@@ -7,19 +7,13 @@ from mindspeed_vita.commands.argtypes import (
     non_negative_int,
     positive_float,
     positive_int,
-    positive_int_list,
 )
+from mindspeed_vita.commands.bench_args import add_dtype_argument, add_seq_lengths_argument
 
 
 def add_arguments(parser) -> None:
     """Flags of `mindspeed-vita bench lm-head`."""
-    parser.add_argument(
-        "--seq-length",
-        type=positive_int_list,
-        default=[8192, 32768],
-        metavar="N[,N...]",
-        help="comma-separated sequence lengths in tokens (default 8192,32768)",
-    )
+    add_seq_lengths_argument(parser, default=[8192, 32768])
     parser.add_argument(
         "--vocab",
         type=positive_int,
@@ -50,11 +44,8 @@ def add_arguments(parser) -> None:
         default=4096,
         help="rows per chunk of the chunked head (default 4096 = model.lm_head_chunk_size)",
     )
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="compute dtype (default: float32 on cpu, bfloat16 on accelerators)",
+    add_dtype_argument(
+        parser, help="compute dtype (default: float32 on cpu, bfloat16 on accelerators)"
     )
     parser.add_argument("--repeats", type=positive_int, default=2, help="timed repeats per point")
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per point")

@@ -15,8 +15,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--micro-batch-size", type=positive_int, default=2,
                         help="packed rows per step (training.micro_batch_size); the padded runs "
                              "train the samples of those rows, one row each")
-    parser.add_argument("--steps", type=positive_int, default=6, help="timed steps per run")
-    parser.add_argument("--warmup", type=non_negative_int, default=2,
+    parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per run")
+    parser.add_argument("--warmup", type=non_negative_int, default=3,
                         help="untimed steps per run before the timed ones")
     parser.add_argument("--lr", type=positive_float, default=1e-3,
                         help="constant learning rate of both optimizers (training.lr)")

@@ -220,13 +220,15 @@ def pipeline_from_config(stage, *, render_fn: Callable[[Sample], RenderedSample]
                          context_token_ids: Iterable[int] = (), dp_rank: int = 0, dp_size: int = 1,
                          parse_fn: Callable[[RawRecord], Sample] = parse_record,
                          logger: Optional[logging.Logger] = None, cache_dir: Optional[str] = None,
-                         layout=None) -> DataPipeline:
+                         layout=None, order=None) -> DataPipeline:
     """The pipeline a `StageConfig` describes (data.*, parallel.*, training.micro_batch_size).
 
     `render_fn` binds the tokenizer and limits (e.g. a `functools.partial` of the renderer);
     `pad_id` and `context_token_ids` come from the same tokenizer. `layout` is the run's
     `ParallelLayout` (default: the stage's, without a world size); rows are a multiple of its
     `seq_multiple` and reset-mode samples of its `segment_multiple` (`packing.packer_for`).
+    `order`: a `stream_order.StreamOrder` the dp ranks divide instead of the plain stream (a run
+    resumed at another dp size continues the old run's order with it).
     """
     from mindspeed_vita.parallel.layout import ParallelLayout
 
@@ -236,8 +238,13 @@ def pipeline_from_config(stage, *, render_fn: Callable[[Sample], RenderedSample]
     if layout is None:
         layout = ParallelLayout.from_config(stage.parallel, world_size=None)
     stream = MixtureStream(MixtureConfig.from_yaml(data.mixture), seed=data.seed, cache_dir=cache_dir)
+    source = stream
+    if order is not None and not order.plain:
+        from mindspeed_vita.data.stream_order import OrderedStream
+
+        source = OrderedStream(stream, order)
     packer = packer_for(layout, data, pad_id=pad_id, context_token_ids=context_token_ids,
                         tokens_per_unit=stage.model.tokens_per_tile)
-    return DataPipeline(stream, stream.read, parse_fn, render_fn, packer, dp_rank=dp_rank, dp_size=dp_size,
+    return DataPipeline(source, stream.read, parse_fn, render_fn, packer, dp_rank=dp_rank, dp_size=dp_size,
                         num_workers=data.num_workers, prefetch=data.prefetch, strict=data.strict, logger=logger,
                         micro_batch_size=stage.training.micro_batch_size)

@@ -72,9 +72,12 @@ def check_request(args) -> None:
 def run(args) -> int:
     """Load the checkpoint on every rank (torchrun: CP x TP x DP processes) and generate; rank 0
     prints. Progress of the (slow) loading on stderr."""
+    from mindspeed_vita import startup
     from mindspeed_vita.errors import UserInputError
     from mindspeed_vita.progress import steps
 
+    # the model and its groups need a few megatron-core modules, not the whole package
+    startup.defer_engine_package_init()
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UserInputError(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.temperature is not None:

@@ -65,6 +65,9 @@ def run(args) -> int:
     cfg = _stage_config(args)
     inference = cfg.inference
 
+    from mindspeed_vita import startup
+
+    startup.defer_engine_package_init()  # a few megatron-core modules, not the whole package
     import torch.distributed as dist
     import uvicorn
 

@@ -61,7 +61,7 @@ class LongVitaModel(torch.nn.Module):
                                            recompute=recompute == "full")
         # the real vocabulary size: the head masks the TP padding ids out of loss and logits
         self.head = build_lm_head(cfg.lm_head, cfg.lm_head_chunk_size,
-                                  vocab_size=cfg.language.vocab_size)
+                                  vocab_size=cfg.language.vocab_size, groups=groups)
         #: visual context ids on the host: `build_inputs` plans the batch there
         self.context_ids = tuple(sorted(set(int(i) for i in context_token_ids)))
         #: context-parallel group the visual feature rows are exchanged over (None: CP 1)

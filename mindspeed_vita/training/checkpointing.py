@@ -7,13 +7,19 @@ Layout of a run directory (`training.save`)::
     DIR/iter_0000008/                one checkpoint
         dist/                        megatron dist_checkpointing: {"model", "optimizer"}
         rank_00000.pt ...            per rank: scheduler, data-pipeline position, RNG states
-        training.json                step, model config, parallel layout it was written at
+        data_dp_00000.pt ...         per data-parallel rank: its data-pipeline position
+        training.json                step, model config, parallel layout it was written at,
+                                     the sample order the dp ranks divide (data_order)
         tokenizer/                   the run's tokenizer (so the checkpoint is self-contained)
     DIR/metrics.jsonl, DIR/loss.png
 
 Model tensors are megatron `ShardedTensor`s (the language model's own `sharded_state_dict`;
 vision and projector replicated) and the optimizer uses the distributed optimizer's
 'fully_reshardable' format, so a checkpoint written at one TP / DP size loads at another.
+
+The data position resumes exactly at the same dp size (each dp rank continues its stream) and
+at another dp size without repeating or losing a sample (`data.stream_order`: the new ranks
+share the samples the old ones had not trained on, then the stream after their frontier).
 
 Atomic: everything is written into `iter_N.partial/`, fsynced, renamed to `iter_N/`, and only
 then is `latest` replaced (write + fsync + rename). A crash at any point leaves either no new
@@ -28,11 +34,13 @@ import random
 import re
 import shutil
 import types
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from mindspeed_vita.data.stream_order import StreamOrder, continue_order, order_of
 from mindspeed_vita.errors import CheckpointError
 
 LATEST = "latest"
@@ -47,6 +55,11 @@ OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 def iter_dir_name(step: int) -> str:
     return f"iter_{step:07d}"
+
+
+def data_file(dp_rank: int) -> str:
+    """Name of a checkpoint's file with the data position of data-parallel rank `dp_rank`."""
+    return f"data_dp_{dp_rank:05d}.pt"
 
 
 def _rank() -> int:
@@ -239,6 +252,9 @@ def save_training_checkpoint(run_dir: str, step: int, *, model, ddp_model, optim
                 "rng": rng_state(backend), "counters": counters,
                 "dp_rank": groups.dp_rank, "dp_size": groups.dp_size},
                os.path.join(partial, f"rank_{rank:05d}.pt"))
+    if pipeline is not None and groups.tp_rank == 0 and groups.cp_rank == 0:
+        # one copy per dp rank (its tp / cp ranks read the same data)
+        torch.save(pipeline.state_dict(), os.path.join(partial, data_file(groups.dp_rank)))
     _barrier()
     if rank == 0:
         layout = groups.layout
@@ -247,7 +263,9 @@ def save_training_checkpoint(run_dir: str, step: int, *, model, ddp_model, optim
                 "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp,
                            "sequence_parallel": layout.sequence_parallel},
                 "world_size": layout.world_size,
-                "context_token_ids": sorted(int(i) for i in tokenizer.context_token_ids)}
+                "context_token_ids": sorted(int(i) for i in tokenizer.context_token_ids),
+                "data_order": (None if pipeline is None
+                               else order_of(pipeline).state_dict())}
         tokenizer.save(os.path.join(partial, TOKENIZER_DIR))
         with open(os.path.join(partial, TRAINING_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
@@ -281,12 +299,75 @@ def _load_model_state(model, state, path: str) -> None:
                               f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
+@dataclass
+class DataResume:
+    """How a resumed run's data pipeline continues (`data_resume`)."""
+
+    order: StreamOrder  # the sample order to build the pipeline with
+    state: Optional[Dict[str, Any]]  # this dp rank's pipeline state to load (same dp size)
+    rejected: Dict[str, int]  # skipped samples of the whole old run (dp size changed)
+    dp_changed: bool
+    stream: Optional[str] = None  # fingerprint of the mixture stream the old run read
+
+
+def data_resume(path: str, groups) -> Optional[DataResume]:
+    """The data position checkpoint `path` gives this rank (None: the checkpoint has none, or
+    predates per-dp-rank data files and was written at another dp size: the data restarts).
+
+    At the dp size it was written at, each dp rank continues its own stream. At another, the
+    new ranks divide `continue_order` of the old ranks' positions: no sample repeated or lost."""
+    meta = read_training_meta(path)
+    order = StreamOrder.from_state(meta.get("data_order"))
+    saved_dp = int(meta["layout"]["dp"])
+    files = [os.path.join(path, data_file(r)) for r in range(saved_dp)]
+    if not all(os.path.isfile(f) for f in files):
+        return _legacy_data_resume(path, groups, saved_dp)
+    if saved_dp == groups.dp_size:
+        return DataResume(order, torch.load(files[groups.dp_rank], weights_only=False), {},
+                          dp_changed=False)
+    states = [torch.load(f, weights_only=False) for f in files]
+    rejected: Dict[str, int] = {}
+    for state in states:
+        for reason, count in state["rejected"].items():
+            rejected[reason] = rejected.get(reason, 0) + int(count)
+    return DataResume(continue_order(order, states), None, rejected, dp_changed=True,
+                      stream=states[0]["stream"].split("/")[0])
+
+
+def restore_data_position(path: str, pipeline, groups, data: DataResume) -> None:
+    """Put `data` (`data_resume(path, groups)`) into `pipeline`, built with `data.order`: this
+    dp rank's saved state at the same dp size; at another, a fresh position in the carried
+    order that keeps the old run's skipped-sample counts (on dp rank 0, so their sum over dp
+    stays the run's total)."""
+    if data.state is not None:
+        pipeline.load_state_dict(data.state)  # checks the stream, shard and packer
+        return
+    current = pipeline.shard.stream.fingerprint()
+    if data.stream != current:
+        raise CheckpointError(
+            f"{path}: its data position belongs to another data stream (mixture "
+            f"{data.stream}, now {current}): did 'data.mixture' or 'data.seed' change?")
+    if groups.dp_rank == 0:
+        pipeline.rejected.update(data.rejected)
+
+
+def _legacy_data_resume(path: str, groups, saved_dp: int) -> Optional[DataResume]:
+    """Checkpoints without data_dp files: the rank file's position, at the same layout only."""
+    rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
+    if saved_dp != groups.dp_size or not os.path.isfile(rank_file):
+        return None
+    state = torch.load(rank_file, weights_only=False)
+    if state.get("data") is None or state.get("dp_rank") != groups.dp_rank:
+        return None
+    return DataResume(StreamOrder(), state["data"], {}, dp_changed=False)
+
+
 def load_training_checkpoint(path: str, *, model, optimizer, scheduler, pipeline, groups,
-                             backend) -> Dict[str, Any]:
+                             backend, data: Optional[DataResume] = None) -> Dict[str, Any]:
     """Restore model, optimizer, scheduler, data position and RNG from checkpoint `path`
-    (written at any TP / DP size). The data position needs the same dp size and the RNG states
-    the same layout; otherwise they start fresh (`resharded` in the returned per-rank state,
-    which also holds step and counters).
+    (written at any TP / DP size). `data` is `data_resume(path, groups)`, whose order
+    `pipeline` was built with. The RNG states need the same layout; otherwise they start fresh
+    (`resharded` in the returned per-rank state, which also holds step and counters).
 
     Each rank reads the per-rank file of its own global rank; a checkpoint written by fewer
     ranks gives the missing ranks rank 0's scheduler state (identical on every rank)."""
@@ -318,11 +399,8 @@ def load_training_checkpoint(path: str, *, model, optimizer, scheduler, pipeline
     rank_state = torch.load(rank_file, weights_only=False)
     scheduler.load_state_dict(rank_state["scheduler"])
     rank_state["resharded"] = not same_layout
-    # the data position belongs to a data-parallel rank: it carries over whenever the dp size
-    # does (a TP or CP change keeps each dp rank's stream); RNG states only to the same layout
-    if (pipeline is not None and rank_state["data"] is not None
-            and rank_state["dp_size"] == groups.dp_size):
-        pipeline.load_state_dict(rank_state["data"])
-    if same_layout:
+    if pipeline is not None and data is not None:
+        restore_data_position(path, pipeline, groups, data)
+    if same_layout:  # RNG states only at the same layout
         set_rng_state(backend, rank_state["rng"])
     return rank_state

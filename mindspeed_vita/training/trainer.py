@@ -194,20 +194,29 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
                                    max_num_frame=stage.data.max_num_frame,
                                    max_images=stage.data.max_images,
                                    max_frames=stage.data.max_frames)
+        data = ckpt.data_resume(plan.resume, groups) if plan.resume else None
         pipeline = pipeline_from_config(stage, render_fn=render, pad_id=tokenizer.pad_id,
                                         context_token_ids=tokenizer.context_token_ids,
-                                        dp_rank=groups.dp_rank, dp_size=groups.dp_size)
+                                        dp_rank=groups.dp_rank, dp_size=groups.dp_size,
+                                        order=data.order if data else None)
         step, skipped_steps, in_a_row = 0, 0, 0
         if plan.resume:
             state = ckpt.load_training_checkpoint(
                 plan.resume, model=model, optimizer=optimizer, scheduler=scheduler,
-                pipeline=pipeline, groups=groups, backend=backend)
+                pipeline=pipeline, groups=groups, backend=backend, data=data)
             step = int(state["step"])
             skipped_steps = int(state["counters"].get("skipped_steps", 0))
             in_a_row = int(state["counters"].get("in_a_row", 0))
             note = " (written at another parallel layout: resharded)" \
                 if state["resharded"] else ""
             say(f"[train] resuming from {plan.resume} at step {step}{note}", flush=True)
+            if data is None:
+                say("[train] the checkpoint has no data position for this dp size: the data "
+                    "stream starts again from its beginning", flush=True)
+            elif data.dp_changed:
+                say(f"[train] data position: {len(data.order.carry)} samples the old dp ranks "
+                    f"had read but not trained on come first, then the stream from position "
+                    f"{data.order.frontier} (none repeated, none lost)", flush=True)
         elif plan.weights:
             say(f"[train] starting from the weights of {plan.weights} (fresh optimizer)",
                 flush=True)

@@ -196,3 +196,37 @@ def test_initialize_parallel_names_missing_env(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(RuntimeError, match="incomplete: WORLD_SIZE, MASTER_PORT not set"):
         initialize_parallel(get_backend("cpu"), ParallelLayout())
+
+
+def test_optimizer_shims_reach_modules_imported_after_the_shims():
+    """The optimizer / data-parallel modules are not imported by the shims (a model or `infer`
+    never needs them); when training imports them later they are patched on import. (Plain
+    `import megatron.core` imports them at once; `infer` defers the package's __init__.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\nfrom mindspeed_vita import startup\n"
+        "startup.defer_engine_package_init()\n"
+        "from backends.megatron_cpu import apply_megatron_cpu_adaptations\n"
+        "apply_megatron_cpu_adaptations()\n"
+        "early = [m in sys.modules for m in ('megatron.core.optimizer.optimizer', "
+        "'megatron.core.distributed.param_and_grad_buffer')]\n"
+        "from megatron.core.optimizer import optimizer, distrib_optimizer, clip_grads\n"
+        "from megatron.core.distributed import param_and_grad_buffer\n"
+        "print(json.dumps([early, [type(m.torch).__name__ for m in "
+        "(optimizer, clip_grads, param_and_grad_buffer)], "
+        "optimizer.clip_grad_by_total_norm_fp32.__name__, "
+        "distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero.__name__, "
+        "distrib_optimizer.DistributedOptimizer.__init__.__module__]))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, PYTHONPATH=repo))
+    assert r.returncode == 0, r.stderr[-3000:]
+    early, torches, clip, gather, init_module = json.loads(r.stdout.strip().splitlines()[-1])
+    assert early == [False, False]
+    assert torches == ["_HostTorch"] * 3
+    assert clip == "_clip_grads_by_total_norm" and gather == "get_parameter_state_dp_zero"
+    assert init_module == "backends.megatron_cpu"  # the constructor runs with host types

@@ -35,6 +35,12 @@ def test_every_record_rejected_exits_2_after_the_report(tmp_path, capsys, tokeni
     assert "Traceback" not in captured.err
 
 
+def _inspect(data, tokenizer_dir, *flags):
+    """Exit status of `data inspect DATA` with the tiny tokenizer and tiny model config."""
+    return main(["data", "inspect", str(data), "--tokenizer", tokenizer_dir, "--model-config",
+                 TINY_MODEL, *flags])
+
+
 def test_some_usable_exits_0_and_the_tokenizer_is_named_once(tmp_path, capsys, tokenizer_dir):
     data = tmp_path / "mixed.jsonl"
     good = {
@@ -42,40 +48,13 @@ def test_some_usable_exits_0_and_the_tokenizer_is_named_once(tmp_path, capsys, t
     }
     data.write_text(json.dumps(good) + "\n{not json\n")
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "data",
-                "inspect",
-                str(data),
-                "--tokenizer",
-                tokenizer_dir,
-                "--model-config",
-                TINY_MODEL,
-            ]
-        )
-        == 0
-    )
+    assert _inspect(data, tokenizer_dir) == 0
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("tokenizer:") == 1
     # one short sample never fills a row while streaming: the report says so in words
     assert "no row filled up before the end of the epoch" in captured.out
     assert "n/a" not in captured.out
-    assert (
-        main(
-            [
-                "data",
-                "inspect",
-                str(data),
-                "--tokenizer",
-                tokenizer_dir,
-                "--model-config",
-                TINY_MODEL,
-                "--strict",
-            ]
-        )
-        == 2
-    )
+    assert _inspect(data, tokenizer_dir, "--strict") == 2
     assert f"{data}:2: " in capsys.readouterr().err
 
 

@@ -1,10 +1,13 @@
 """Start-up of the command: third-party warnings routed to the debug log, megatron-core's
-`torch.compile` decorations deferred to the first call (same result, compiled once)."""
+`torch.compile` decorations deferred to the first call (same result, compiled once), and what
+`infer` imports: a structural check (sys.modules), which holds however loaded the machine is."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from mindspeed_vita import startup
 
@@ -92,3 +95,64 @@ def test_the_cli_imports_megatron_without_dynamo():
     assert not dynamo_loaded  # the seconds of TorchDynamo + Inductor import were not paid
     assert compile_module.startswith("torch")  # torch.compile itself is restored
     assert "Transformer Engine" not in r.stderr
+
+
+def _run_python(script, timeout=600):
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout, env=dict(os.environ, PYTHONPATH=REPO))
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def test_deferred_package_init_imports_only_what_is_used_and_keeps_every_name():
+    script = (
+        "import json, sys\nfrom mindspeed_vita import startup\n"
+        "startup.prepare()\nstartup.defer_engine_package_init()\n"
+        "from megatron.core import parallel_state, tensor_parallel\n"
+        "from megatron.core.transformer.transformer_block import TransformerBlock\n"
+        "import megatron.core\n"
+        "before = [m in sys.modules for m in ('megatron.core.timers', "
+        "'megatron.core.distributed', 'megatron.core.optimizer', 'torch._dynamo')]\n"
+        "names = [megatron.core.__version__, megatron.core.Timers.__name__, "
+        "megatron.core.DistributedDataParallel.__name__, megatron.core.mpu is parallel_state]\n"
+        "print(json.dumps([before, names, 'megatron.core.timers' in sys.modules]))\n"
+    )
+    before, names, timers_after = json.loads(_run_python(script).stdout)
+    assert before == [False, False, False, False]
+    assert names[1:] == ["Timers", "DistributedDataParallel", True] and names[0]
+    assert timers_after  # the package's own names ran its __init__
+
+
+HEAVY_FOR_INFER = ("transformers", "megatron.core.distributed", "megatron.core.optimizer",
+                   "megatron.core.timers", "torch.utils.tensorboard", "torch._dynamo")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from tests.dist_utils import run_distributed
+    from tests.inference.test_cp_cli import _save
+
+    out = str(tmp_path_factory.mktemp("startup_ckpt"))
+    run_distributed(_save, 1, args=(out,))
+    return out
+
+
+def test_infer_imports_neither_transformers_nor_megatrons_training_half(tiny_checkpoint):
+    """`infer` needs torch, a few megatron-core modules and the tokenizers library; the
+    transformers tokenizer stack, megatron's data-parallel wrapper, optimizer and timers
+    (TensorBoard) and TorchDynamo cost seconds of start-up and are not imported."""
+    ckpt = os.path.join(tiny_checkpoint, "ckpt")
+    image = os.path.join(tiny_checkpoint, "img.png")
+    script = (
+        "import json, sys\nfrom mindspeed_vita import cli\n"
+        f"rc = cli.main(['infer', '--checkpoint', {ckpt!r}, '--prompt', 'Describe it.', "
+        f"'--image', {image!r}, '--max-new-tokens', '3', '--json'])\n"
+        f"print(json.dumps([rc, [m for m in {HEAVY_FOR_INFER!r} if m in sys.modules], "
+        "'megatron.core.transformer.transformer_block' in sys.modules]))\n"
+    )
+    r = _run_python(script)
+    lines = r.stdout.strip().splitlines()
+    result = json.loads(lines[0])
+    assert len(result["token_ids"]) == 3
+    rc, heavy, model_from_megatron = json.loads(lines[-1])
+    assert rc == 0 and heavy == [] and model_from_megatron

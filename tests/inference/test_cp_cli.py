@@ -6,7 +6,6 @@ import os
 import subprocess
 
 import pytest
-import yaml
 
 from tests.dist_utils import run_distributed
 from tests.server_utils import free_port, openai_client, wait_until_healthy
@@ -18,21 +17,13 @@ PROMPT = "Describe the picture in detail."
 def _save(rank, world, out):
     from PIL import Image
 
-    from backends import get_backend
-    from mindspeed_vita.config.model import ModelConfig
     from mindspeed_vita.convert.checkpoint import save_checkpoint
     from mindspeed_vita.data.tokenizer import load_tokenizer
     from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
-    from mindspeed_vita.models.vlm import LongVitaModel
-    from mindspeed_vita.parallel.layout import ParallelLayout
-    from mindspeed_vita.parallel.process_groups import initialize_parallel
+    from tests.tiny_vita import tiny_vita
 
     tok = load_tokenizer(build_tiny_tokenizer(os.path.join(out, "tok")))
-    with open(os.path.join(REPO, "configs", "model", "tiny.yaml")) as f:
-        cfg = ModelConfig.model_validate(yaml.safe_load(f))
-    backend = get_backend("cpu")
-    groups = initialize_parallel(backend, ParallelLayout(), seed=3)
-    model = LongVitaModel(cfg, backend, groups=groups, context_token_ids=tok.context_token_ids)
+    model = tiny_vita(tok, seed=3)
     save_checkpoint(model, os.path.join(out, "ckpt"), tok)
     Image.new("RGB", (150, 100), "purple").save(os.path.join(out, "img.png"))
 

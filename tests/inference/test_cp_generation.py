@@ -12,11 +12,9 @@ import os
 
 import pytest
 import torch
-import yaml
 
 from tests.dist_utils import run_distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_NEW = 8
 PROMPTS = {
     "text": ("Write a short story about a red fox.", 0, 0),
@@ -26,23 +24,15 @@ PROMPTS = {
 
 
 def _setup(tmp, cp, tp=1):
-    from backends import get_backend
-    from mindspeed_vita.config.model import ModelConfig
     from mindspeed_vita.config.schema import ParallelConfig
     from mindspeed_vita.data.tokenizer import load_tokenizer
-    from mindspeed_vita.models.vlm import LongVitaModel
     from mindspeed_vita.parallel.layout import ParallelLayout
-    from mindspeed_vita.parallel.process_groups import initialize_parallel
+    from tests.tiny_vita import tiny_vita
 
-    with open(os.path.join(REPO, "configs", "model", "tiny.yaml")) as f:
-        cfg = ModelConfig.model_validate(yaml.safe_load(f))
-    backend = get_backend("cpu")
     world = torch.distributed.get_world_size()
-    groups = initialize_parallel(backend, ParallelLayout.from_config(
-        ParallelConfig(cp=cp, tp=tp), world), seed=7)
     tok = load_tokenizer(os.path.join(tmp, "tok"))
-    model = LongVitaModel(cfg, backend, groups=groups,
-                          context_token_ids=tok.context_token_ids).eval()
+    model = tiny_vita(tok, seed=7, layout=ParallelLayout.from_config(
+        ParallelConfig(cp=cp, tp=tp), world))
     state = os.path.join(tmp, "state.pt")
     if cp == 1 and tp == 1:
         if torch.distributed.get_rank() == 0 and not os.path.exists(state):
@@ -53,7 +43,7 @@ def _setup(tmp, cp, tp=1):
         from mindspeed_vita.convert.checkpoint import load_full_state_into_model
 
         load_full_state_into_model(model, {k: v for k, v in torch.load(state).items()
-                                           if "_extra_state" not in k}, cfg, "cp1 state")
+                                           if "_extra_state" not in k}, model.cfg, "cp1 state")
     return model, tok
 
 

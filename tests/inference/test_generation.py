@@ -4,17 +4,13 @@ import os
 
 import pytest
 import torch
-import yaml
 
-from backends import get_backend
-from mindspeed_vita.config.model import ModelConfig
 from mindspeed_vita.data.tokenizer import load_tokenizer
 from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer
 from mindspeed_vita.inference.engine import Generator, build_request
 from mindspeed_vita.inference.sampling import SamplingParams, choose_next_token
-from mindspeed_vita.models.vlm import LongVitaModel
-from mindspeed_vita.parallel.layout import ParallelLayout
-from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel
+from mindspeed_vita.parallel.process_groups import destroy_parallel
+from tests.tiny_vita import tiny_vita
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,12 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     tok = load_tokenizer(build_tiny_tokenizer(str(out / "tok")))
-    with open(os.path.join(REPO, "configs", "model", "tiny.yaml")) as f:
-        cfg = ModelConfig.model_validate(yaml.safe_load(f))
-    backend = get_backend("cpu")
-    groups = initialize_parallel(backend, ParallelLayout(), seed=7)
-    model = LongVitaModel(cfg, backend, groups=groups,
-                          context_token_ids=tok.context_token_ids).eval()
+    model = tiny_vita(tok, seed=7)
     from PIL import Image
 
     img = out / "wide.png"

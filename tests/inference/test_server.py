@@ -8,13 +8,10 @@ import time
 
 import pytest
 import torch
-import yaml
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from backends import get_backend  # noqa: E402
-from mindspeed_vita.config.model import ModelConfig  # noqa: E402
 from mindspeed_vita.data.tokenizer import load_tokenizer  # noqa: E402
 from mindspeed_vita.demo.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
 from mindspeed_vita.inference.engine import Generator  # noqa: E402
@@ -22,12 +19,9 @@ from mindspeed_vita.config.schema import InferenceConfig  # noqa: E402
 from mindspeed_vita.inference.sampling import SamplingParams  # noqa: E402
 from mindspeed_vita.inference.server import create_app  # noqa: E402
 from mindspeed_vita.inference.service import GenerationService  # noqa: E402
-from mindspeed_vita.models.vlm import LongVitaModel  # noqa: E402
-from mindspeed_vita.parallel.layout import ParallelLayout  # noqa: E402
-from mindspeed_vita.parallel.process_groups import destroy_parallel, initialize_parallel  # noqa: E402
+from mindspeed_vita.parallel.process_groups import destroy_parallel  # noqa: E402
 from tests.server_utils import free_port, openai_client, wait_until_healthy  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.tiny_vita import tiny_vita  # noqa: E402
 
 
 def _png(color, size=(120, 80)) -> bytes:
@@ -50,12 +44,7 @@ def server(tmp_path_factory):
     (media / "red.png").write_bytes(_png("red"))
     (out / "secret.png").write_bytes(_png("blue"))
     tok = load_tokenizer(build_tiny_tokenizer(str(out / "tok")))
-    with open(os.path.join(REPO, "configs", "model", "tiny.yaml")) as f:
-        cfg = ModelConfig.model_validate(yaml.safe_load(f))
-    backend = get_backend("cpu")
-    groups = initialize_parallel(backend, ParallelLayout(), seed=11)
-    model = LongVitaModel(cfg, backend, groups=groups,
-                          context_token_ids=tok.context_token_ids).eval()
+    model = tiny_vita(tok, seed=11)
     gen = Generator(model, tok)
     limits = InferenceConfig(max_prompt_tokens=600, max_images=2, max_new_tokens=64,
                           max_request_bytes=200_000, request_timeout=120.0,

@@ -4,40 +4,14 @@ given positions, of a packed reset-mode row, and parameter gradients (merged bac
 """
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from mindspeed_vita.config.model import LanguageConfig
 from mindspeed_vita.convert.qwen2_weights import native_to_hf_qwen2
 from tests.dist_utils import run_distributed
+from tests.models.test_language import VOCAB, language_config, tiny_hf_qwen2
 
-VOCAB, SEQ = 1000, 10
+SEQ = 10
 TOL = 1e-4  # fp32 parity bound (measured ~1e-6)
 LENGTHS = (6, 4)  # the packed row: two samples, positions restart
-
-
-
-def language_config() -> LanguageConfig:
-    return LanguageConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
-                          ffn_hidden_size=128, vocab_size=VOCAB, rms_norm_eps=1e-6,
-                          rotary_base=1e6, max_position_embeddings=4096)
-
-
-def tiny_hf_qwen2(cfg: LanguageConfig) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_query_groups, vocab_size=cfg.vocab_size,
-        rope_theta=cfg.rotary_base, rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-        attn_implementation="eager")).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-            elif "norm" in name:
-                p.normal_(1.0, 0.1)
-    return model
 
 
 def _tp2_body(rank, world_size, cfg, hf_state, ids, positions, targets):

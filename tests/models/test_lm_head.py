@@ -19,9 +19,10 @@ IMAGE_BLOCK = range(8, 13)  # image-context token positions in batch element 0
 CHUNK = 5  # does not divide SEQ * BATCH = 48
 
 
-def heads():
+def heads(groups=None):
     # the masked head both plain and chunked (24 selected rows > CHUNK: the chunked path runs)
-    return [FullHead(), ChunkedHead(CHUNK), LogitsMaskedHead(), LogitsMaskedHead(chunk_size=CHUNK)]
+    return [FullHead(groups=groups), ChunkedHead(CHUNK, groups=groups),
+            LogitsMaskedHead(groups=groups), LogitsMaskedHead(chunk_size=CHUNK, groups=groups)]
 
 
 def head_id(head):
@@ -248,18 +249,31 @@ def test_bad_input_errors(tp1):
 
 
 # ------------------------------------------------------------------------- TP = 2 (gloo)
+def _tp2_groups(rank, world_size):
+    """ParallelGroups of a TP-2 world built by hand, without megatron's parallel_state: the
+    heads must take their group from here (megatron's global state is not even set up)."""
+    import torch.distributed as dist
+
+    from mindspeed_vita.parallel.groups import ParallelGroups
+
+    alone = [dist.new_group([r]) for r in range(world_size)][rank]
+    return ParallelGroups(layout=ParallelLayout(tp=world_size), rank=rank, tp=dist.group.WORLD,
+                          cp=alone, dp=alone, dp_cp=alone, pp=alone,
+                          tp_ranks=tuple(range(world_size)), cp_ranks=(rank,),
+                          dp_ranks=(rank,), dp_cp_ranks=(rank,), pp_ranks=(rank,))
+
+
 def _tp2_body(rank, world_size):
     from megatron.core import parallel_state
-    from mindspeed_vita.parallel.layout import ParallelLayout
-    from mindspeed_vita.parallel.process_groups import initialize_parallel
 
-    initialize_parallel(get_backend("cpu"), ParallelLayout(tp=2))
-    assert parallel_state.get_tensor_model_parallel_rank() == rank
+    get_backend("cpu").adapt_megatron()  # megatron's TP mappings allocate on the "cuda" device
+    groups = _tp2_groups(rank, world_size)
+    assert not parallel_state.model_parallel_is_initialized()
     hidden, weight, labels = make_batch()
     v_local, s_local = VOCAB // world_size, SEQ // world_size
     weight_shard = weight[rank * v_local:(rank + 1) * v_local]
     results = {}
-    for head in heads():
+    for head in heads(groups):
         for sp in (False, True):
             local_hidden = hidden[rank * s_local:(rank + 1) * s_local] if sp else hidden
             loss, count, dh, dw = run_head(head, local_hidden, weight_shard, labels,

@@ -170,7 +170,8 @@ def _parallel_body(rank, world_size, name, state, batches):
     for mode, per_dp in batches.items():
         for head in HEADS:
             # every head computes the loss of this rank's label rows only, unchanged under CP
-            model.head = build_lm_head(head, 7, vocab_size=cfg.language.vocab_size)
+            model.head = build_lm_head(head, 7, vocab_size=cfg.language.vocab_size,
+                                        groups=groups)
             loss, grads, seen = run_step(model, groups, per_dp[groups.dp_rank])
             out[mode, head] = (loss, grads if keep_grads else None, seen)
     return out

@@ -28,9 +28,10 @@ TOL = 1e-5
 ROWS = torch.tensor([23, 0, 7, 7])
 
 
-def heads(vocab_size=VOCAB):
-    return [FullHead(vocab_size), ChunkedHead(CHUNK, vocab_size), LogitsMaskedHead(vocab_size),
-            LogitsMaskedHead(vocab_size, CHUNK)]
+def heads(vocab_size=VOCAB, groups=None):
+    return [FullHead(vocab_size, groups=groups), ChunkedHead(CHUNK, vocab_size, groups=groups),
+            LogitsMaskedHead(vocab_size, groups=groups),
+            LogitsMaskedHead(vocab_size, CHUNK, groups=groups)]
 
 
 def head_id(head):
@@ -143,12 +144,12 @@ def _tp2_body(rank, world_size, v_pad):
     from mindspeed_vita.parallel.layout import ParallelLayout
     from mindspeed_vita.parallel.process_groups import initialize_parallel
 
-    initialize_parallel(get_backend("cpu"), ParallelLayout(tp=world_size))
+    groups = initialize_parallel(get_backend("cpu"), ParallelLayout(tp=world_size))
     hidden, weight, labels = make_batch(v_pad)
     v_local, s_local = v_pad // world_size, SEQ // world_size
     shard = weight[rank * v_local:(rank + 1) * v_local]
     results = {}
-    for head in heads():
+    for head in heads(groups=groups):
         for sp in (False, True):
             local_hidden = hidden[rank * s_local:(rank + 1) * s_local] if sp else hidden
             loss, _, dh, dw = run_head(head, local_hidden, shard, labels, sequence_parallel=sp)

@@ -1,5 +1,6 @@
 """Multi-process training on CPU/gloo: two nodes simulated by two `shell/train.sh` launches
 equal one node with two processes; a checkpoint written at DP 2 or TP 2 resumes at 1 process."""
+import json
 import os
 import shutil
 import subprocess
@@ -58,14 +59,48 @@ def _resume_from_step_2(source_run, target):
         f.write("iter_0000002\n")
 
 
+def _trained(order, state):
+    """Stream positions a dp rank's pipeline state trained on (consumed, not held)."""
+    from mindspeed_vita.data.stream_order import held_positions
+
+    size, rank, held = state["dp_size"], state["dp_rank"], set(held_positions(state["packer"]))
+    index = [rank + size * k for k in range(state["consumed"]) if k not in held]
+    return set(int(p) for p in order.positions(index))
+
+
 def test_dp2_checkpoint_resumes_on_one_process(data, one_node_dp2, tmp_path):
+    """DP 2 -> 1: model and optimizer reshard, and the data continues the global sample
+    stream: the samples the two ranks had read but not trained on come first, then the stream
+    after their frontier - none trained twice, none lost."""
+    import torch
+
+    from mindspeed_vita.data.stream_order import StreamOrder
+
     target = str(tmp_path / "run")
     _resume_from_step_2(one_node_dp2, target)
     out = run(train_command(data, target, STEPS)).stdout
     assert "resuming from" in out and "resharded" in out
+    assert "data position:" in out and "none repeated, none lost" in out
     resumed = rows(target)
     assert [r["step"] for r in resumed] == [1, 2, 3]
     assert resumed[:2] == rows(one_node_dp2)[:2]
+
+    def load(step, name):
+        return torch.load(os.path.join(target, f"iter_{step:07d}", name), weights_only=False)
+
+    old = [load(2, f"data_dp_{r:05d}.pt") for r in (0, 1)]
+    assert {s["dp_size"] for s in old} == {2} and min(s["consumed"] for s in old) > 0
+    trained_before = set().union(*(_trained(StreamOrder(), s) for s in old))
+    frontier = max(r + 2 * (s["consumed"] - 1) + 1 for r, s in enumerate(old))
+    not_trained = sorted(set(range(frontier)) - trained_before)
+    with open(os.path.join(target, "iter_0000003", "training.json")) as f:
+        order = StreamOrder.from_state(json.load(f)["data_order"])
+    # brute force against the trainer's order: the untrained ones first, then the frontier on
+    assert list(order.carry) == not_trained and order.frontier == frontier and not_trained
+    new = load(3, "data_dp_00000.pt")
+    assert new["dp_size"] == 1 and new["consumed"] > 0
+    trained_after = _trained(order, new)
+    assert trained_after and not trained_after & trained_before
 
 
 @pytest.mark.heavy

@@ -60,3 +60,11 @@ def test_a_stage_that_freezes_everything(data, tmp_path):
     line = _refused(train_command(data, str(tmp_path / "run"), ["training.trainable=[]"]))
     assert "training.trainable" in line
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_fault_injection_on_a_rank_the_launch_does_not_have(data, tmp_path):
+    line = _plan_error(data, tmp_path, ["training.fault_injection.rank=3"])
+    assert "training.fault_injection.rank" in line and "world size 1" in line
+    line = _refused(train_command(data, str(tmp_path / "run"),
+                                  ["training.fault_injection.nonfinite_loss_steps=[0]"]))
+    assert "nonfinite_loss_steps" in line and "1-based" in line
