@@ -6,7 +6,9 @@ without the installed entry point) and hands lmms-eval its own command line::
     mindspeed-vita eval --checkpoint DIR --tasks mme,my_task --include-path tasks/ \\
         --limit 20 --output-path results/
 
-is `python -m lmms_eval --model mindspeed_vita --model_args checkpoint=DIR,... --tasks ...`.
+is `python -m lmms_eval --model mindspeed_vita --model_args checkpoint=DIR,... --tasks ...`;
+under `torchrun --nproc_per_node N --no-python mindspeed-vita eval --cp C ...` each block of C
+processes runs the context-parallel model (see `eval.exchange`).
 Anything else lmms-eval accepts goes in one string: `--lmms-args="--log_samples --verbosity DEBUG"`.
 """
 from __future__ import annotations
@@ -27,6 +29,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", default=None, help="auto | npu | cuda | cpu")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="answer length when a task sets none (model default 256)")
+    from mindspeed_vita.commands.argtypes import positive_int
+
+    parser.add_argument("--cp", type=positive_int, default=None,
+                        help="context-parallel size: launch under torchrun with cp x tp x "
+                             "replicas processes (each cp x tp block runs one request at a "
+                             "time, the replicas share the documents)")
+    parser.add_argument("--tp", type=positive_int, default=None, help="tensor-parallel size (see --cp)")
     parser.add_argument("--dtype", default=None,
                         help="override the checkpoint's params dtype (e.g. float32 on CPU)")
     parser.add_argument("--model-args", default="",
@@ -40,7 +49,7 @@ def lmms_eval_argv(args) -> list:
     """lmms-eval's command line for `args` (what `python -m lmms_eval` would be given)."""
     model_args = [f"checkpoint={args.checkpoint}"]
     for key, value in (("backend", args.backend), ("max_new_tokens", args.max_new_tokens),
-                       ("dtype", args.dtype)):
+                       ("cp", args.cp), ("tp", args.tp), ("dtype", args.dtype)):
         if value is not None:
             model_args.append(f"{key}={value}")
     if args.model_args:

@@ -69,6 +69,31 @@ def chat_to_sample(messages: Sequence[Any], media_dir: str, *, name: str = "lmms
                   path=f"<{name}>")
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def user_turn(visuals: Any, text: str) -> List[Dict[str, Any]]:
+    """The one-turn conversation of a "simple" lmms-eval request: the visuals of
+    `doc_to_visual` (PIL images, image or video paths, `{"type", "url"|"path"}` dicts; a
+    list, possibly nested once, or None for a text-only task) in order, then `text`."""
+    flat: List[Any] = []
+    for visual in ([] if visuals is None else
+                   visuals if isinstance(visuals, (list, tuple)) else [visuals]):
+        flat.extend(visual if isinstance(visual, (list, tuple)) else [visual])
+    content: List[Dict[str, Any]] = []
+    for visual in flat:
+        if isinstance(visual, dict):
+            content.append({"type": visual.get("type", "video"),
+                            "url": visual.get("url") or visual.get("path")})
+        elif isinstance(visual, str):
+            kind = "image" if visual.lower().endswith(_IMAGE_SUFFIXES) else "video"
+            content.append({"type": kind, "url": visual})
+        else:  # a PIL image (anything else is refused by chat_to_sample, naming its type)
+            content.append({"type": "image", "url": visual})
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
 def sampling_from_gen_kwargs(gen_kwargs: Dict[str, Any], default_max_new_tokens: int):
     """`(max_new_tokens, SamplingParams, stop strings)` from lmms-eval's generation kwargs
     (temperature 0 or absent: greedy; `until`: stop strings)."""

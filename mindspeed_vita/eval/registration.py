@@ -3,15 +3,18 @@ from __future__ import annotations
 
 MODEL_ID = "mindspeed_vita"
 CHAT_CLASS_PATH = "mindspeed_vita.eval.lmms_model.MindSpeedVitaLmms"
+SIMPLE_CLASS_PATH = "mindspeed_vita.eval.lmms_model.MindSpeedVitaLmmsSimple"
 INSTALL_HINT = "lmms-eval is not installed: pip install 'mindspeed-vita[eval]'"
 
 
 def manifest():
     """The manifest lmms-eval loads from the `lmms_eval.models` entry point group (setup.py):
-    model id `mindspeed_vita` (alias `mindspeed-vita`), a chat implementation only."""
+    model id `mindspeed_vita` (alias `mindspeed-vita`): the chat implementation, and the
+    simple one lmms-eval picks with `--force_simple` (loglikelihood tasks)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_ID, chat_class_path=CHAT_CLASS_PATH,
+                         simple_class_path=SIMPLE_CLASS_PATH,
                          aliases=("mindspeed-vita",))
 
 

@@ -334,6 +334,23 @@ def data_resume(path: str, groups) -> Optional[DataResume]:
                       stream=states[0]["stream"].split("/")[0])
 
 
+def restore_data_position(path: str, pipeline, groups, data: DataResume) -> None:
+    """Put `data` (`data_resume(path, groups)`) into `pipeline`, built with `data.order`: this
+    dp rank's saved state at the same dp size; at another, a fresh position in the carried
+    order that keeps the old run's skipped-sample counts (on dp rank 0, so their sum over dp
+    stays the run's total)."""
+    if data.state is not None:
+        pipeline.load_state_dict(data.state)  # checks the stream, shard and packer
+        return
+    current = pipeline.shard.stream.fingerprint()
+    if data.stream != current:
+        raise CheckpointError(
+            f"{path}: its data position belongs to another data stream (mixture "
+            f"{data.stream}, now {current}): did 'data.mixture' or 'data.seed' change?")
+    if groups.dp_rank == 0:
+        pipeline.rejected.update(data.rejected)
+
+
 def _legacy_data_resume(path: str, groups, saved_dp: int) -> Optional[DataResume]:
     """Checkpoints without data_dp files: the rank file's position, at the same layout only."""
     rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
@@ -382,19 +399,8 @@ def load_training_checkpoint(path: str, *, model, optimizer, scheduler, pipeline
     rank_state = torch.load(rank_file, weights_only=False)
     scheduler.load_state_dict(rank_state["scheduler"])
     rank_state["resharded"] = not same_layout
-    # the data position (`data_resume`, before the pipeline was built); RNG states only at the
-    # same layout
     if pipeline is not None and data is not None:
-        if data.state is not None:
-            pipeline.load_state_dict(data.state)  # checks the stream, shard and packer
-        else:
-            current = pipeline.shard.stream.fingerprint()
-            if data.stream != current:
-                raise CheckpointError(
-                    f"{path}: its data position belongs to another data stream (mixture "
-                    f"{data.stream}, now {current}): did 'data.mixture' or 'data.seed' change?")
-            if groups.dp_rank == 0:  # a fresh position in the carried order: keep the counts
-                pipeline.rejected.update(data.rejected)
-    if same_layout:
+        restore_data_position(path, pipeline, groups, data)
+    if same_layout:  # RNG states only at the same layout
         set_rng_state(backend, rank_state["rng"])
     return rank_state

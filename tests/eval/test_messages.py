@@ -53,3 +53,37 @@ def test_generation_kwargs():
     assert stops == ["END"]
     assert cut_at_stop("an answer END more\n\nx", ["\n\n", "END"]) == "an answer "
     assert cut_at_stop("no stop", []) == "no stop"
+
+
+def test_simple_request_visuals_then_context(tmp_path):
+    """A "simple" request (doc_to_visual's list, possibly nested, then the context string)."""
+    from mindspeed_vita.eval.messages import user_turn
+
+    image = Image.new("RGB", (30, 20), (10, 200, 30))
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"x")
+    photo = tmp_path / "photo.JPG"
+    image.save(photo)
+    turn = user_turn([[image], str(video), str(photo)], "Question?")
+    sample = chat_to_sample(turn, str(tmp_path))
+    assert sample.messages[0].content == "<image>\n<video>\n<image>\nQuestion?"
+    assert sample.images[1] == str(photo) and sample.videos == [str(video)]
+    assert chat_to_sample(user_turn(None, "Text only."), str(tmp_path)).images == []
+    with pytest.raises(UserInputError, match="unsupported media object int"):
+        chat_to_sample(user_turn([3], "x"), str(tmp_path))
+
+
+def test_eval_cli_builds_the_lmms_eval_command_line():
+    import argparse
+
+    from mindspeed_vita.eval.cli import add_arguments, lmms_eval_argv
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", "/ck", "--tasks", "a,b", "--cp", "2",
+                              "--backend", "cpu", "--lmms-args=--force_simple --log_samples"])
+    assert lmms_eval_argv(args) == [
+        "--model", "mindspeed_vita", "--model_args", "checkpoint=/ck,backend=cpu,cp=2",
+        "--tasks", "a,b", "--batch_size", "1", "--force_simple", "--log_samples"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint", "/ck", "--tasks", "a", "--cp", "0"])

@@ -4,6 +4,7 @@ their packers, or below another rank's frontier) comes exactly once, none it tra
 again. Checked on the real DataPipeline / Packer with a mixture of unique records, through
 chains of dp changes, ending at dp 1 and flushed so every consumed sample is emitted."""
 import itertools
+import os
 import json
 
 import pytest
@@ -13,7 +14,8 @@ from mindspeed_vita.data.errors import DataError
 from mindspeed_vita.data.loader import DataPipeline
 from mindspeed_vita.data.mixture import MixtureConfig, MixtureStream
 from mindspeed_vita.data.packing import Packer
-from mindspeed_vita.data.stream_order import OrderedStream, StreamOrder, continue_order
+from mindspeed_vita.data.stream_order import (
+    OrderedStream, StreamOrder, continue_order, order_of)
 from mindspeed_vita.data.types import IGNORE_INDEX, Message, RenderedSample, Sample
 
 RECORDS = 400
@@ -51,11 +53,6 @@ def _pipelines(stream, order, dp_size):
                          dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
 
 
-def _pipeline_order(pipeline):
-    ordered = getattr(pipeline.shard, "ordered", None)
-    return StreamOrder() if ordered is None else ordered.order
-
-
 def _pull(pipeline, n):
     """Samples (line numbers) of the next `n` batches; the generator is left suspended."""
     return [line for batch in itertools.islice(iter(pipeline), n) for _, line in batch.samples]
@@ -76,7 +73,7 @@ def _run_chain(stream, chain):
         order = continue_order(order, states)
     assert dp_size == 1
     last = pipelines[0]
-    carried = len(_pipeline_order(last).carry)
+    carried = len(order_of(last).carry)
     while last.consumed <= carried:  # past the carried samples: what it read is a stream prefix
         trained += _pull(last, 1)
     last.packer.flush()  # the end of the run: everything consumed is emitted
@@ -119,3 +116,44 @@ def test_an_ordered_pipeline_resumes_exactly_at_the_same_dp(stream):
     (other,) = _pipelines(stream, StreamOrder(order.carry[1:], order.frontier), 1)
     with pytest.raises(ValueError, match="stream"):
         other.load_state_dict(running.state_dict())
+
+
+def test_checkpoint_data_resume_at_the_same_and_at_another_dp(stream, tmp_path):
+    """What the trainer reads from a checkpoint's data_dp files (`data_resume`) and puts into
+    the new pipeline (`restore_data_position`): the own state at the same dp size; at another
+    the carried order and the old run's skipped-sample counts, once (on dp rank 0); a stream
+    of another mixture / seed is refused."""
+    from types import SimpleNamespace
+
+    from mindspeed_vita.errors import CheckpointError
+    from mindspeed_vita.training import checkpointing as ckpt
+
+    old = _pipelines(stream, StreamOrder(), 2)
+    for pipeline, n in zip(old, (6, 5)):
+        _pull(pipeline, n)
+    rejected = sum(sum(p.rejected.values()) for p in old)
+    assert rejected > 0  # the bad records of the fixture were met
+    path = str(tmp_path / "iter_0000004")
+    os.makedirs(path)
+    with open(os.path.join(path, ckpt.TRAINING_FILE), "w") as f:
+        json.dump({"format": ckpt.FORMAT, "layout": {"dp": 2}, "data_order": None}, f)
+    for rank, pipeline in enumerate(old):
+        torch.save(pipeline.state_dict(), os.path.join(path, ckpt.data_file(rank)))
+
+    same = ckpt.data_resume(path, SimpleNamespace(dp_rank=1, dp_size=2))
+    assert not same.dp_changed and same.order.plain
+    (_, again) = _pipelines(stream, same.order, 2)
+    ckpt.restore_data_position(path, again, SimpleNamespace(dp_rank=1), same)
+    assert again.consumed == old[1].consumed and again.rejected == old[1].rejected
+
+    other = ckpt.data_resume(path, SimpleNamespace(dp_rank=0, dp_size=1))
+    assert other.dp_changed
+    assert other.order == continue_order(StreamOrder(), [p.state_dict() for p in old])
+    (fresh,) = _pipelines(stream, other.order, 1)
+    ckpt.restore_data_position(path, fresh, SimpleNamespace(dp_rank=0), other)
+    assert fresh.consumed == 0 and sum(fresh.rejected.values()) == rejected
+
+    reseeded = MixtureStream(stream.config, seed=4)
+    (elsewhere,) = _pipelines(reseeded, other.order, 1)
+    with pytest.raises(CheckpointError, match="data.seed"):
+        ckpt.restore_data_position(path, elsewhere, SimpleNamespace(dp_rank=0), other)
