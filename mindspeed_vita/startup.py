@@ -21,8 +21,13 @@ Inference commands also call `defer_engine_package_init()` before their first me
 timers and with them TensorBoard, setuptools, ...), and Python runs it before any submodule.
 With the deferral, `import megatron.core.x` imports `x` and what `x` needs; the package's own
 names (`__version__`, `DistributedDataParallel`, `Timers`, ...) run its `__init__` on first
-access, so every name is still there. Training keeps the eager package import (its side
-effects, e.g. the classes registered for `torch.load`, matter when checkpoints are read).
+access, so every name is still there. The same call hides torch's DTensor modules from
+`megatron.core.utils` while it is imported: it imports them inside `try/except ImportError`
+only to recognise DTensors (FSDP, distributed checkpoints; `HAVE_DTENSOR` is its switch), and
+they import SymPy and the DTensor op tables, a second or more of start-up; inference makes no
+DTensor. Code that imports DTensor itself later still gets it. Training keeps the eager package
+import (its side effects, e.g. the classes registered for `torch.load`, matter when checkpoints
+are read) and megatron's DTensor support.
 """
 
 from __future__ import annotations
@@ -146,6 +151,32 @@ def lazy_compile(real_compile: Callable) -> Callable:
 ENGINE_PACKAGE = "megatron.core"
 #: set by `defer_engine_package_init`: run megatron/core/__init__.py on first use of its names
 _defer_package_init = False
+#: torch modules `megatron.core.utils` imports optionally, only to recognise DTensors; hidden
+#: from it (it then sets HAVE_DTENSOR = False) when the package init is deferred
+DTENSOR_MODULES = ("torch.distributed._tensor", "torch.distributed.tensor")
+
+
+class _HideModules(importlib.abc.MetaPathFinder):
+    """Makes importing any of `names` (not yet imported) raise ImportError."""
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in self.names:
+            raise ModuleNotFoundError(f"{fullname} is not imported at inference start-up",
+                                      name=fullname)
+        return None
+
+
+def _run_without_dtensor(exec_module: Callable, module) -> None:
+    """`exec_module(module)` (lazy compile) while torch's DTensor modules cannot be imported."""
+    hide = _HideModules(DTENSOR_MODULES)
+    sys.meta_path.insert(0, hide)
+    try:
+        _run_with_lazy_compile(exec_module, module)
+    finally:
+        sys.meta_path.remove(hide)
 
 
 def _run_with_lazy_compile(exec_module: Callable, module) -> None:
@@ -192,10 +223,13 @@ class _EngineImportFinder(importlib.abc.MetaPathFinder):
             return None
         exec_module = spec.loader.exec_module
         defer = fullname == ENGINE_PACKAGE and _defer_package_init
+        no_dtensor = fullname == ENGINE_PACKAGE + ".utils" and _defer_package_init
 
         def exec_adjusted(module):
             if defer:
                 _defer_init(module, exec_module)
+            elif no_dtensor:
+                _run_without_dtensor(exec_module, module)
             else:
                 _run_with_lazy_compile(exec_module, module)
 
@@ -212,7 +246,8 @@ def defer_engine_compile() -> None:
 
 def defer_engine_package_init() -> None:
     """Import megatron-core's modules one by one, as used, instead of the whole package at the
-    first import (see the module docstring). No effect once `megatron.core` is imported."""
+    first import, and without torch's DTensor support (see the module docstring): for
+    inference processes. No effect once `megatron.core` is imported."""
     global _defer_package_init
     _defer_package_init = True
     defer_engine_compile()

@@ -65,7 +65,8 @@ class StreamOrder:
 
 
 class OrderedStream:
-    """`stream` read in `order`; shards like `MixtureStream.shard`."""
+    """`stream` read in `order`; shards like `MixtureStream.shard` (records are read with the
+    stream's own `read`)."""
 
     def __init__(self, stream: MixtureStream, order: StreamOrder):
         self.stream = stream
@@ -76,9 +77,6 @@ class OrderedStream:
             raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, "
                              f"dp_size={dp_size}")
         return OrderedShard(self, offset=dp_rank, stride=dp_size)
-
-    def read(self, source_idx: int, line_idx: int):
-        return self.stream.read(source_idx, line_idx)
 
 
 class OrderedShard(_PositionedItems):
@@ -91,17 +89,10 @@ class OrderedShard(_PositionedItems):
         self.offset = int(offset)
         self.stride = int(stride)
 
-    def global_position(self, position: int) -> int:
-        """Stream position of shard position `position`."""
-        return int(self.ordered.order.positions(np.array([self.offset + position * self.stride]))[0])
-
     def items(self, positions: np.ndarray) -> List[StreamItem]:
         positions = np.asarray(positions, dtype=np.int64)
         found = self.stream.items(self.ordered.order.positions(self.offset + positions * self.stride))
         return [item._replace(position=int(p)) for item, p in zip(found, positions)]
-
-    def read(self, source_idx: int, line_idx: int):
-        return self.stream.read(source_idx, line_idx)
 
     def fingerprint(self) -> str:
         return (f"{self.stream.fingerprint()}/order-{self.ordered.order.fingerprint()}/"

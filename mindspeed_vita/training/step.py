@@ -35,27 +35,33 @@ def label_count(batch: PackedBatch) -> int:
     return int((shift_labels(batch.labels, cu) != IGNORE_INDEX).sum())
 
 
-def _all_reduce(values: Sequence[float], group, op=dist.ReduceOp.SUM) -> List[float]:
-    tensor = torch.tensor(list(values), dtype=torch.float64)
+def all_reduce_values(values: Sequence[float], group, op=dist.ReduceOp.SUM,
+                      device: Optional[torch.device] = None) -> List[float]:
+    """Host numbers reduced over `group` (None or one rank: returned as they are), in fp64 so
+    token counts stay exact. `device`: where the collective runs - the model's device, since
+    NCCL / HCCL groups reduce device tensors only (gloo: the CPU)."""
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor.tolist()
 
 
-def _any_rank(flag: bool) -> bool:
+def _any_rank(flag: bool, device: Optional[torch.device]) -> bool:
     """True when `flag` is set on any rank of the world (every rank gets the same answer)."""
     world = dist.group.WORLD if dist.is_initialized() else None
-    (value,) = _all_reduce([1.0 if flag else 0.0], world, op=dist.ReduceOp.MAX)
+    (value,) = all_reduce_values([1.0 if flag else 0.0], world, op=dist.ReduceOp.MAX,
+                                 device=device)
     return value > 0
 
 
-def optimizer_step(optimizer) -> Tuple[bool, float]:
+def optimizer_step(optimizer, device: Optional[torch.device] = None) -> Tuple[bool, float]:
     """megatron's optimizer step, refused when the gradients are not finite.
 
     Runs what megatron's `ChainedOptimizer.step` runs, in the same order: prepare the grads
     (copy to the fp32 main grads; fp16: unscale and check for inf), the global gradient norm,
     clipping by that norm, the update. Between the norm and the clipping it stops when the norm
-    is NaN/inf or the scaler found an inf on any rank. Returns (updated, grad_norm)."""
+    is NaN/inf or the scaler found an inf on any rank (`device`: where that flag is reduced).
+    Returns (updated, grad_norm)."""
     # NOTE: the clip function is looked up in megatron's optimizer module at call time, where
     # the backend's engine adaptations (backends/megatron_cpu.py) replace it on CPU
     from megatron.core.optimizer import optimizer as megatron_optimizer
@@ -63,7 +69,7 @@ def optimizer_step(optimizer) -> Tuple[bool, float]:
     found_inf = optimizer.prepare_grads()
     # global over megatron's grad-stats group (model parallel, + dp for the distributed optimizer)
     grad_norm = float(optimizer.get_grad_norm())
-    if _any_rank(found_inf or not math.isfinite(grad_norm)):
+    if _any_rank(found_inf or not math.isfinite(grad_norm), device):
         return False, grad_norm
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if getattr(sub, "is_stub_optimizer", False) or sub.config.clip_grad <= 0.0:
@@ -109,12 +115,14 @@ def train_step(*, model, ddp_model, optimizer, scheduler, batches: Sequence[Pack
     from megatron.core.distributed import finalize_model_grads
 
     start = time.perf_counter()
+    device = next(model.parameters()).device
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     local_labels = sum(label_count(b) for b in batches)
     real = sum(int(b.num_real_tokens) for b in batches)
     # the batch is shared by the context-parallel ranks: count it over dp only
-    global_labels, global_real = _all_reduce([local_labels, real], groups.dp)
+    global_labels, global_real = all_reduce_values([local_labels, real], groups.dp,
+                                                   device=device)
     scale = groups.dp_cp_size / max(global_labels, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for batch in batches:
@@ -123,7 +131,7 @@ def train_step(*, model, ddp_model, optimizer, scheduler, batches: Sequence[Pack
         (local * scale).backward()
         loss_sum += local.detach().double().cpu()
     # NaN on one rank makes the sum NaN on all: every rank of dp x cp takes the same branch
-    (total,) = _all_reduce([float(loss_sum)], groups.dp_cp)
+    (total,) = all_reduce_values([float(loss_sum)], groups.dp_cp, device=device)
     loss = total / max(global_labels, 1.0)
 
     def result(skip_reason, grad_norm, lrs):
@@ -139,7 +147,7 @@ def train_step(*, model, ddp_model, optimizer, scheduler, batches: Sequence[Pack
         _poison_grad(ddp_model)
     finalize_model_grads([ddp_model])
     lrs = group_lrs(optimizer)  # the lr this update uses
-    updated, grad_norm = optimizer_step(optimizer)
+    updated, grad_norm = optimizer_step(optimizer, device)
     if not updated:
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()

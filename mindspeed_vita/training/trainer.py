@@ -140,11 +140,15 @@ class _SigtermFlag:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def any_rank(self, device=None) -> bool:
+        """True when any rank got SIGTERM (`device`: where the flag is reduced, see
+        `step.all_reduce_values`)."""
+        from mindspeed_vita.training.step import all_reduce_values
+
+        world = dist.group.WORLD if dist.is_initialized() else None
+        (flag,) = all_reduce_values([1.0 if self.raised else 0.0], world,
+                                    op=dist.ReduceOp.MAX, device=device)
+        return flag > 0
 
 
 def _fmt_time(seconds: float) -> str:
@@ -170,7 +174,7 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
         METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricsWriter)
     from mindspeed_vita.training.optimizer import (
         apply_freezing, build_optimizer, build_scheduler)
-    from mindspeed_vita.training.step import train_step
+    from mindspeed_vita.training.step import all_reduce_values, train_step
 
     plan = plan_start(stage, launch_world_size())
     training = stage.training
@@ -245,6 +249,7 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
                 tokenizer=tokenizer, stage=stage,
                 counters={"skipped_steps": skipped_steps, "in_a_row": in_a_row})
 
+        device = backend.device()  # where the per-step host numbers are reduced
         faults = training.fault_injection
         injects = faults.rank is None or faults.rank == rank
         batches = iter(pipeline)
@@ -270,17 +275,16 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
                                        trainable=training.trainable,
                                        recompute=training.recompute)["total"] for b in micro)
                 rejected = float(sum(pipeline.rejected.values()))
-                totals = torch.tensor([flops, rejected], dtype=torch.float64)
-                if groups.dp_size > 1:
-                    dist.all_reduce(totals, group=groups.dp)
-                tflops = totals[0].item() / max(result.seconds, 1e-9) / 1e12 / (
+                flops, rejected = all_reduce_values([flops, rejected], groups.dp,
+                                                    device=device)
+                tflops = flops / max(result.seconds, 1e-9) / 1e12 / (
                     groups.tp_size * groups.cp_size)
                 row = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
                        "lr": result.lr, "tokens": result.real_tokens,
                        "label_tokens": result.label_tokens,
                        "tokens_per_s": round(result.real_tokens / max(result.seconds, 1e-9), 1),
                        "step_time_s": round(result.seconds, 4),
-                       "skipped_samples": int(totals[1].item()), "skipped_steps": skipped_steps,
+                       "skipped_samples": int(rejected), "skipped_steps": skipped_steps,
                        "tflops": round(tflops, 6),
                        "mfu": None if peak is None else round(tflops / peak, 6)}
                 writer.write(row)
@@ -305,7 +309,7 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
                         + (f", checkpoint {last_checkpoint} (the same command resumes from it; "
                            f"lower training.lr or check the data first)"
                            if last_checkpoint else ""))
-                stop = sigterm.any_rank()
+                stop = sigterm.any_rank(device)
                 interval = training.save_interval
                 if stop or (interval and step % interval == 0 and step < training.train_iters):
                     last_checkpoint = save()

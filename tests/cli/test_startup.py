@@ -112,19 +112,23 @@ def test_deferred_package_init_imports_only_what_is_used_and_keeps_every_name():
         "from megatron.core.transformer.transformer_block import TransformerBlock\n"
         "import megatron.core\n"
         "before = [m in sys.modules for m in ('megatron.core.timers', "
-        "'megatron.core.distributed', 'megatron.core.optimizer', 'torch._dynamo')]\n"
+        "'megatron.core.distributed', 'megatron.core.optimizer', 'torch._dynamo', "
+        "'torch.distributed.tensor')]\n"
         "names = [megatron.core.__version__, megatron.core.Timers.__name__, "
         "megatron.core.DistributedDataParallel.__name__, megatron.core.mpu is parallel_state]\n"
+        "from torch.distributed.tensor import DTensor  # hidden from megatron only\n"
         "print(json.dumps([before, names, 'megatron.core.timers' in sys.modules]))\n"
     )
     before, names, timers_after = json.loads(_run_python(script).stdout)
-    assert before == [False, False, False, False]
+    assert before == [False, False, False, False, False]
     assert names[1:] == ["Timers", "DistributedDataParallel", True] and names[0]
     assert timers_after  # the package's own names ran its __init__
 
 
 HEAVY_FOR_INFER = ("transformers", "megatron.core.distributed", "megatron.core.optimizer",
-                   "megatron.core.timers", "torch.utils.tensorboard", "torch._dynamo")
+                   "megatron.core.timers", "torch.utils.tensorboard", "torch._dynamo",
+                   "torch.distributed.tensor", "sympy")
+PROMPT = "Describe it."
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +141,37 @@ def tiny_checkpoint(tmp_path_factory):
     return out
 
 
-def test_infer_imports_neither_transformers_nor_megatrons_training_half(tiny_checkpoint):
+def _generate_with_the_whole_engine(rank, world_size, ckpt, image):
+    """The same request in a process that imported megatron-core (and DTensor) eagerly."""
+    import megatron.core.utils
+
+    from backends import get_backend
+    from mindspeed_vita.inference.engine import Generator
+    from mindspeed_vita.models.build import load_pretrained
+    from mindspeed_vita.parallel.layout import ParallelLayout
+    from mindspeed_vita.parallel.process_groups import initialize_parallel
+
+    backend = get_backend("cpu")
+    groups = initialize_parallel(backend, ParallelLayout())
+    model, tokenizer, _ = load_pretrained(ckpt, backend, groups=groups,
+                                          config_update={"lm_head": "logits-masked"})
+    model.eval()
+    result = Generator(model, tokenizer).generate(PROMPT, [image], max_new_tokens=3)
+    return result.token_ids, result.logprobs, megatron.core.utils.HAVE_DTENSOR
+
+
+def test_infer_imports_only_what_generation_needs_and_generates_the_same(tiny_checkpoint):
     """`infer` needs torch, a few megatron-core modules and the tokenizers library; the
     transformers tokenizer stack, megatron's data-parallel wrapper, optimizer and timers
-    (TensorBoard) and TorchDynamo cost seconds of start-up and are not imported."""
+    (TensorBoard), DTensor (SymPy) and TorchDynamo cost seconds of start-up and are not
+    imported, and the tokens are those of a process that imported all of it."""
+    from tests.dist_utils import run_distributed
+
     ckpt = os.path.join(tiny_checkpoint, "ckpt")
     image = os.path.join(tiny_checkpoint, "img.png")
     script = (
         "import json, sys\nfrom mindspeed_vita import cli\n"
-        f"rc = cli.main(['infer', '--checkpoint', {ckpt!r}, '--prompt', 'Describe it.', "
+        f"rc = cli.main(['infer', '--checkpoint', {ckpt!r}, '--prompt', {PROMPT!r}, "
         f"'--image', {image!r}, '--max-new-tokens', '3', '--json'])\n"
         f"print(json.dumps([rc, [m for m in {HEAVY_FOR_INFER!r} if m in sys.modules], "
         "'megatron.core.transformer.transformer_block' in sys.modules]))\n"
@@ -153,6 +179,10 @@ def test_infer_imports_neither_transformers_nor_megatrons_training_half(tiny_che
     r = _run_python(script)
     lines = r.stdout.strip().splitlines()
     result = json.loads(lines[0])
-    assert len(result["token_ids"]) == 3
     rc, heavy, model_from_megatron = json.loads(lines[-1])
     assert rc == 0 and heavy == [] and model_from_megatron
+    [(token_ids, logprobs, had_dtensor)] = run_distributed(
+        _generate_with_the_whole_engine, 1, args=(ckpt, image))
+    assert had_dtensor  # the reference really ran with megatron's DTensor support
+    assert result["token_ids"] == token_ids and len(token_ids) == 3
+    assert result["logprobs"] == pytest.approx(logprobs, abs=1e-5)

@@ -14,7 +14,8 @@ from mindspeed_vita.data.errors import DataError
 from mindspeed_vita.data.loader import DataPipeline
 from mindspeed_vita.data.mixture import MixtureConfig, MixtureStream
 from mindspeed_vita.data.packing import Packer
-from mindspeed_vita.data.stream_order import OrderedStream, StreamOrder, continue_order
+from mindspeed_vita.data.stream_order import (
+    OrderedStream, StreamOrder, continue_order, order_of)
 from mindspeed_vita.data.types import IGNORE_INDEX, Message, RenderedSample, Sample
 
 RECORDS = 400
@@ -52,11 +53,6 @@ def _pipelines(stream, order, dp_size):
                          dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
 
 
-def _pipeline_order(pipeline):
-    ordered = getattr(pipeline.shard, "ordered", None)
-    return StreamOrder() if ordered is None else ordered.order
-
-
 def _pull(pipeline, n):
     """Samples (line numbers) of the next `n` batches; the generator is left suspended."""
     return [line for batch in itertools.islice(iter(pipeline), n) for _, line in batch.samples]
@@ -77,7 +73,7 @@ def _run_chain(stream, chain):
         order = continue_order(order, states)
     assert dp_size == 1
     last = pipelines[0]
-    carried = len(_pipeline_order(last).carry)
+    carried = len(order_of(last).carry)
     while last.consumed <= carried:  # past the carried samples: what it read is a stream prefix
         trained += _pull(last, 1)
     last.packer.flush()  # the end of the run: everything consumed is emitted
