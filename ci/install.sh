@@ -6,7 +6,7 @@
 #     it, the default wheel elsewhere). Never an unpinned torch: that pulls gigabytes of CUDA.
 #   - the package itself in editable mode, with extras given as arguments (default: dev).
 #     dev, the tests' extras, pins tensorboard==2.20.0 (no torch; ~55 MB, ~13 s) for the TB test.
-#   - with dev or eval: lmms-eval, lean (see below; ~100 s, ~330 MB).
+#   - with dev or eval: lmms-eval, lean (see below; ~100 s, ~365 MB in a fresh venv).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}

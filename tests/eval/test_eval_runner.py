@@ -49,12 +49,13 @@ def case(tmp_path_factory):
             "greedy_text": tok.decode(greedy_ids, skip_special_tokens=True)}
 
 
-def _body(rank, world, ckpt, image, media, items_by_rank):
-    """Score / generate this rank's items with a runner at cp=world; the results per item."""
+def _body(rank, world, ckpt, image, media, items_by_rank, cp=None, tp=1):
+    """Score / generate this rank's items with a runner at cp (default: the world) and tp;
+    (scores, answers) of this rank's items."""
     from mindspeed_vita.eval.messages import chat_to_sample, user_turn
     from mindspeed_vita.eval.runner import EvalRunner, ScoringJob
 
-    runner = EvalRunner(ckpt, backend="cpu", cp=world)
+    runner = EvalRunner(ckpt, backend="cpu", cp=world if cp is None else cp, tp=tp)
     items = items_by_rank[rank]
 
     def maker(item):
@@ -94,3 +95,27 @@ def test_loglikelihood_and_cp2_equal_direct_and_single_process(case):
         assert got[1] == want[1]
         assert abs(got[0] - want[0]) < 1e-4 * max(1.0, abs(want[0])), (got, want)
     assert os.path.isdir(case["root"])
+
+
+def test_tp2_and_two_cp2_replicas_equal_one_process(case):
+    """Other layouts of the block: tp=2 (one block of two tensor-parallel ranks) and four
+    processes at cp=2 (two data-parallel replicas, each a block of two); every rank owns
+    different requests and gets back exactly the one-process results of its own."""
+    questions = [("score", " a red bicycle"), ("score", "What is it?"), ("generate", 4),
+                 ("score", " a cup"), ("generate", 5)]
+    args = (case["ckpt"], case["image"], case["root"])
+    scores, answers = run_distributed(_body, 1, args=args + ([questions],))[0]
+
+    def check(per_rank, owned):
+        got_scores = [s for result in per_rank for s in result[0]]
+        got_answers = [a for result in per_rank for a in result[1]]
+        assert got_answers == answers
+        for got, want in zip(got_scores, scores):
+            assert got[1] == want[1]
+            assert abs(got[0] - want[0]) < 1e-4 * max(1.0, abs(want[0])), (got, want)
+        assert [len(r[0]) + len(r[1]) for r in per_rank] == [len(o) for o in owned]
+
+    owned = [questions[:1] + questions[2:3], questions[1:2] + questions[3:4] + questions[4:]]
+    check(run_distributed(_body, 2, args=args + (owned, 1, 2)), owned)
+    owned = [questions[:1], questions[1:2] + questions[2:3], questions[3:4], questions[4:]]
+    check(run_distributed(_body, 4, args=args + (owned, 2, 1), timeout=900), owned)
