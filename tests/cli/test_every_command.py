@@ -203,8 +203,10 @@ def test_a_late_failure_after_megatron_is_imported_shows_no_third_party_warning(
     assert lines[-1].startswith("mindspeed-vita: error: ") and str(checkpoint) in lines[-1]
     assert all(line.startswith("[infer] ") for line in lines[:-1]), r.stderr
     assert "Warning" not in r.stderr and "Traceback" not in r.stderr
-    # with --verbose the routed warnings are in the debug log
+    # with --verbose a third-party warning may only appear as a DEBUG record (infer no longer
+    # imports the megatron modules that warn; test_startup.py checks the routing itself)
     r = _run_cli(
         "infer", "--checkpoint", str(checkpoint), "--prompt", "Hi", "--backend", "cpu", "--verbose"
     )
-    assert r.returncode == 2 and "Transformer Engine and Apex are not installed" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert all("DEBUG" in line for line in r.stderr.splitlines() if "Warning" in line), r.stderr
