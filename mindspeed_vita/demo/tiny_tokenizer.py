@@ -15,14 +15,7 @@ from typing import Iterator
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors, trainers
 
-from mindspeed_vita.data.tokenizer import LONG_VITA_SPECIAL_TOKENS
-
-#: Qwen2's split pattern: contractions, letter runs with one optional leading non-letter,
-#: single digits, punctuation runs, newline runs, whitespace.
-QWEN2_PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+from mindspeed_vita.data.tokenizer import LONG_VITA_SPECIAL_TOKENS, QWEN2_PRETOKENIZE_REGEX
 
 #: The special tokens of a Qwen2 tokenizer, in Qwen2's id order (after the BPE vocabulary).
 QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
