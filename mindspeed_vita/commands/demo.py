@@ -26,8 +26,8 @@ def add_arguments(parser) -> None:
         help="processes per stage (torchrun; CP = nproc in stages 3-4, dp in 1-2; default 2)"
     )
     parser.add_argument(
-        "--eval-images", type=positive_int, default=20,
-        help="held-out images whose questions are evaluated (default 20)"
+        "--eval-images", type=positive_int, default=60,
+        help="held-out images whose questions are evaluated (default 60)"
     )
     parser.add_argument(
         "--max-new-tokens",

@@ -25,7 +25,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import av
 import numpy as np
@@ -49,9 +49,9 @@ BACKGROUNDS = {
 }
 #: 3x3 grid of named positions -> (x, y) as fractions of the canvas
 POSITIONS = {
-    "top left": (0.18, 0.18), "top": (0.5, 0.18), "top right": (0.82, 0.18),
-    "left": (0.18, 0.5), "centre": (0.5, 0.5), "right": (0.82, 0.5),
-    "bottom left": (0.18, 0.82), "bottom": (0.5, 0.82), "bottom right": (0.82, 0.82),
+    "top left": (0.22, 0.22), "top": (0.5, 0.22), "top right": (0.78, 0.22),
+    "left": (0.22, 0.5), "centre": (0.5, 0.5), "right": (0.78, 0.5),
+    "bottom left": (0.22, 0.78), "bottom": (0.5, 0.78), "bottom right": (0.78, 0.78),
 }
 #: where a position is, as a phrase ("sits {AT}") and as a noun ("moves to {THE}")
 AT = {
@@ -64,8 +64,12 @@ THE = {
     "left": "the left side", "centre": "the centre", "right": "the right side",
     "bottom left": "the bottom left corner", "bottom": "the bottom edge", "bottom right": "the bottom right corner",
 }
-#: shape radius as a fraction of the canvas's shorter side
-SIZES = {"small": 0.07, "medium": 0.11, "large": 0.15}
+#: shape radius as a fraction of the canvas's shorter side. Large enough that a shape fills whole
+#: visual tokens of the tiny demo model (56-pixel tiles, one token per 28x28 pixels): with radii
+#: of 0.07-0.15 a shape covered a fraction of a token and the demo never learned colours. Shapes
+#: of one picture sit on grid cells that are not neighbours (`_random_shapes`), 0.56 apart, so
+#: two large shapes (2 x 0.24) never overlap.
+SIZES = {"small": 0.16, "medium": 0.2, "large": 0.24}
 #: (width units, height units) and the longer side in pixels; chosen so the tile grid varies
 ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (2, 1), (1, 2), (3, 1), (1, 3), (4, 1), (5, 2))
 LONG_SIDES = (224, 336, 448, 672, 896, 1344)
@@ -112,6 +116,7 @@ def write_synthetic_dataset(
     n_video: int = 8,
     n_text: int = 32,
     heldout_fraction: float = 0.1,
+    stage_ratios: Optional[Dict[str, Tuple[float, float, float, float]]] = None,
 ) -> Dict[str, str]:
     """Write the synthetic dataset under `out_dir` and return its paths by name.
 
@@ -119,8 +124,14 @@ def write_synthetic_dataset(
     ("<source>_heldout"), "stage1" .. "stage4" (mixture YAMLs) and "heldout" (a mixture of every
     held-out file). `n_single` images each yield a caption and a QA record; `n_video` clips each
     yield a QA and a caption record, and training clips are also grouped by three into "movies";
-    `n_text` is split between short and long text. Same seed, same bytes.
+    `n_text` is split between short and long text. `stage_ratios`: per-source ratios of the
+    four stage mixtures that replace `STAGE_RATIOS`' (the paper's) for the sources it names.
+    Same seed, same bytes.
     """
+    ratios = {**STAGE_RATIOS, **(stage_ratios or {})}
+    unknown = sorted(set(ratios) - set(STAGE_RATIOS))
+    if unknown:
+        raise ValueError(f"stage_ratios: unknown source(s) {unknown}; known: {sorted(STAGE_RATIOS)}")
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     for name, count in (("n_single", n_single), ("n_comic", n_comic), ("n_video", n_video), ("n_text", n_text)):
@@ -149,7 +160,7 @@ def write_synthetic_dataset(
         paths[name] = _write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), train)
         paths[f"{name}_heldout"] = _write_jsonl(os.path.join(out_dir, f"{name}_heldout.jsonl"), heldout)
     for stage in range(4):
-        sources = [(name, STAGE_RATIOS[name][stage]) for name, (train, _) in records.items() if train]
+        sources = [(name, ratios[name][stage]) for name, (train, _) in records.items() if train]
         paths[f"stage{stage + 1}"] = _write_mixture(
             os.path.join(out_dir, f"stage{stage + 1}.yaml"), f"stage {stage + 1}", sources, suffix=""
         )
@@ -238,8 +249,21 @@ def _render(shapes: Sequence[Shape], width: int, height: int, background: str) -
     return image
 
 
-def _random_shapes(rng: random.Random, count: int) -> List[Shape]:
+def _apart(positions: Sequence[str]) -> bool:
+    """No two of `positions` are neighbouring cells of the 3x3 grid (diagonals included)."""
+    cells = [(round(POSITIONS[p][0] * 2), round(POSITIONS[p][1] * 2)) for p in positions]
+    return all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= 2
+               for i, a in enumerate(cells) for b in cells[i + 1:])
+
+
+def _random_shapes(rng: random.Random, count: int, *, apart: bool = False) -> List[Shape]:
+    """`count` shapes with distinct names on distinct grid cells; `apart`: on cells that are not
+    neighbours (a still picture, where shapes must not overlap; at most 4 such cells exist)."""
+    if apart and count > 4:
+        raise ValueError(f"at most 4 shapes fit on non-neighbouring cells, asked for {count}")
     positions = rng.sample(sorted(POSITIONS), count)
+    while apart and not _apart(positions):
+        positions = rng.sample(sorted(POSITIONS), count)
     # distinct (colour, kind) pairs so "the red circle" always names one shape
     pairs = rng.sample([(colour, kind) for colour in sorted(COLOURS) for kind in SHAPES], count)
     return [
@@ -271,7 +295,7 @@ def _write_single_images(out_dir: str, rng: random.Random, count: int, heldout_f
         scale = long_side / max(aspect_w, aspect_h)
         width, height = max(32, round(aspect_w * scale)), max(32, round(aspect_h * scale))
         background = rng.choice(sorted(BACKGROUNDS))
-        shapes = _random_shapes(rng, rng.randint(1, 3))
+        shapes = _random_shapes(rng, rng.randint(1, 3), apart=True)
         # every fifth image is a JPEG so both decoders are exercised
         relative = f"images/single_{index:04d}.{'jpg' if index % 5 == 4 else 'png'}"
         _render(shapes, width, height, background).save(os.path.join(out_dir, relative))

@@ -25,6 +25,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from mindspeed_vita.data.synth import AT, COLOURS, POSITIONS, SHAPES
+from mindspeed_vita.data.types import IGNORE_INDEX
 
 _COUNT = re.compile(r"It contains (\d+) shape")
 _SHAPE = re.compile(r"A (small|medium|large) (\w+) (circle|square|triangle) sits ([^.]+)\.")
@@ -80,6 +81,19 @@ def chance(questions: Sequence[Question]) -> Dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
 
 
+def answer_only_labels(labels: torch.Tensor, im_end_id: int) -> torch.Tensor:
+    """`labels` with the assistant turn's closing `<|im_end|>` and what follows it ignored.
+
+    A candidate is the opening of a longer training answer ("The circle is red." before "It is
+    large ..."), so the turn's end after it is equally unlikely for every candidate; scoring it
+    would only add noise to the comparison of the candidates' own tokens."""
+    labels = labels.clone()
+    ends = (labels == im_end_id).nonzero().flatten()
+    if ends.numel():
+        labels[int(ends[-1]):] = IGNORE_INDEX
+    return labels
+
+
 @torch.no_grad()
 def answer_nll(model, tokenizer, model_cfg, image: str, prompt: str, answer: str,
                max_num_frame: int = 8) -> float:
@@ -94,7 +108,7 @@ def answer_nll(model, tokenizer, model_cfg, image: str, prompt: str, answer: str
     rendered = render_sample(sample, tokenizer, model_cfg=model_cfg, max_num_frame=max_num_frame)
     ids = rendered.input_ids[None]
     batch = batch_from_tensors(ids, torch.arange(ids.shape[1])[None], rendered.pixel_values,
-                               labels=rendered.labels[None])
+                               labels=answer_only_labels(rendered.labels, tokenizer.im_end_id)[None])
     terms = model(model.build_inputs(batch))
     return float(terms.loss_sum)
 

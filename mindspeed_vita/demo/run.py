@@ -29,8 +29,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY_MODEL_RESOURCE = "tiny_model.yaml"
 #: demo stage -> parallel overrides when run on 2+ processes (CP 2 in the long stages)
 LONG_STAGES = (3, 4)
-#: synthetic images: more than the data tool's default so the held-out split has ~20 images
-N_SINGLE_IMAGES = 200
+#: synthetic images: 900 to train on, 100 held out (the demo evaluates 60 of them by default)
+N_SINGLE_IMAGES = 1000
+#: the demo's one change to the paper's mixture: image QA weighs 3 in stage 2 (the paper: 1, like
+#: captions, video QA and short text), so the tiny model, which starts from random weights
+#: instead of a pretrained ViT and LLM, sees enough visual questions in 800 steps to answer
+#: held-out ones (measured: count 38% -> 62%, chance 33%)
+DEMO_STAGE_RATIOS = {"image_qa": (0.0, 3.0, 0.1, 0.1)}
 
 
 def tiny_model_config() -> dict:
@@ -107,7 +112,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     data = os.path.join(out, "data")
     print(f"[demo] 1/4 tokenizer and synthetic data -> {data}", flush=True)
-    paths = write_synthetic_dataset(data, seed=0, n_single=N_SINGLE_IMAGES)
+    paths = write_synthetic_dataset(data, seed=0, n_single=N_SINGLE_IMAGES,
+                                    stage_ratios=DEMO_STAGE_RATIOS)
     build_tiny_tokenizer(os.path.join(data, "tokenizer"))
     summary = {"processes": nproc, "stages": {}}
     for n in (1, 2, 3, 4):

@@ -144,3 +144,28 @@ def test_small_and_empty_configurations(tmp_path):
     assert yaml.safe_load(open(paths["heldout"])) == {"sources": []}
     with pytest.raises(ValueError, match="heldout_fraction"):
         write_synthetic_dataset(str(tmp_path / "bad"), heldout_fraction=1.0)
+
+
+def test_stage_ratios_replace_the_papers_for_the_named_sources_only(tmp_path):
+    paths = write_synthetic_dataset(str(tmp_path / "d"), seed=0, n_single=4, n_comic=1, n_video=1,
+                                    n_text=2, stage_ratios={"image_qa": (0.0, 3.0, 0.1, 0.1)})
+    stage2 = {s["name"]: s["ratio"] for s in yaml.safe_load(open(paths["stage2"]))["sources"]}
+    assert stage2["synth_image_qa"] == 3.0
+    assert stage2["synth_image_caption"] == STAGE_RATIOS["image_caption"][1]
+    with pytest.raises(ValueError, match=r"stage_ratios: unknown source\(s\) \['image_ocr'\]"):
+        write_synthetic_dataset(str(tmp_path / "e"), stage_ratios={"image_ocr": (1, 1, 1, 1)})
+
+
+def test_shapes_of_one_picture_never_overlap(tmp_path):
+    import random
+
+    from mindspeed_vita.data.synth import POSITIONS, SIZES, _random_shapes
+
+    rng = random.Random(0)
+    for _ in range(300):
+        shapes = _random_shapes(rng, rng.randint(1, 3), apart=True)
+        for i, a in enumerate(shapes):
+            for b in shapes[i + 1:]:
+                (ax, ay), (bx, by) = POSITIONS[a.position], POSITIONS[b.position]
+                # centres as fractions of a square canvas: farther apart than the two radii
+                assert max(abs(ax - bx), abs(ay - by)) > SIZES[a.size] + SIZES[b.size]

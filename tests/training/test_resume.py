@@ -12,6 +12,8 @@ import pytest
 from tests.training.train_helpers import REPO, env, rows, run, synthetic_data, train_command
 
 STEPS = ["training.train_iters=5", "training.save_interval=2", "training.keep_last=2"]
+#: the regression baseline (rewrite it with `python -m tests.training.write_baseline`)
+BASELINE = os.path.join(REPO, "tests", "baselines", "demo_stage2_loss.json")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def _kill_after_step(cmd, run_dir, step, timeout=600):
 
 def _check_baseline(rows_):
     """The regression baseline: the loss curve of this short run at fixed seeds, within 1%."""
-    with open(os.path.join(REPO, "tests", "baselines", "demo_stage2_loss.json")) as f:
+    with open(BASELINE) as f:
         baseline = json.load(f)
     for row in rows_:
         ref = baseline["loss"][str(row["step"])]
