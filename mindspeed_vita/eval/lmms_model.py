@@ -71,6 +71,19 @@ class _MindSpeedVitaBase(lmms):
             self._media_dir = tempfile.mkdtemp(prefix="mindspeed_vita_eval_")
         return self._media_dir
 
+    def _generate_all(self, requests: List[Instance], *, kwargs_index: int) -> List[str]:
+        """Answers of `requests` through the runner, in order, each cached under (context,
+        generation kwargs); `kwargs_index`: where the kwargs sit in this model type's args."""
+        try:
+            answers = self.runner.run([partial(self._generation_job, r.args) for r in requests],
+                                      self.runner.generate)
+        finally:
+            self._end_batch()
+        for request, answer in zip(requests, answers):
+            self.cache_hook.add_partial("generate_until",
+                                        (request.args[0], request.args[kwargs_index]), answer)
+        return answers
+
     def _end_batch(self) -> None:
         if self._media_dir is not None:
             shutil.rmtree(self._media_dir, ignore_errors=True)
@@ -132,15 +145,7 @@ class MindSpeedVitaLmms(_MindSpeedVitaBase):
     def generate_until(self, requests: List[Instance]) -> List[str]:
         """One answer per request, in request order (no batching; errors are raised, never
         turned into empty answers)."""
-        try:
-            answers = self.runner.run([partial(self._generation_job, r.args) for r in requests],
-                                      self.runner.generate)
-        finally:
-            self._end_batch()
-        for request, answer in zip(requests, answers):
-            self.cache_hook.add_partial("generate_until", (request.args[0], request.args[2]),
-                                        answer)
-        return answers
+        return self._generate_all(requests, kwargs_index=2)
 
     def _rounds(self, args: tuple):
         """The producer of one multi-round request's jobs (lmms-eval's protocol: round 0 is
@@ -194,15 +199,7 @@ class MindSpeedVitaLmmsSimple(_MindSpeedVitaBase):
 
     def generate_until(self, requests: List[Instance]) -> List[str]:
         """One answer per request: the visuals, then the context, as one user turn."""
-        try:
-            answers = self.runner.run([partial(self._generation_job, r.args) for r in requests],
-                                      self.runner.generate)
-        finally:
-            self._end_batch()
-        for request, answer in zip(requests, answers):
-            self.cache_hook.add_partial("generate_until", (request.args[0], request.args[1]),
-                                        answer)
-        return answers
+        return self._generate_all(requests, kwargs_index=1)
 
     def generate_until_multi_round(self, requests) -> List[List[str]]:
         raise UserInputError("mindspeed_vita: multi-round tasks run with the chat model "
