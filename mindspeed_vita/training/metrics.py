@@ -62,13 +62,15 @@ class MetricsWriter:
         """Append one step's row (and its scalars to TensorBoard)."""
         if not self.enabled:
             return
+        row = _finite_or_null(row)
         self.rows.append(row)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self._tb is not None:
             step = row["step"]
             for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
+                if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and key != "step":
                     self._tb.add_scalar(f"train/{key}", value, step)
             for name, lr in row.get("lr", {}).items():
                 self._tb.add_scalar(f"lr/{name}", lr, step)
@@ -82,6 +84,17 @@ class MetricsWriter:
             self._tb.close()
         if plot_path and self.rows:
             plot_loss(self.rows, plot_path)
+
+
+def _finite_or_null(value):
+    """`value` with every NaN/inf float (also inside dicts and lists) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _summary_writer(log_dir: str, resume_step: int):

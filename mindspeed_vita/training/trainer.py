@@ -231,6 +231,10 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
             f"{groups.dp_size} dp (tp={groups.tp_size} cp={groups.cp_size}), "
             f"trainable {', '.join(p for p, n in counts.items() if n)} "
             f"({sum(counts.values()):,} parameters), backend {backend.name}", flush=True)
+        uneven = _uneven_micro_batches(training.global_batch_size, training.micro_batch_size,
+                                       groups.dp_size)
+        if uneven:
+            say(f"[train] {uneven}", flush=True)
         run_dir = plan.run_dir
         metrics_path = training.metrics_file or (
             os.path.join(run_dir, METRICS_FILE) if run_dir else None)
@@ -285,6 +289,7 @@ def run_training(stage: StageConfig, *, backend_name: Optional[str] = None,
                        "tokens_per_s": round(result.real_tokens / max(result.seconds, 1e-9), 1),
                        "step_time_s": round(result.seconds, 4),
                        "skipped_samples": int(rejected), "skipped_steps": skipped_steps,
+                       "skipped": result.skip_reason if result.skipped else None,
                        "tflops": round(tflops, 6),
                        "mfu": None if peak is None else round(tflops / peak, 6)}
                 writer.write(row)
@@ -333,6 +338,20 @@ def micro_batches_per_step(global_batch_size: int, micro_batch_size: int, groups
     the dp ranks, the first `remainder` ranks taking one more when they do not divide."""
     total = global_batch_size // micro_batch_size
     return total // groups.dp_size + (1 if groups.dp_rank < total % groups.dp_size else 0)
+
+
+def _uneven_micro_batches(global_batch_size: int, micro_batch_size: int, dp_size: int):
+    """A note when the global batch's micro batches do not divide over the dp ranks (the
+    paper's 540 rows on 24 dp ranks): which ranks run one more, and that the loss is still
+    exact; None when they divide."""
+    total = global_batch_size // micro_batch_size
+    extra = total % dp_size
+    if not extra:
+        return None
+    return (f"{total} micro batches do not divide over dp {dp_size}: dp ranks 0-{extra - 1} run "
+            f"{total // dp_size + 1} per step, the others {total // dp_size} (the loss stays the "
+            f"mean over all label tokens of the global batch; a 'training.global_batch_size' "
+            f"divisible by micro_batch_size x dp = {micro_batch_size * dp_size} avoids the wait)")
 
 
 def _segments(batch):

@@ -3,8 +3,10 @@ are bit-identical after the skipped step, and the next step trains again. On 2 g
 the fault is injected on rank 1 only and both ranks must skip (they agree through the
 reductions), or the replicas would diverge. Built from the trainer's own pieces (megatron DDP,
 distributed optimizer, scheduler, `train_step`), tiny model, fp32."""
+import json
 import os
 
+import pytest
 import torch
 import yaml
 
@@ -185,8 +187,14 @@ def test_train_run_skips_counts_and_stops(tmp_path):
     got = rows(run_dir)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
     assert [r["skipped_steps"] for r in got] == [0, 1, 1, 2, 3]
-    finite = [r["loss"] == r["loss"] for r in got]  # NaN != NaN
-    assert finite == [True, False, True, True, True]
+    # strict JSON: the non-finite loss / gradient norm of a skipped step is null
+    assert [r["loss"] is not None for r in got] == [True, False, True, True, True]
+    assert [r["grad_norm"] is not None for r in got] == [True, False, True, False, False]
+    assert [r["skipped"] for r in got] == [None, "non-finite loss", None,
+                                           "non-finite gradient norm", "non-finite gradient norm"]
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:  # a strict parser (no NaN/Infinity literals) reads every line
+            json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
     assert open(os.path.join(run_dir, "latest")).read().strip() == "iter_0000005"
     tensors3, common3, schedule3 = _tensors_of(os.path.join(run_dir, "iter_0000003"), tmp_path)
     tensors5, common5, schedule5 = _tensors_of(os.path.join(run_dir, "iter_0000005"), tmp_path)
@@ -201,7 +209,7 @@ def test_train_run_skips_counts_and_stops(tmp_path):
     assert "resuming from" in out and "iter_0000005" in out
     final = rows(run_dir)
     assert [r["step"] for r in final] == [1, 2, 3, 4, 5, 6]
-    assert final[-1]["skipped_steps"] == 3 and final[-1]["loss"] == final[-1]["loss"]
+    assert final[-1]["skipped_steps"] == 3 and final[-1]["loss"] is not None
 
 
 def test_train_on_two_processes_skips_when_one_rank_is_nonfinite(tmp_path):
@@ -219,4 +227,6 @@ def test_train_on_two_processes_skips_when_one_rank_is_nonfinite(tmp_path):
     assert [r["skipped_steps"] for r in got] == [0, 1, 2, 2]
     assert "step 2/4" in out and "SKIPPED (non-finite loss, no update)" in out
     assert "SKIPPED (non-finite gradient norm, no update)" in out
-    assert got[3]["loss"] == got[3]["loss"] and got[3]["grad_norm"] == got[3]["grad_norm"]
+    assert [r["skipped"] for r in got] == [None, "non-finite loss", "non-finite gradient norm",
+                                           None]
+    assert got[3]["loss"] is not None and got[3]["grad_norm"] is not None
