@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -284,11 +285,22 @@ def save_training_checkpoint(run_dir: str, step: int, *, model, ddp_model, optim
 # ------------------------------------------------------------------------ load
 def load_model_weights(path: str, model, groups) -> None:
     """Load only the model tensors of training checkpoint `path` into `model` (any TP size)."""
+    state = _dist_load({"model": model_sharded_state_dict(model, groups)},
+                       os.path.join(path, DIST_DIR))
+    _load_model_state(model, state["model"], path)
+
+
+def _dist_load(template, directory: str):
+    """megatron's `dist_checkpointing.load`, without the FutureWarnings its torch strategy
+    triggers in torch.distributed.checkpoint (ShardedTensor, `load_state_dict`): they are about
+    megatron-core's own calls, nothing a user of this project can change, and they buried the
+    demo's output. Other warnings still show."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load({"model": model_sharded_state_dict(model, groups)},
-                                    os.path.join(path, DIST_DIR))
-    _load_model_state(model, state["model"], path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                module=r"(torch\.distributed\.checkpoint|megatron\.core)\.")
+        return dist_checkpointing.load(template, directory)
 
 
 def _load_model_state(model, state, path: str) -> None:
@@ -371,7 +383,6 @@ def load_training_checkpoint(path: str, *, model, optimizer, scheduler, pipeline
 
     Each rank reads the per-rank file of its own global rank; a checkpoint written by fewer
     ranks gives the missing ranks rank 0's scheduler state (identical on every rank)."""
-    from megatron.core import dist_checkpointing
 
     meta = read_training_meta(path)
     _torch_adam_fixups(optimizer)
@@ -383,7 +394,7 @@ def load_training_checkpoint(path: str, *, model, optimizer, scheduler, pipeline
         inner = getattr(sub, "optimizer", None)
         if inner is not None:  # let megatron allocate the state it loads into
             inner.state.clear()
-    state = dist_checkpointing.load(template, os.path.join(path, DIST_DIR))
+    state = _dist_load(template, os.path.join(path, DIST_DIR))
     _load_model_state(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     _unshare_adam_steps(optimizer)
