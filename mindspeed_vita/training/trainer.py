@@ -348,7 +348,8 @@ def _uneven_micro_batches(global_batch_size: int, micro_batch_size: int, dp_size
     extra = total % dp_size
     if not extra:
         return None
-    return (f"{total} micro batches do not divide over dp {dp_size}: dp ranks 0-{extra - 1} run "
+    ranks = "dp rank 0 runs" if extra == 1 else f"dp ranks 0-{extra - 1} run"
+    return (f"{total} micro batches do not divide over dp {dp_size}: {ranks} "
             f"{total // dp_size + 1} per step, the others {total // dp_size} (the loss stays the "
             f"mean over all label tokens of the global batch; a 'training.global_batch_size' "
             f"divisible by micro_batch_size x dp = {micro_batch_size * dp_size} avoids the wait)")

@@ -116,3 +116,40 @@ def test_tp2_checkpoint_resumes_at_tp1_with_the_same_loss(data, tmp_path):
     assert a["step"] == b["step"] == 3 and a["tokens"] == b["tokens"]
     assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
     assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(a["grad_norm"])
+
+
+def test_uneven_micro_batches_run_the_whole_global_batch(data, tmp_path):
+    """A global batch of 3 micro batches on dp 2: rank 0 runs two per step, rank 1 one, and the
+    trainer says so. Each step's label tokens are those of exactly these micro batches: rank 0's
+    next two rows and rank 1's next one, rebuilt here from the same config."""
+    import functools
+
+    from mindspeed_vita.config.loader import load_config
+    from mindspeed_vita.data.loader import pipeline_from_config
+    from mindspeed_vita.data.render import render_sample
+    from mindspeed_vita.data.tokenizer import load_tokenizer
+    from mindspeed_vita.training.step import label_count
+
+    run_dir = str(tmp_path / "run")
+    overrides = ["training.train_iters=2", "training.global_batch_size=3"]
+    command = train_command(data, run_dir, overrides, nproc=2)
+    out = run(command).stdout
+    assert "3 micro batches do not divide over dp 2: dp rank 0 runs 2 per step, the others 1" \
+        in out, out[-3000:]
+    got = rows(run_dir)
+    assert [r["step"] for r in got] == [1, 2]
+
+    stage = load_config(command[command.index("train") + 1],
+                        command[command.index("train") + 2:])
+    tokenizer = load_tokenizer(stage.model.tokenizer)
+    render = functools.partial(render_sample, tokenizer=tokenizer, model_cfg=stage.model,
+                               max_num_frame=stage.data.max_num_frame,
+                               max_images=stage.data.max_images,
+                               max_frames=stage.data.max_frames)
+    batches = [iter(pipeline_from_config(stage, render_fn=render, pad_id=tokenizer.pad_id,
+                                         context_token_ids=tokenizer.context_token_ids,
+                                         dp_rank=rank, dp_size=2)) for rank in (0, 1)]
+    for row in got:
+        micro = [next(batches[0]), next(batches[0]), next(batches[1])]
+        assert row["label_tokens"] == sum(label_count(b) for b in micro), row
+        assert row["loss"] is not None and row["skipped"] is None
