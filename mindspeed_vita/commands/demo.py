@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--eval-images", type=positive_int, default=100,
         help="held-out images whose questions are evaluated (default 100: every held-out "
-             "picture of the demo's data, ~290 questions, ~20 s)"
+             "picture of the demo's data, ~290 questions, about 35 s)"
     )
     parser.add_argument(
         "--max-new-tokens",

@@ -383,7 +383,6 @@ def load_training_checkpoint(path: str, *, model, optimizer, scheduler, pipeline
 
     Each rank reads the per-rank file of its own global rank; a checkpoint written by fewer
     ranks gives the missing ranks rank 0's scheduler state (identical on every rank)."""
-
     meta = read_training_meta(path)
     _torch_adam_fixups(optimizer)
     model_state = model_sharded_state_dict(model, groups)
