@@ -74,15 +74,19 @@ class _MindSpeedVitaBase(lmms):
     def _generate_all(self, requests: List[Instance], *, kwargs_index: int) -> List[str]:
         """Answers of `requests` through the runner, in order, each cached under (context,
         generation kwargs); `kwargs_index`: where the kwargs sit in this model type's args."""
-        try:
-            answers = self.runner.run([partial(self._generation_job, r.args) for r in requests],
-                                      self.runner.generate)
-        finally:
-            self._end_batch()
+        answers = self._run_batch([partial(self._generation_job, r.args) for r in requests],
+                                  self.runner.generate)
         for request, answer in zip(requests, answers):
             self.cache_hook.add_partial("generate_until",
                                         (request.args[0], request.args[kwargs_index]), answer)
         return answers
+
+    def _run_batch(self, jobs, work) -> list:
+        """`self.runner.run(jobs, work)`, removing the batch's media files however it ends."""
+        try:
+            return self.runner.run(jobs, work)
+        finally:
+            self._end_batch()
 
     def _end_batch(self) -> None:
         if self._media_dir is not None:
@@ -108,11 +112,8 @@ class _MindSpeedVitaBase(lmms):
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
         """`(log P(continuation | context), is_greedy)` per request: the context (visuals,
         then the text) as a user turn, the continuation as the assistant's answer."""
-        try:
-            scores = self.runner.run([partial(self._scoring_job, r.args) for r in requests],
-                                     self.runner.score)
-        finally:
-            self._end_batch()
+        scores = self._run_batch([partial(self._scoring_job, r.args) for r in requests],
+                                 self.runner.score)
         for request, score in zip(requests, scores):
             self.cache_hook.add_partial("loglikelihood", request.args[:2], score)
         return _through_evaluator(scores)
